@@ -1,0 +1,41 @@
+# The README's commands. `make demo` trains the embedded default; `make test` runs the whole suite.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+
+.PHONY: demo test test-fast bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps: reinstall only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+demo: $(VENV)/.installed
+	$(BIN)/dcgan-train --config configs/mnist5k.yaml run.dir=runs/demo --overwrite
+	@echo "samples:    runs/demo/samples/ (final grid: the highest step-*.png)"
+	@echo "checkpoint: runs/demo/checkpoints/$$(cat runs/demo/checkpoints/latest)"
+	@echo "more:       $(BIN)/dcgan-sample runs/demo --num 64 --out runs/demo/grid.png"
+
+# Unit tests, then the multi-process tests (marked slow), then the real SLURM cluster (needs root).
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not cluster" -q
+	bash tests/cluster/run.sh
+
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not slow and not cluster" -q
+
+bench: $(VENV)/.installed-dev
+	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs/demo .pytest_cache

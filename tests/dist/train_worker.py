@@ -1,0 +1,79 @@
+"""Runs the real Trainer under `accelerate launch` and records what the tests need to check.
+
+usage: train_worker.py MODE OUT_DIR [section.key=value ...]
+  MODE=train: train.train() while recording each rank's sample indices per epoch, which phase every DDP
+              gradient reduction of G and D happened in, and each rank's final parameters.
+  MODE=step:  two train_step calls on a fixed global batch (this rank's slice of it); saves parameters.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dcgan_dist.config import load_config
+from dcgan_dist.trainer import Trainer
+
+mode, out = sys.argv[1], Path(sys.argv[2])
+trainer = Trainer(load_config("configs/smoke.yaml", sys.argv[3:]), overwrite=True)
+acc, rank, world = trainer.accelerator, trainer.accelerator.process_index, trainer.accelerator.num_processes
+
+
+def save_params(tag: str) -> None:
+    state = {f"G.{k}": v for k, v in acc.unwrap_model(trainer.G).state_dict().items()}
+    state |= {f"D.{k}": v for k, v in acc.unwrap_model(trainer.D).state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, out / f"{tag}-rank{rank}.safetensors")
+
+
+if mode == "train":
+    # Which loss was computed last tells which backward a reduction belongs to.
+    phase = {"now": None}
+    for name in ("d_real", "d_fake", "g"):
+        fn = getattr(trainer.loss, name)
+        setattr(trainer.loss, name, lambda logits, fn=fn, name=name: (phase.update(now=name), fn(logits))[1])
+    reductions = {"G": [], "D": []}
+
+    def counting_hook(net):
+        def hook(state, bucket):
+            reductions[net].append([trainer.step, phase["now"], bucket.index()])
+            work = torch.distributed.all_reduce(bucket.buffer().div_(world), async_op=True)
+            return work.get_future().then(lambda fut: fut.value()[0])
+        return hook
+
+    if world > 1:
+        trainer.G.register_comm_hook(None, counting_hook("G"))
+        trainer.D.register_comm_hook(None, counting_hook("D"))
+    indices = []
+
+    class Recording:  # the trainer's batch stream, noting each rank's indices and their epoch
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __next__(self):
+            idx = next(self.inner)
+            indices.append([self.inner.epoch, idx.tolist()])
+            return idx
+
+    trainer.batches = Recording(trainer.batches)
+    trainer.train()
+    (out / f"record-rank{rank}.json").write_text(json.dumps({
+        "world": world, "indices": indices, "reductions": reductions,
+        "batches_per_epoch": trainer.batches.batches_per_epoch, "num_items": trainer.batches.num_items,
+    }))
+    save_params("final")
+elif mode == "step":
+    B, latent = trainer.cfg.train.batch_size, trainer.cfg.model.latent_dim
+    save_params("init")
+    g = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        real = torch.rand(B * world, 1, 32, 32, generator=g) * 2 - 1  # the same global batch on every rank
+        z = torch.randn(B * world, latent, generator=g)
+        mine = slice(rank * B, (rank + 1) * B)
+        trainer.train_step(real[mine], z[mine])
+    save_params("step")
+    acc.end_training()
