@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -27,15 +28,20 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
-    """Write `state` (file stem -> tensors) and `meta` as checkpoint `step`; return its directory.
+    """Write checkpoint `step` (file stem -> tensors, plus `meta`), then point `latest` at it."""
+    final = write_dir(ckpt_root / step_dir_name(step), state, {"step": step, **meta})
+    _write_atomic(ckpt_root / "latest", final.name + "\n")  # only after the directory is complete
+    return final
 
-    Files go to a temporary directory, are fsynced, and the directory is renamed into place; only then
-    is `latest` replaced (itself atomically). A crash at any instant leaves `latest` naming a complete
-    checkpoint.
+
+def write_dir(final: Path, state: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
+    """Write a complete checkpoint directory atomically.
+
+    Files go to a temporary directory, are fsynced, and the directory is renamed into place, so a crash
+    at any instant leaves either no `final` or a complete one.
     """
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     hashes = {}
@@ -43,16 +49,48 @@ def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, dict[str, torch
         path = tmp / f"{stem}.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
         hashes[path.name] = _fsync_and_hash(path)
-    meta = {"format_version": FORMAT_VERSION, "step": step, **meta, "files": hashes}
+        _test_delay()
+    meta = {"format_version": FORMAT_VERSION, **meta, "files": hashes}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     _fsync_and_hash(tmp / "meta.json")
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. the final save on a checkpoint_every boundary)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
-    _write_atomic(ckpt_root / "latest", final.name + "\n")
+    _fsync_dir(final.parent)
     return final
+
+
+def _test_delay() -> None:
+    # Test hook: widens the window in which a kill lands inside a checkpoint write.
+    delay = os.environ.get("DCGAN_TEST_CHECKPOINT_DELAY")
+    if delay:
+        time.sleep(float(delay))
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Step directories, newest first (temporary directories of interrupted writes excluded)."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted((p for p in ckpt_root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def prune(ckpt_root: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints and those on a multiple of `keep_every` steps.
+
+    The one `latest` names is always kept. Temporaries left by killed writes are removed.
+    """
+    latest = latest_checkpoint(ckpt_root)
+    removed = []
+    for i, path in enumerate(complete_checkpoints(ckpt_root)):
+        step = int(path.name.split("-")[1])
+        if i < keep_last or path == latest or (keep_every and step % keep_every == 0):
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    for tmp in ckpt_root.glob(".tmp-*"):  # temporaries of writes that were killed
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    return removed
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -91,6 +129,79 @@ def load_tensors(ckpt_dir: Path, stem: str) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (FileNotFoundError, SafetensorError, OSError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
+
+
+def find_resumable(ckpt_root: Path, warn) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies: `latest` first, then older ones, each failure reported by `warn`."""
+    latest = latest_checkpoint(ckpt_root)
+    candidates = complete_checkpoints(ckpt_root)
+    if latest is not None:
+        candidates = [latest] + [c for c in candidates if c != latest and c.name < latest.name]
+    for path in candidates:
+        try:
+            return path, read_meta(path)
+        except UserError as e:
+            warn(f"skipping damaged checkpoint {path.name}: {e}")
+    return None
+
+
+# --- state that is not a plain state_dict -------------------------------------------------------
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict -> (tensors for safetensors, JSON-able rest: param groups, scalars)."""
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, value in [*tensors.items(), *rest["scalars"].items()]:
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def rng_state(noise: torch.Generator) -> dict[str, torch.Tensor]:
+    """This process's random state as tensors: torch CPU, CUDA, numpy, python, and the noise stream."""
+    import random
+
+    import numpy as np
+
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    out = {
+        "torch": torch.get_rng_state(),
+        "noise": noise.get_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_rest": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_rest": torch.tensor([version, gauss is not None, gauss or 0.0], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict[str, torch.Tensor], noise: torch.Generator) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    noise.set_state(state["noise"])
+    pos, has_gauss, cached = state["numpy_rest"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    version, has, gauss = state["python_rest"].tolist()
+    random.setstate((int(version), tuple(state["python"].tolist()), gauss if has else None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def resolve(arg: str) -> tuple[Path, str]:

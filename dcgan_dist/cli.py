@@ -1,7 +1,7 @@
-"""The commands: `dcgan-train` (also `accelerate launch launch/train.py`) and `dcgan-sample`.
+"""The commands: `dcgan-train` (also `accelerate launch launch/train.py`), `dcgan-sample`, `dcgan-export`.
 
-User mistakes (`UserError`) print one line and exit with status 2; everything else is a bug and keeps
-its traceback.
+Exit status: 0 done; 2 a user mistake (`UserError`, printed as one line); 75 stopped by a signal after
+writing a checkpoint (requeue). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue with train.resume=auto
 
 
 def _run(fn: Callable[[], None]) -> None:
@@ -50,7 +51,8 @@ def train_main(argv: list[str] | None = None) -> None:
             return
         from dcgan_dist.trainer import Trainer
 
-        Trainer(cfg, overwrite=args.overwrite).train()
+        if not Trainer(cfg, overwrite=args.overwrite).train():
+            sys.exit(EXIT_PREEMPTED)
 
     _run(train)
 
@@ -79,3 +81,30 @@ def sample_main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.num} samples to {out}")
 
     _run(sample)
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    parser = _Parser(prog="dcgan-export", description="Write just the generator, for sharing and inference.")
+    parser.add_argument("checkpoint", help="a checkpoint dir or a run dir (its latest)")
+    parser.add_argument("out_dir", help="new directory for generator.safetensors + meta.json")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw generator even if EMA weights exist")
+    args = parser.parse_args(argv)
+
+    def export() -> None:
+        from dcgan_dist import checkpoint
+        from dcgan_dist.errors import UserError
+
+        out = Path(args.out_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"{out} already exists and is not an empty directory; choose a new OUT_DIR")
+        src, _ = checkpoint.resolve(args.checkpoint)
+        meta = checkpoint.read_meta(src)
+        stem = "generator"
+        if not args.no_ema and (src / "generator_ema.safetensors").is_file():
+            stem = "generator_ema"
+        tensors = checkpoint.load_tensors(src, stem)
+        checkpoint.write_dir(out, {"generator": tensors},
+                             {"step": meta["step"], "generator": meta["generator"], "ema": stem == "generator_ema"})
+        print(f"exported {src / stem}.safetensors (step {meta['step']}) to {out / 'generator.safetensors'}")
+
+    _run(export)

@@ -79,7 +79,11 @@ class TrainConfig:
     global_batch_size: int | None = None  # if set: per-rank batch = this / world size (must divide)
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 (CUDA only) | bf16
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one (and on preemption)
+    checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last; 0 = off
+    keep_last: int = 3  # checkpoints kept, newest first ...
+    keep_every: int = 0  # ... plus every checkpoint on a multiple of this many steps, forever; 0 = none
+    resume: str = "auto"  # auto: continue from run_dir/checkpoints/latest if any | never | PATH to a checkpoint
 
 
 @dataclass
@@ -257,6 +261,10 @@ def validate(cfg: Config) -> None:
            t.global_batch_size, "use a positive global batch size or null")
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "use 0 (final only) or a step count")
+    _check(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", t.checkpoint_minutes, "use 0 (off) or minutes")
+    _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least the newest checkpoint (1 or more)")
+    _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "use 0 (none) or a step count")
+    _check(bool(t.resume), "train.resume", t.resume, "use auto, never, or the path of a checkpoint")
     _check(lg.every >= 1, "log.every", lg.every, "use a positive step count")
     _check(lg.sample_every >= 0, "log.sample_every", lg.sample_every, "use 0 (end only) or a step count")
     _check(1 <= lg.num_samples <= 1024, "log.num_samples", lg.num_samples, "use 1..1024")

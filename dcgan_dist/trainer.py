@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
@@ -22,6 +25,9 @@ from dcgan_dist.models import Discriminator, Generator, init_weights
 from dcgan_dist.tracking import MetricsLog, format_line
 
 STATS = ("loss/D", "loss/D_real", "loss/D_fake", "loss/G", "D/real", "D/fake_before", "D/fake_after")
+# Config keys that must not change on resume: the weights or the data would not fit.
+FIXED_ON_RESUME = ("model.arch", "model.image_size", "model.channels", "model.latent_dim", "model.g_width",
+                   "model.d_width", "model.norm", "data.name", "data.num_images")
 
 
 def model_kwargs(cfg: Config) -> tuple[dict, dict]:
@@ -31,30 +37,32 @@ def model_kwargs(cfg: Config) -> tuple[dict, dict]:
             dict(width=m.d_width, norm=m.norm, **common))
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: Config, overwrite: bool = False):
         cuda = torch.cuda.is_available()
         cfg = validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), cuda)
-        self.run_dir = cfg.run_dir
-        if (self.run_dir / "checkpoints" / "latest").exists() and not overwrite:
-            raise UserError(f"run directory {self.run_dir} already holds a run; pass --overwrite to replace it, "
-                            "or choose another run.name / run.dir")
+        self.run_dir, self.ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
         # broadcast_buffers=False: DDP would otherwise re-broadcast BN buffers at each D forward, which breaks
         # two D forwards before one backward ("modified by an inplace operation"). cpu=True when there is no
         # CUDA, or multi-process CPU launches come up as independent single processes.
         self.accelerator = acc = Accelerator(
             cpu=not cuda, mixed_precision=cfg.train.mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-        self.cfg, self.device, self.world = cfg, acc.device, acc.num_processes
+        self.cfg, self.device, self.world, self.rank = cfg, acc.device, acc.num_processes, acc.process_index
+        resume = None if overwrite else self._find_resume()  # every rank reads; nothing is written yet
 
         with acc.main_process_first():  # rank 0 fills the decode cache, the others read it
             d = cfg.data
             self.images = load_images(d.name, d.root, cfg.model.image_size, cfg.image_channels, d.download,
                                       d.cache_dir, d.num_images)  # uint8 [N, C, S, S] on the host
-        self.batches = ShardedBatches(len(self.images), cfg.train.batch_size, acc.process_index, self.world,
-                                      cfg.train.seed)
-        if acc.is_main_process:
-            self._prepare_run_dir(overwrite)
+        self.batches = ShardedBatches(len(self.images), cfg.train.batch_size, self.rank, self.world, cfg.train.seed)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.g_kwargs, self.d_kwargs = model_kwargs(cfg)
@@ -68,9 +76,25 @@ class Trainer:
         self.loss = AdversarialLoss(cfg.loss.name, cfg.loss.g_loss, cfg.loss.real_target, cfg.loss.g_target)
 
         # Each rank draws its own noise; the fixed grid noise is the same everywhere.
-        self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + acc.process_index + 1)
+        self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank + 1)
         self.fixed_z = sampling.fixed_noise(cfg.log.num_samples, cfg.model.latent_dim, cfg.train.seed)
         self.step = 0
+        if resume is not None:
+            self._restore(*resume)
+
+        # Preemption: a signal only sets a flag; ranks agree on it at the next step boundary (one small
+        # all-reduce on the CPU, over gloo, so no device sync is added to the step).
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        self.cpu_group = None
+        if self.world > 1 and dist.get_backend() != "gloo":
+            self.cpu_group = dist.new_group(backend="gloo")
+        self.last_ckpt_time = time.monotonic()
+
+        acc.wait_for_everyone()  # every rank has read what it resumes from before rank 0 writes
+        if acc.is_main_process:
+            self._prepare_run_dir(overwrite)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if acc.is_main_process else None
 
     def _prepare_run_dir(self, overwrite: bool) -> None:
@@ -80,6 +104,90 @@ class Trainer:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():  # lines logged after the checkpoint we resume from will be logged again
+            import json
+
+            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+
+    # --- resume -------------------------------------------------------------------------------------
+    def _find_resume(self) -> tuple[Path, dict] | None:
+        t, acc = self.cfg.train, self.accelerator
+        warn = acc.print if acc.is_main_process else (lambda *_: None)
+        if t.resume == "never":
+            if checkpoint.complete_checkpoints(self.ckpt_root):
+                raise UserError(f"run directory {self.run_dir} already holds a run; pass --overwrite to replace it, "
+                                "train.resume=auto to continue it, or choose another run.name / run.dir")
+            return None
+        if t.resume == "auto":
+            found = checkpoint.find_resumable(self.ckpt_root, lambda m: warn(f"warning: {m}"))
+            if found is None and checkpoint.complete_checkpoints(self.ckpt_root):
+                raise UserError(f"no checkpoint in {self.ckpt_root} verifies; pass --overwrite to start afresh")
+        else:
+            ckpt_dir, _ = checkpoint.resolve(t.resume)
+            found = ckpt_dir, checkpoint.read_meta(ckpt_dir)
+        if found is not None:
+            self._check_compatible(found[1])
+        return found
+
+    def _check_compatible(self, meta: dict) -> None:
+        old, new = _flat(meta["config"]), _flat(asdict(self.cfg))
+        old["model.channels"], new["model.channels"] = meta["generator"]["channels"], self.cfg.image_channels
+        fixed = [f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in FIXED_ON_RESUME if old.get(k) != new[k]]
+        if fixed:
+            raise UserError(f"cannot resume {meta['step']} steps of another model or dataset: changed "
+                            f"{', '.join(fixed)}; keep them, or start a new run (another run.dir, or --overwrite)")
+        changed = [k for k in new if not k.startswith(("run.", "log.")) and k not in ("train.resume", "train.steps") and
+                   k not in FIXED_ON_RESUME and old.get(k) != new[k]]
+        if changed and self.accelerator.is_main_process:
+            self.accelerator.print(f"note: resuming with changed {', '.join(changed)}")
+
+    def _restore(self, ckpt_dir: Path, meta: dict) -> None:
+        acc, unwrap = self.accelerator, self.accelerator.unwrap_model
+
+        def load(module: torch.nn.Module, stem: str) -> None:
+            try:
+                module.load_state_dict(checkpoint.load_tensors(ckpt_dir, stem))
+            except RuntimeError as e:
+                detail = str(e).strip().splitlines()[-1].strip()
+                raise UserError(f"{ckpt_dir / stem}.safetensors does not fit the model: {detail}") from None
+
+        load(unwrap(self.G), "generator")
+        load(unwrap(self.D), "discriminator")
+        if self.G_ema is not None:
+            if (ckpt_dir / "generator_ema.safetensors").is_file():
+                load(self.G_ema, "generator_ema")
+            else:
+                self.G_ema.load_state_dict(unwrap(self.G).state_dict())  # EMA switched on now: start from G
+        o = self.cfg.optim
+        for opt, stem, lr in ((self.opt_G, "optimizer_G", o.lr_g), (self.opt_D, "optimizer_D", o.lr_d)):
+            try:
+                opt.load_state_dict(checkpoint.unflatten_optimizer(checkpoint.load_tensors(ckpt_dir, stem), meta[stem]))
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise UserError(f"{ckpt_dir / stem}.safetensors does not fit the optimizer: {e}") from None
+            for group in opt.param_groups:  # the config's learning rate and betas win on resume
+                group["lr"], group["betas"] = lr, (o.beta1, o.beta2)
+        if acc.scaler is not None and meta.get("scaler"):
+            acc.scaler.load_state_dict(meta["scaler"])
+        self.step = meta["step"]
+        same_layout = meta["world_size"] == self.world and meta["batch_size"] == self.cfg.train.batch_size
+        if same_layout:  # exact continuation: this rank's random state and data position
+            rng = checkpoint.load_tensors(ckpt_dir, "rng")
+            checkpoint.set_rng_state({k: v[self.rank] for k, v in rng.items()}, self.noise)
+            self.batches.load_state_dict(meta["data"])
+        else:
+            acc.print(f"warning: resuming {meta['world_size']} rank(s) x batch {meta['batch_size']} as "
+                      f"{self.world} x {self.cfg.train.batch_size}: weights and optimizer state continue, "
+                      "the data order and noise change")
+            seen = meta["data"]["position"] * meta["world_size"] * meta["batch_size"]  # images into the epoch
+            position = min(seen // (self.world * self.cfg.train.batch_size), self.batches.batches_per_epoch)
+            self.batches.load_state_dict({"epoch": meta["data"]["epoch"], "position": position})
+            self.noise.manual_seed(self.cfg.train.seed * 1_000_003 + self.rank + 1 + self.step * 7919)
+        acc.print(f"resuming from {ckpt_dir} at step {self.step} (epoch {self.batches.epoch})")
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.signal = signum  # acted on at the next step boundary, by all ranks together
 
     # ------------------------------------------------------------------------------------------------
     def train_step(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -129,13 +237,18 @@ class Trainer:
             b_ema.copy_(b)
 
     # ------------------------------------------------------------------------------------------------
-    def train(self) -> None:
+    def train(self) -> bool:
+        """Train to `train.steps`. Returns False when stopped by a signal (after writing a checkpoint)."""
         acc, cfg = self.accelerator, self.cfg
         t, steps, bsz = cfg.train, cfg.train.steps, cfg.train.batch_size
         acc.print(f"dcgan_dist: {cfg.model.arch} {cfg.model.image_size}x{cfg.model.image_size} on {cfg.data.name} "
                   f"({len(self.images)} images, {self.batches.batches_per_epoch} batches/epoch)\n"
                   f"  world size {self.world} ({acc.device.type}), batch {bsz}/rank = {bsz * self.world} global, "
                   f"precision {t.mixed_precision}, {steps} steps, run dir {self.run_dir}")
+        if self.step >= steps:
+            acc.print(f"run already complete: step {self.step} of {steps} (raise train.steps to continue)")
+            self._finish()
+            return True
         bar = tqdm(total=steps, initial=self.step, disable=not (acc.is_main_process and cfg.log.progress),
                    dynamic_ncols=True, desc="train")
         sums, count, t_last = torch.zeros(len(STATS), device=self.device), 0, time.perf_counter()
@@ -164,15 +277,35 @@ class Trainer:
                 count, t_last = 0, time.perf_counter()
             if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
                 self.save_samples()
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+            stop, overdue = self._agree()
+            if stop or overdue or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
                 self.save_checkpoint()
+            if stop:
+                bar.close()
+                acc.print(f"stopped by signal at step {self.step}: checkpoint {self.ckpt_root / 'latest'} written; "
+                          "continue with train.resume=auto")
+                self._finish()
+                return False
         bar.close()
         self.save_samples()
         last = self.save_checkpoint()
-        if acc.is_main_process:
+        acc.print(f"done: samples in {self.run_dir / 'samples'}, checkpoint {last}")
+        self._finish()
+        return True
+
+    def _agree(self) -> tuple[bool, bool]:
+        """All ranks agree on (a signal arrived anywhere, rank 0's checkpoint clock ran out)."""
+        minutes = self.cfg.train.checkpoint_minutes
+        overdue = self.rank == 0 and minutes > 0 and time.monotonic() - self.last_ckpt_time >= 60 * minutes
+        flags = torch.tensor([self.signal is not None, overdue], dtype=torch.int32)
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return bool(flags[0]), bool(flags[1])
+
+    def _finish(self) -> None:
+        if self.metrics is not None:
             self.metrics.close()
-            acc.print(f"done: samples in {self.run_dir / 'samples'}, checkpoint {last}")
-        acc.end_training()
+        self.accelerator.end_training()
 
     def sample_generator(self) -> torch.nn.Module:
         return self.G_ema if self.G_ema is not None else self.accelerator.unwrap_model(self.G)
@@ -182,15 +315,26 @@ class Trainer:
             images = sampling.generate(self.sample_generator(), self.fixed_z)
             sampling.save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png")
 
-    def save_checkpoint(self):
-        path = self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)
-        if self.accelerator.is_main_process:
-            unwrap = self.accelerator.unwrap_model
-            state = {"generator": unwrap(self.G).state_dict(), "discriminator": unwrap(self.D).state_dict()}
+    def save_checkpoint(self) -> Path:
+        """Everything needed to continue exactly; a collective (every rank's random state is gathered)."""
+        acc, unwrap = self.accelerator, self.accelerator.unwrap_model
+        rng = {k: acc.gather(v.unsqueeze(0).to(self.device)).cpu()  # [world, ...]
+               for k, v in checkpoint.rng_state(self.noise).items()}
+        path = self.ckpt_root / checkpoint.step_dir_name(self.step)
+        if acc.is_main_process:
+            opt_G, opt_G_rest = checkpoint.flatten_optimizer(self.opt_G.state_dict())
+            opt_D, opt_D_rest = checkpoint.flatten_optimizer(self.opt_D.state_dict())
+            state = {"generator": unwrap(self.G).state_dict(), "discriminator": unwrap(self.D).state_dict(),
+                     "optimizer_G": opt_G, "optimizer_D": opt_D, "rng": rng}
             if self.G_ema is not None:
                 state["generator_ema"] = self.G_ema.state_dict()
-            meta = {"epoch": self.batches.epoch, "generator": self.g_kwargs, "discriminator": self.d_kwargs,
-                    "world_size": self.world, "config": asdict(self.cfg), "wandb_run_id": None}
-            path = checkpoint.save_checkpoint(self.run_dir / "checkpoints", self.step, state, meta)
-        self.accelerator.wait_for_everyone()  # no rank runs ahead of a checkpoint that is being written
+            meta = {"epoch": self.batches.epoch, "data": self.batches.state_dict(), "generator": self.g_kwargs,
+                    "discriminator": self.d_kwargs, "world_size": self.world, "batch_size": self.cfg.train.batch_size,
+                    "optimizer_G": opt_G_rest, "optimizer_D": opt_D_rest,
+                    "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                    "config": asdict(self.cfg), "wandb_run_id": None}
+            path = checkpoint.save_checkpoint(self.ckpt_root, self.step, state, meta)
+            checkpoint.prune(self.ckpt_root, self.cfg.train.keep_last, self.cfg.train.keep_every)
+        self.last_ckpt_time = time.monotonic()
+        acc.wait_for_everyone()  # no rank runs ahead of a checkpoint that is being written
         return path

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_train
 
+from conftest import run_train
 from dcgan_dist.config import Config, load_config, validate_world
 from dcgan_dist.errors import UserError
 

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, accelerate_launch, assert_ok
 from safetensors.torch import load_file
+
+from conftest import REPO, accelerate_launch, assert_ok
 
 pytestmark = pytest.mark.slow
 WORKER = str(REPO / "tests" / "dist" / "train_worker.py")
