@@ -83,6 +83,8 @@ class TrainConfig:
     checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last; 0 = off
     keep_last: int = 3  # checkpoints kept, newest first ...
     keep_every: int = 0  # ... plus every checkpoint on a multiple of this many steps, forever; 0 = none
+    collective_timeout_s: int = 600  # a rank waiting longer than this in a collective fails the job (no hang)
+    check_consistency_every: int = 0  # steps between cross-rank checks that G and D are identical; 0 = off
     resume: str = "auto"  # auto: continue from run_dir/checkpoints/latest if any | never | PATH to a checkpoint
 
 
@@ -264,6 +266,12 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", t.checkpoint_minutes, "use 0 (off) or minutes")
     _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least the newest checkpoint (1 or more)")
     _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "use 0 (none) or a step count")
+    _check(t.collective_timeout_s >= 1, "train.collective_timeout_s", t.collective_timeout_s, "use seconds >= 1")
+    _check(t.check_consistency_every >= 0, "train.check_consistency_every", t.check_consistency_every,
+           "use 0 (off) or a step count")
+    _check(not (t.check_consistency_every and m.norm == "batch" and not m.sync_bn), "train.check_consistency_every",
+           t.check_consistency_every, "it needs model.sync_bn=true (or model.norm=none): otherwise each rank's "
+           "BatchNorm statistics differ by design")
     _check(bool(t.resume), "train.resume", t.resume, "use auto, never, or the path of a checkpoint")
     _check(lg.every >= 1, "log.every", lg.every, "use a positive step count")
     _check(lg.sample_every >= 0, "log.sample_every", lg.sample_every, "use 0 (end only) or a step count")

@@ -7,13 +7,15 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from dcgan_dist import checkpoint, sampling
@@ -22,6 +24,7 @@ from dcgan_dist.data import ShardedBatches, load_images, to_model_range
 from dcgan_dist.errors import UserError
 from dcgan_dist.losses import AdversarialLoss
 from dcgan_dist.models import Discriminator, Generator, init_weights
+from dcgan_dist.sync_bn import check_consistency, convert_sync_batchnorm
 from dcgan_dist.tracking import MetricsLog, format_line
 
 STATS = ("loss/D", "loss/D_real", "loss/D_fake", "loss/G", "D/real", "D/fake_before", "D/fake_after")
@@ -52,9 +55,13 @@ class Trainer:
         # broadcast_buffers=False: DDP would otherwise re-broadcast BN buffers at each D forward, which breaks
         # two D forwards before one backward ("modified by an inplace operation"). cpu=True when there is no
         # CUDA, or multi-process CPU launches come up as independent single processes.
+        # accelerate always passes broadcast_buffers, which torch 2.14 deprecates; False is still what we mean
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        # The collective timeout turns a rank that died or diverged into an error instead of a hang.
         self.accelerator = acc = Accelerator(
             cpu=not cuda, mixed_precision=cfg.train.mixed_precision,
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
+                             InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))])
         self.cfg, self.device, self.world, self.rank = cfg, acc.device, acc.num_processes, acc.process_index
         resume = None if overwrite else self._find_resume()  # every rank reads; nothing is written yet
 
@@ -69,6 +76,8 @@ class Trainer:
         G, D = Generator(**self.g_kwargs), Discriminator(**self.d_kwargs)
         G.apply(init_weights), D.apply(init_weights)
         self.G_ema = copy.deepcopy(G).requires_grad_(False).to(self.device) if cfg.model.ema.decay > 0 else None
+        if cfg.model.sync_bn:  # statistics over the global batch; each training forward becomes a collective
+            G, D = convert_sync_batchnorm(G, self.device.type), convert_sync_batchnorm(D, self.device.type)
         o = cfg.optim
         opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
         opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
@@ -113,15 +122,14 @@ class Trainer:
 
     # --- resume -------------------------------------------------------------------------------------
     def _find_resume(self) -> tuple[Path, dict] | None:
-        t, acc = self.cfg.train, self.accelerator
-        warn = acc.print if acc.is_main_process else (lambda *_: None)
+        t = self.cfg.train
         if t.resume == "never":
             if checkpoint.complete_checkpoints(self.ckpt_root):
                 raise UserError(f"run directory {self.run_dir} already holds a run; pass --overwrite to replace it, "
                                 "train.resume=auto to continue it, or choose another run.name / run.dir")
             return None
         if t.resume == "auto":
-            found = checkpoint.find_resumable(self.ckpt_root, lambda m: warn(f"warning: {m}"))
+            found = checkpoint.find_resumable(self.ckpt_root, lambda m: self._print(f"warning: {m}"))
             if found is None and checkpoint.complete_checkpoints(self.ckpt_root):
                 raise UserError(f"no checkpoint in {self.ckpt_root} verifies; pass --overwrite to start afresh")
         else:
@@ -140,8 +148,8 @@ class Trainer:
                             f"{', '.join(fixed)}; keep them, or start a new run (another run.dir, or --overwrite)")
         changed = [k for k in new if not k.startswith(("run.", "log.")) and k not in ("train.resume", "train.steps") and
                    k not in FIXED_ON_RESUME and old.get(k) != new[k]]
-        if changed and self.accelerator.is_main_process:
-            self.accelerator.print(f"note: resuming with changed {', '.join(changed)}")
+        if changed:
+            self._print(f"note: resuming with changed {', '.join(changed)}")
 
     def _restore(self, ckpt_dir: Path, meta: dict) -> None:
         acc, unwrap = self.accelerator, self.accelerator.unwrap_model
@@ -174,17 +182,22 @@ class Trainer:
         same_layout = meta["world_size"] == self.world and meta["batch_size"] == self.cfg.train.batch_size
         if same_layout:  # exact continuation: this rank's random state and data position
             rng = checkpoint.load_tensors(ckpt_dir, "rng")
-            checkpoint.set_rng_state({k: v[self.rank] for k, v in rng.items()}, self.noise)
+            checkpoint.set_rng_state({k: v[self.rank].clone() for k, v in rng.items()}, self.noise)  # clone:
+            # set_rng_state rejects a row of a larger tensor ("Invalid mt19937 state") but takes a copy
             self.batches.load_state_dict(meta["data"])
         else:
-            acc.print(f"warning: resuming {meta['world_size']} rank(s) x batch {meta['batch_size']} as "
+            self._print(f"warning: resuming {meta['world_size']} rank(s) x batch {meta['batch_size']} as "
                       f"{self.world} x {self.cfg.train.batch_size}: weights and optimizer state continue, "
                       "the data order and noise change")
             seen = meta["data"]["position"] * meta["world_size"] * meta["batch_size"]  # images into the epoch
             position = min(seen // (self.world * self.cfg.train.batch_size), self.batches.batches_per_epoch)
             self.batches.load_state_dict({"epoch": meta["data"]["epoch"], "position": position})
             self.noise.manual_seed(self.cfg.train.seed * 1_000_003 + self.rank + 1 + self.step * 7919)
-        acc.print(f"resuming from {ckpt_dir} at step {self.step} (epoch {self.batches.epoch})")
+        self._print(f"resuming from {ckpt_dir} at step {self.step} (epoch {self.batches.epoch})")
+
+    def _print(self, message: str) -> None:
+        if self.accelerator.is_main_process:  # global rank 0 (accelerator.print prints once per node)
+            print(message, flush=True)
 
     def _on_signal(self, signum: int, _frame) -> None:
         self.signal = signum  # acted on at the next step boundary, by all ranks together
@@ -241,12 +254,12 @@ class Trainer:
         """Train to `train.steps`. Returns False when stopped by a signal (after writing a checkpoint)."""
         acc, cfg = self.accelerator, self.cfg
         t, steps, bsz = cfg.train, cfg.train.steps, cfg.train.batch_size
-        acc.print(f"dcgan_dist: {cfg.model.arch} {cfg.model.image_size}x{cfg.model.image_size} on {cfg.data.name} "
+        self._print(f"dcgan_dist: {cfg.model.arch} {cfg.model.image_size}x{cfg.model.image_size} on {cfg.data.name} "
                   f"({len(self.images)} images, {self.batches.batches_per_epoch} batches/epoch)\n"
                   f"  world size {self.world} ({acc.device.type}), batch {bsz}/rank = {bsz * self.world} global, "
                   f"precision {t.mixed_precision}, {steps} steps, run dir {self.run_dir}")
         if self.step >= steps:
-            acc.print(f"run already complete: step {self.step} of {steps} (raise train.steps to continue)")
+            self._print(f"run already complete: step {self.step} of {steps} (raise train.steps to continue)")
             self._finish()
             return True
         bar = tqdm(total=steps, initial=self.step, disable=not (acc.is_main_process and cfg.log.progress),
@@ -277,19 +290,21 @@ class Trainer:
                 count, t_last = 0, time.perf_counter()
             if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
                 self.save_samples()
+            if t.check_consistency_every and self.step % t.check_consistency_every == 0:
+                check_consistency(self.G, "G"), check_consistency(self.D, "D")  # collectives: every rank
             stop, overdue = self._agree()
             if stop or overdue or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
                 self.save_checkpoint()
             if stop:
                 bar.close()
-                acc.print(f"stopped by signal at step {self.step}: checkpoint {self.ckpt_root / 'latest'} written; "
+                self._print(f"stopped by signal at step {self.step}: checkpoint {self.ckpt_root / 'latest'} written; "
                           "continue with train.resume=auto")
                 self._finish()
                 return False
         bar.close()
         self.save_samples()
         last = self.save_checkpoint()
-        acc.print(f"done: samples in {self.run_dir / 'samples'}, checkpoint {last}")
+        self._print(f"done: samples in {self.run_dir / 'samples'}, checkpoint {last}")
         self._finish()
         return True
 

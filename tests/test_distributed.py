@@ -86,6 +86,27 @@ def test_two_ranks_batch_b_equal_one_process_batch_2b(tmp_path):
     assert worst > 1e-4
 
 
+@pytest.mark.parametrize("world,batch", [(2, 8), (3, 4)])
+def test_sync_bn_step_equals_one_process_on_the_concatenated_batch(tmp_path, world, batch):
+    """With model.sync_bn, W ranks x B make the same whole G+D step (parameters and running statistics)
+    as one process with plain BatchNorm on the W*B batch."""
+    many, init = _step_params(tmp_path, world, batch, "model.sync_bn=true")
+    one, _ = _step_params(tmp_path, 1, world * batch)
+    assert many.keys() == one.keys() and any("running_var" in k for k in many)
+    for k in many:
+        # fp32 rounding: partial sums are added in another order; BN divides by small variances
+        torch.testing.assert_close(many[k], one[k], atol=1e-5, rtol=1e-4, msg=k)
+        if "num_batches" not in k:
+            assert (many[k] - init[k]).abs().max() > 1e-6, k
+
+
+def test_sync_bn_training_with_consistency_checks(tmp_path):
+    run = tmp_path / "run"
+    assert_ok(accelerate_launch(2, "launch/train.py", "--config", "configs/smoke.yaml", f"run.dir={run}",
+                                "model.sync_bn=true", "train.check_consistency_every=3", "train.steps=6"))
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+
+
 def test_global_batch_not_divisible_by_world_size_is_refused(tmp_path):
     run = tmp_path / "run"
     proc = accelerate_launch(2, "launch/train.py", "--config", "configs/smoke.yaml", f"run.dir={run}",

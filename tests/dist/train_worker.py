@@ -76,4 +76,8 @@ elif mode == "step":
         mine = slice(rank * B, (rank + 1) * B)
         trainer.train_step(real[mine], z[mine])
     save_params("step")
+    if trainer.cfg.model.sync_bn:  # parameters and BN buffers must now agree on every rank
+        from dcgan_dist.sync_bn import check_consistency
+
+        check_consistency(trainer.G, "G"), check_consistency(trainer.D, "D")
     acc.end_training()

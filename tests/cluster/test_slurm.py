@@ -1,0 +1,268 @@
+"""The SLURM batch scripts on a real two-node cluster (node1, node2: one machine, two network namespaces).
+
+Run through `tests/cluster/run.sh` (root), which boots the cluster, runs `pytest -m cluster tests/cluster`
+and tears it down. Without a cluster these tests skip; under run.sh (DCGAN_TEST_CLUSTER=1) they fail instead.
+Jobs are submitted with --chdir=<repo root>, their log in the test's tmp dir, and polled every second.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+PROBE = "tests/cluster/allreduce_probe.py"
+DEFAULT_CONF = "/run/dcgan-cluster/slurm.conf"  # where tests/cluster/cluster.sh writes it
+NODES = ("node1", "node2")
+JOB_TIMEOUT_S = 240
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _cluster_problem(env: dict) -> str | None:
+    """Why the cluster cannot be used, or None when both nodes answer."""
+    if os.geteuid() != 0:
+        return "needs root (the test cluster is namespaces + daemons)"
+    if shutil.which("sinfo") is None:
+        return "SLURM client tools not installed"
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True, timeout=10
+        ).stdout
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out"
+    states = dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+    up = [n for n in NODES if states.get(n, "").rstrip("*~#") in ("idle", "mix", "alloc")]
+    if len(up) < len(NODES):
+        return f"nodes {', '.join(NODES)} not up (sinfo: {states or 'no answer'})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict:
+    env = {**os.environ, "WANDB_MODE": "disabled"}  # as in the other tests: no tracker traffic from jobs
+    if "SLURM_CONF" not in env and Path(DEFAULT_CONF).exists():
+        env["SLURM_CONF"] = DEFAULT_CONF
+    problem = _cluster_problem(env)
+    if problem:
+        message = f"no test SLURM cluster: {problem}; run tests/cluster/run.sh as root"
+        if os.environ.get("DCGAN_TEST_CLUSTER") == "1":  # run.sh booted one: its absence is a failure
+            pytest.fail(message)
+        pytest.skip(message)
+    return env
+
+
+@dataclass
+class Job:
+    id: str
+    state: str
+    exit_code: int
+    restarts: int
+    output: str
+
+
+def _job_fields(job_id: str, env: dict) -> dict:
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True, timeout=10
+    ).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def submit(env, tmp_path, script, *args, sbatch_opts=(), extra_env=None) -> str:
+    """sbatch SCRIPT ARGS from the repo root; returns the job id. The log goes to tmp_path/job-<id>.out."""
+    cmd = ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/job-%j.out", *sbatch_opts]
+    result = subprocess.run(
+        [*cmd, script, *args], env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, f"sbatch failed: {result.stderr}"
+    return result.stdout.strip().split(";")[0]
+
+
+def output_of(tmp_path, job_id) -> str:
+    log = tmp_path / f"job-{job_id}.out"
+    return log.read_text() if log.exists() else ""
+
+
+def wait_job(env, tmp_path, job_id, timeout=JOB_TIMEOUT_S) -> Job:
+    """Poll until the job has ended for good (a requeued job is PENDING again, so it is waited for too)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = _job_fields(job_id, env)
+        if fields.get("JobState") in FINAL_STATES:
+            return Job(
+                job_id,
+                fields["JobState"],
+                int(fields.get("ExitCode", "0:0").split(":")[0]),
+                int(fields.get("Restarts", "0")),
+                output_of(tmp_path, job_id),
+            )
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], env=env, timeout=10)
+    state = fields.get("JobState")
+    pytest.fail(f"job {job_id} still {state} after {timeout} s:\n{output_of(tmp_path, job_id)}")
+
+
+def run_job(env, tmp_path, script, *args, **kwargs) -> Job:
+    return wait_job(env, tmp_path, submit(env, tmp_path, script, *args, **kwargs))
+
+
+def assert_ok(job: Job) -> None:
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), f"job {job.id}: {job.state}\n{job.output}"
+
+
+PROBE_LINE = re.compile(r"probe rank=(?P<rank>\d+) world_size=(?P<world_size>\d+) host=(?P<host>\S+?) sum=(?P<sum>\d+)")
+
+
+def probe_lines(output: str) -> list[dict]:
+    return [m.groupdict() for m in PROBE_LINE.finditer(output)]  # ranks' lines may interleave
+
+
+# --- fast checks of the launch machinery, with the all-reduce probe standing in for the trainer ---
+
+
+def test_probe_spans_two_nodes(slurm_env, tmp_path):
+    job = run_job(
+        slurm_env,
+        tmp_path,
+        "slurm/train_multinode.sbatch",
+        "configs/smoke.yaml",
+        extra_env={"DCGAN_TRAIN_SCRIPT": PROBE},
+    )
+    assert_ok(job)
+    ranks = {int(p["rank"]): p for p in probe_lines(job.output)}
+    assert sorted(ranks) == [0, 1], job.output
+    assert {p["host"] for p in ranks.values()} == set(NODES), job.output
+    assert all(p["world_size"] == "2" and p["sum"] == "1" for p in ranks.values()), job.output
+    assert f"run.dir=runs/slurm-{job.id}" in job.output  # the default run dir follows the job id
+
+
+def test_probe_procs_per_node_knob(slurm_env, tmp_path):
+    job = run_job(
+        slurm_env,
+        tmp_path,
+        "slurm/train.sbatch",
+        "configs/smoke.yaml",
+        "run.dir=/nonexistent/unused",
+        extra_env={"DCGAN_TRAIN_SCRIPT": PROBE, "DCGAN_PROCS_PER_NODE": "2"},
+    )
+    assert_ok(job)
+    assert sorted(p["world_size"] for p in probe_lines(job.output)) == ["2", "2"], job.output
+    assert "runs/slurm-" not in job.output  # a run.dir given by the user wins
+
+
+def test_usr1_before_time_limit_stops_workers_and_requeues(slurm_env, tmp_path):
+    """The --signal=B:USR1 path: SIGTERM reaches every worker on both nodes, the job requeues itself
+    under the same id and its second run (SLURM_RESTART_COUNT=1, the probe no longer holds) completes."""
+    job_id = submit(
+        slurm_env,
+        tmp_path,
+        "slurm/train_multinode.sbatch",
+        "configs/smoke.yaml",
+        extra_env={"DCGAN_TRAIN_SCRIPT": PROBE, "DCGAN_PROBE_HOLD": "120"},
+    )
+    deadline = time.monotonic() + 120
+    while len(probe_lines(output_of(tmp_path, job_id))) < 2:  # both ranks up and holding
+        assert time.monotonic() < deadline, output_of(tmp_path, job_id)
+        time.sleep(1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_env, check=True, timeout=10)
+    job = wait_job(slurm_env, tmp_path, job_id)
+    assert_ok(job)
+    assert job.restarts == 1, job.output
+    for node in NODES:
+        assert f"got SIGTERM on {node}" in job.output, job.output
+    assert f"requeueing job {job_id}" in job.output
+    assert "(restart 1)" in job.output
+    assert len(probe_lines(job.output)) == 4, job.output  # two ranks, twice
+
+
+# --- the trainer itself ---
+
+
+def _check_run(run_dir: Path, job: Job, world_size: int) -> None:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
+    assert meta["world_size"] == world_size, job.output
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps and steps == sorted(set(steps)), f"metrics.jsonl must be written by rank 0 alone: {steps}"
+    assert (run_dir / "config.yaml").exists()
+    assert list((run_dir / "samples").glob("*.png"))
+
+
+def test_multinode_trains_on_two_nodes(slurm_env, tmp_path):
+    run_dir = tmp_path / "run"
+    job = run_job(slurm_env, tmp_path, "slurm/train_multinode.sbatch", "configs/smoke.yaml", f"run.dir={run_dir}")
+    assert_ok(job)
+    assert "[slurm] node1: machine rank 0 of 2" in job.output, job.output
+    assert "[slurm] node2: machine rank 1 of 2" in job.output, job.output
+    _check_run(run_dir, job, world_size=2)
+
+
+def test_single_node_two_cpu_processes(slurm_env, tmp_path):
+    run_dir = tmp_path / "run"
+    job = run_job(
+        slurm_env,
+        tmp_path,
+        "slurm/train.sbatch",
+        "configs/smoke.yaml",
+        f"run.dir={run_dir}",
+        sbatch_opts=("--ntasks-per-node=2",),
+    )
+    assert_ok(job)
+    assert "2 process(es), 0 GPU(s)" in job.output, job.output
+    _check_run(run_dir, job, world_size=2)
+
+
+def test_bad_config_fails_with_one_line_error(slurm_env, tmp_path):
+    run_dir = tmp_path / "run"
+    job = run_job(
+        slurm_env,
+        tmp_path,
+        "slurm/train_multinode.sbatch",
+        "configs/smoke.yaml",
+        "train.no_such_key=1",
+        f"run.dir={run_dir}",
+    )
+    assert job.state == "FAILED" and job.exit_code != 0, job.output
+    errors = [line for line in job.output.splitlines() if "no_such_key" in line and "error" in line.lower()]
+    assert errors, f"the trainer's error line is missing:\n{job.output}"
+    assert "requeueing" not in job.output  # a user error is not a preemption
+    assert not (run_dir / "checkpoints").exists()
+
+
+# Everything up to the resume passes on the cluster; the resumed run then dies on rank 1 with
+# "RuntimeError: Invalid mt19937 state" in checkpoint.set_rng_state (also without SLURM, 2 local ranks).
+# Remove this marker when multi-rank resume works.
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
+    """End to end: USR1 before the time limit -> SIGTERM to both ranks -> checkpoint, exit 75 -> the job
+    requeues itself (same id, same run dir) -> train.resume=auto continues to the last step."""
+    run_dir, steps = tmp_path / "run", 600  # ~30 s of smoke training on this machine: time to preempt it
+    job_id = submit(
+        slurm_env, tmp_path, "slurm/train_multinode.sbatch", "configs/smoke.yaml", f"run.dir={run_dir}",
+        f"train.steps={steps}", "log.every=10", "train.checkpoint_every=0", "log.sample_every=0",
+    )  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):  # training is under way
+        assert time.monotonic() < deadline, output_of(tmp_path, job_id)
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_env, check=True, timeout=10)
+    job = wait_job(slurm_env, tmp_path, job_id)
+    assert_ok(job)
+    assert job.restarts == 1 and f"requeueing job {job_id}" in job.output, job.output
+
+    first_run, second_run = job.output.split("(restart 1)", 1)
+    stopped = re.search(r"stopped by signal at step (\d+)", first_run)
+    assert stopped, f"the trainer did not report a preemption checkpoint:\n{job.output}"
+    assert f"at step {stopped[1]}" in second_run and "resuming from" in second_run, job.output
+    ckpts = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+    assert ckpts == [int(stopped[1]), steps], ckpts
+    _check_run(run_dir, job, world_size=2)
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == list(range(10, steps + 1, 10)), logged  # each step logged once across both runs
