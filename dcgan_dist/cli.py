@@ -108,3 +108,112 @@ def export_main(argv: list[str] | None = None) -> None:
         print(f"exported {src / stem}.safetensors (step {meta['step']}) to {out / 'generator.safetensors'}")
 
     _run(export)
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-classifier"]:
+        return _train_classifier_main(argv[1:])
+    parser = _Parser(prog="dcgan-eval", description="Sample quality of a checkpoint: classifier metrics for "
+                     "labelled datasets (Fréchet distance, its real-vs-real floor, KID, precision/recall, inception "
+                     "score, class coverage, confidence, class KL) and FID/KID with Inception-v3 weights. "
+                     "`dcgan-eval train-classifier --help` trains the classifier ahead.")
+    parser.add_argument("checkpoint", help="a checkpoint dir, a run dir (its latest), or generator*.safetensors")
+    parser.add_argument("--num", type=int, default=5000, help="generated images (default 5000)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw generator even if EMA weights exist")
+    parser.add_argument("--data", help="dataset of the real statistics (default: the checkpoint's data.name)")
+    parser.add_argument("--data-root", help="its root (default: the checkpoint's data.root)")
+    parser.add_argument("--classifier", help="classifier .safetensors (default: <cache-dir>/classifier-DATA-32...)")
+    parser.add_argument("--cache-dir", help="where classifiers are cached (default: <data root>/cache)")
+    parser.add_argument("--inception", action="store_true", help="require FID/KID (default: when the weights exist)")
+    parser.add_argument("--inception-weights", help="inception_v3 weights (.safetensors or torchvision .pth)")
+    parser.add_argument("--json", help="also write the metrics to this JSON file")
+    args = parser.parse_args(argv)
+
+    def evaluate() -> None:
+        import json
+
+        from dcgan_dist import checkpoint, evaluation, sampling
+        from dcgan_dist.errors import UserError
+
+        if args.num < 8:
+            raise UserError(f"--num {args.num}: use at least 8 images (5000 is the usual)")
+        generator, meta = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+        data_cfg = meta.get("config", {}).get("data", {})
+        data, root = args.data or data_cfg.get("name"), args.data_root or data_cfg.get("root", "data")
+        if not data:
+            raise UserError(f"{args.checkpoint}: its meta.json names no dataset (an exported generator?); pass --data")
+        ckpt_dir, stem = checkpoint.resolve(args.checkpoint)  # the same choice load_generator made
+        ema = stem == "generator_ema" or (not args.no_ema and (ckpt_dir / "generator_ema.safetensors").is_file())
+        spaces, notes = evaluation.feature_spaces(
+            data, root, args.cache_dir or data_cfg.get("cache_dir") or "", args.classifier,
+            inception=True if (args.inception or args.inception_weights) else None,
+            inception_weights=args.inception_weights, image_size=generator.image_size, channels=generator.channels,
+            num_images=data_cfg.get("num_images") if data == data_cfg.get("name") else None)
+        if not spaces:
+            raise UserError(f"nothing to measure for data {data}: " + "; ".join(notes))
+        metrics = evaluation.evaluate(generator, args.num, spaces, seed=args.seed)
+        real = {f"{s.name}/{k}": v for s in spaces for k, v in s.real_metrics().items()}
+        step = meta.get("step")
+        print(f"dcgan-eval: {args.checkpoint} (step {step}, {'EMA' if ema else 'raw'} generator), "
+              f"{args.num} samples, seed {args.seed}, data {data}")
+        for s in spaces:
+            extra = f", held-out accuracy {s.info['accuracy']:.2%}" if "accuracy" in s.info else ""
+            print(f"\n{s.name} space ({s.info['reference']}{extra})")
+            print(f"  {'metric':<22}{'generated':>12}{'real':>12}")
+            for key, label in _EVAL_ROWS:
+                name = f"{s.name}/{key}"
+                if name in metrics:
+                    print(f"  {label:<22}{_fmt(key, metrics[name]):>12}{_fmt(key, real.get(name)):>12}")
+        for note in notes:
+            print(f"note: {note}")
+        if args.json:
+            out = {"checkpoint": args.checkpoint, "step": step, "ema": ema, "num": args.num, "seed": args.seed,
+                   "data": data, "metrics": metrics, "real": real, "notes": notes,
+                   "spaces": {s.name: s.info for s in spaces}}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+            print(f"wrote {args.json}")
+
+    _run(evaluate)
+
+
+_EVAL_ROWS = (("fd", "Fréchet distance"), ("fd_floor", "  real-vs-real floor"), ("kid", "KID"),
+              ("precision", "precision"), ("recall", "recall"), ("inception_score", "inception score"),
+              ("coverage", "class coverage"), ("confidence", "mean confidence"), ("class_kl", "class KL (nats)"))
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "coverage":
+        return f"{int(value)}"
+    return f"{value:.4f}" if key in ("kid", "class_kl") else f"{value:.3f}"
+
+
+def _train_classifier_main(argv: list[str]) -> None:
+    parser = _Parser(prog="dcgan-eval train-classifier", description="Train the domain classifier that "
+                     "dcgan-eval's metrics use, on a fixed stratified 80/20 split; report its held-out accuracy.")
+    parser.add_argument("--data", default="mnist5k", help="mnist5k (default), mnist, fashion_mnist or cifar10")
+    parser.add_argument("--data-root", default="data", help="torchvision dataset root (default data)")
+    parser.add_argument("--image-size", type=int, default=32, help="classifier input size (default 32)")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
+    parser.add_argument("--cache-dir", help="where to cache it (default: <data root>/cache)")
+    parser.add_argument("--out", help="classifier .safetensors path (default: <cache-dir>/classifier-DATA-SIZE...)")
+    args = parser.parse_args(argv)
+
+    def train() -> None:
+        from dcgan_dist import evaluation
+        from dcgan_dist.errors import UserError
+
+        if args.image_size < 8 or args.epochs < 1:
+            raise UserError("--image-size must be at least 8 and --epochs at least 1")
+        out = Path(args.out) if args.out else evaluation.classifier_path(
+            args.cache_dir or Path(args.data_root) / "cache", args.data, args.image_size)
+        model, info = evaluation.fit_classifier(args.data, args.data_root, args.image_size, args.epochs)
+        evaluation.save_classifier(model, out, info)
+        print(f"classifier for {args.data} at {args.image_size}x{args.image_size}: held-out accuracy "
+              f"{info['accuracy']:.2%} ({info['num_heldout']} images); saved to {out}")
+
+    _run(train)

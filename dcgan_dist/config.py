@@ -89,11 +89,23 @@ class TrainConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = "dcgan_dist"
+    entity: str = ""  # team or user; empty = your default
+    name: str = ""  # display name; empty = run.name
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
+
+
+@dataclass
 class LogConfig:
     every: int = 50  # steps between metric lines (reduced over ranks and over the interval)
     sample_every: int = 500  # steps between fixed-noise sample grids; 0 = only at the end
     num_samples: int = 64  # images in the fixed-noise grid
     progress: bool = True  # tqdm bar on rank 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False  # also log to TensorBoard (run_dir/tensorboard-style event files; needs tensorboard)
 
 
 @dataclass
@@ -197,6 +209,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise UserError(f"{key}={value!s}: cannot parse the value; expected {hint.__name__}") from None
     if value is None and optional:
         return None
+    if typing.get_origin(hint) is list:  # list[str]
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise UserError(f"{key} = {value!r} has the wrong type; expected a list of strings, e.g. [a, b]")
+        return list(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
         try:
             value = float(value)
@@ -275,6 +291,8 @@ def validate(cfg: Config) -> None:
     _check(bool(t.resume), "train.resume", t.resume, "use auto, never, or the path of a checkpoint")
     _check(lg.every >= 1, "log.every", lg.every, "use a positive step count")
     _check(lg.sample_every >= 0, "log.sample_every", lg.sample_every, "use 0 (end only) or a step count")
+    _one_of("log.wandb.mode", lg.wandb.mode, ("auto", "online", "offline", "disabled"))
+    _check(bool(lg.wandb.project), "log.wandb.project", lg.wandb.project, "use a non-empty project name")
     _check(1 <= lg.num_samples <= 1024, "log.num_samples", lg.num_samples, "use 1..1024")
 
 

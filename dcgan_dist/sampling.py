@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from dcgan_dist import checkpoint
 from dcgan_dist.errors import UserError
@@ -35,6 +35,12 @@ def generate(generator: nn.Module, z: torch.Tensor, batch_size: int = 256) -> to
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C], the layout GAN evaluators read."""
     return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def grid_array(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """[-1, 1] images -> one uint8 [H, W, C] grid (for trackers)."""
+    grid = make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)  # [3, H, W] in [0, 1]
+    return grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:

@@ -1,14 +1,130 @@
-"""Where scalars go: `metrics.jsonl` on rank 0 (one JSON object per logged step), whatever else is on."""
+"""Where scalars and images go: `metrics.jsonl` always, W&B and TensorBoard through accelerate's trackers.
+
+Only global rank 0 writes (accelerate's `init_trackers` and `log` run on the main process alone). W&B is
+an optional witness: if it cannot start or fails later, one warning is printed and training goes on with
+the local files.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import netrc
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import numpy as np
+
+from dcgan_dist.errors import UserError
+
+
+def wandb_mode(mode: str) -> str:
+    """`auto`: WANDB_MODE if set, else online when credentials are present, else offline."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    return "online" if _has_credentials() else "offline"
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def log_with(cfg) -> list[str]:
+    """The accelerate tracker names a config asks for (given to `Accelerator(log_with=...)`)."""
+    names = ["tensorboard"] if cfg.log.tensorboard else []
+    if cfg.log.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UserError("log.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return names + (["wandb"] if wandb_mode(cfg.log.wandb.mode) != "disabled" else [])
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+class Tracker:
+    """metrics.jsonl plus the accelerate trackers; every method is a no-op off the main process."""
+
+    def __init__(self, accelerator, cfg, run_dir: Path, run_config: dict, resume_id: str | None):
+        self.acc, self.main = accelerator, accelerator.is_main_process
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl") if self.main else None
+        self.wandb_run = None
+        if not self.main or not accelerator.log_with:
+            return
+        w = cfg.log.wandb
+        mode = wandb_mode(w.mode)
+        init = {"wandb": {"mode": mode, "dir": str(run_dir), "name": w.name or cfg.run.name, "entity": w.entity or None,
+                          "group": w.group or None, "tags": list(w.tags) or None, "resume": "allow",
+                          **({"id": resume_id} if resume_id else {})}}
+        try:
+            accelerator.init_trackers(w.project, config=run_config, init_kwargs=init)
+        except Exception as e:  # an external service: whatever it raises must not stop training
+            self._drop_wandb(f"W&B could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            return
+        if "wandb" in [t.name for t in accelerator.trackers]:
+            self.wandb_run = accelerator.get_tracker("wandb", unwrap=True)
+            self.wandb_run.define_metric("step")
+            self.wandb_run.define_metric("*", step_metric="step")  # `step` is the x-axis of every panel
+            if mode == "offline" and w.mode == "auto":
+                print(f"W&B: no credentials, logging offline to {run_dir / 'wandb'}; upload later with "
+                      f"`wandb sync {run_dir / 'wandb'}/offline-run-*`", flush=True)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def log(self, record: dict) -> None:
+        if not self.main:
+            return
+        self.metrics.log(record)
+        if self.acc.trackers:
+            try:
+                self.acc.log(record, step=record["step"])
+            except Exception as e:  # W&B failing mid-run: keep training, keep the local log
+                self._drop_wandb(f"W&B logging failed ({type(e).__name__}: {e})")
+
+    def log_image(self, key: str, grid: np.ndarray, step: int) -> None:
+        """`grid`: uint8 [H, W, C]."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        try:
+            self.wandb_run.log({key: wandb.Image(grid), "step": step}, step=step)
+        except Exception as e:  # as in log()
+            self._drop_wandb(f"W&B image logging failed ({type(e).__name__}: {e})")
+
+    def _drop_wandb(self, why: str) -> None:
+        print(f"warning: {why}; continuing with metrics.jsonl only", file=sys.stderr, flush=True)
+        self.acc.trackers = [t for t in self.acc.trackers if t.name != "wandb"]
+        self.wandb_run = None
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 class MetricsLog:
-    """Appends one line per logged step; opened only on the main process."""
+    """Appends one JSON line per logged step; opened only on the main process."""
 
     def __init__(self, path: Path):
         self.path = path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import signal
@@ -12,22 +13,25 @@ from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
+import accelerate
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from dcgan_dist import checkpoint, sampling
+from dcgan_dist import checkpoint, sampling, tracking
 from dcgan_dist.config import Config, save_config, validate_world
 from dcgan_dist.data import ShardedBatches, load_images, to_model_range
 from dcgan_dist.errors import UserError
 from dcgan_dist.losses import AdversarialLoss
 from dcgan_dist.models import Discriminator, Generator, init_weights
 from dcgan_dist.sync_bn import check_consistency, convert_sync_batchnorm
-from dcgan_dist.tracking import MetricsLog, format_line
+from dcgan_dist.tracking import Tracker, format_line
 
-STATS = ("loss/D", "loss/D_real", "loss/D_fake", "loss/G", "D/real", "D/fake_before", "D/fake_after")
+# What train_step returns, per step; averaged over the log interval and the ranks.
+STATS = ("loss/D", "loss/D_real", "loss/D_fake", "loss/G", "D/real", "D/fake_before", "D/fake_after", "D/accuracy",
+         "grad_norm/G", "grad_norm/D")
 # Config keys that must not change on resume: the weights or the data would not fit.
 FIXED_ON_RESUME = ("model.arch", "model.image_size", "model.channels", "model.latent_dim", "model.g_width",
                    "model.d_width", "model.norm", "data.name", "data.num_images")
@@ -38,6 +42,12 @@ def model_kwargs(cfg: Config) -> tuple[dict, dict]:
     m, common = cfg.model, dict(channels=cfg.image_channels, image_size=cfg.model.image_size, arch=cfg.model.arch)
     return (dict(latent_dim=m.latent_dim, width=m.g_width, norm=m.norm, **common),
             dict(width=m.d_width, norm=m.norm, **common))
+
+
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients, on the device (no host sync)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -52,14 +62,17 @@ class Trainer:
         cuda = torch.cuda.is_available()
         cfg = validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), cuda)
         self.run_dir, self.ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
-        # broadcast_buffers=False: DDP would otherwise re-broadcast BN buffers at each D forward, which breaks
-        # two D forwards before one backward ("modified by an inplace operation"). cpu=True when there is no
-        # CUDA, or multi-process CPU launches come up as independent single processes.
         # accelerate always passes broadcast_buffers, which torch 2.14 deprecates; False is still what we mean
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        # The collective timeout turns a rank that died or diverged into an error instead of a hang.
+        # broadcast_buffers=False: DDP would otherwise re-broadcast BN buffers at each D forward, which breaks
+        # two D forwards before one backward ("modified by an inplace operation"). cpu=True when there is no
+        # CUDA, or multi-process CPU launches come up as independent single processes. The collective
+        # timeout turns a rank that died or diverged into an error instead of a hang.
         self.accelerator = acc = Accelerator(
             cpu=not cuda, mixed_precision=cfg.train.mixed_precision,
+            log_with=tracking.log_with(cfg) or None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir),
+                                                logging_dir=str(self.run_dir / "tensorboard")),
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
                              InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))])
         self.cfg, self.device, self.world, self.rank = cfg, acc.device, acc.num_processes, acc.process_index
@@ -87,7 +100,7 @@ class Trainer:
         # Each rank draws its own noise; the fixed grid noise is the same everywhere.
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank + 1)
         self.fixed_z = sampling.fixed_noise(cfg.log.num_samples, cfg.model.latent_dim, cfg.train.seed)
-        self.step = 0
+        self.step, self.skipped_steps = 0, 0
         if resume is not None:
             self._restore(*resume)
 
@@ -104,11 +117,14 @@ class Trainer:
         acc.wait_for_everyone()  # every rank has read what it resumes from before rank 0 writes
         if acc.is_main_process:
             self._prepare_run_dir(overwrite)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if acc.is_main_process else None
+        run_config = {**asdict(cfg), "world_size": self.world, "global_batch": cfg.train.batch_size * self.world,
+                      "precision": cfg.train.mixed_precision, "torch": torch.__version__,
+                      "accelerate": accelerate.__version__, "git_commit": tracking.git_commit()}
+        self.tracker = Tracker(acc, cfg, self.run_dir, run_config, resume[1].get("wandb_run_id") if resume else None)
 
     def _prepare_run_dir(self, overwrite: bool) -> None:
         if overwrite:
-            for name in ("checkpoints", "samples"):
+            for name in ("checkpoints", "samples", "wandb", "tensorboard"):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -224,6 +240,9 @@ class Trainer:
         loss_fake = loss.d_fake(fake_logits)  # -log(1 - D(G(z)))
         acc.backward(loss_fake)
         self.opt_D.step()
+        if acc.scaler is not None:  # fp16: the scaler skips steps with inf/nan gradients (accelerate syncs here)
+            self.skipped_steps += int(self.opt_D.step_was_skipped)
+        grad_norm_D = _grad_norm(D)  # after step(): unscaled under fp16
         self.opt_D.zero_grad(set_to_none=True)
 
         # G: fool D. D is frozen (no weight gradients) and run outside DDP's reducer (no_sync), so only
@@ -234,12 +253,18 @@ class Trainer:
         loss_g = loss.g(g_logits)  # -log D(G(z))  (non-saturating)
         acc.backward(loss_g)
         self.opt_G.step()
+        if acc.scaler is not None:
+            self.skipped_steps += int(self.opt_G.step_was_skipped)
+        grad_norm_G = _grad_norm(G)
         self.opt_G.zero_grad(set_to_none=True)
         if self.G_ema is not None:
             self._update_ema()
 
-        probs = [torch.sigmoid(x.detach().float()).mean() for x in (real_logits, fake_logits, g_logits)]
-        return torch.stack([loss_real + loss_fake, loss_real, loss_fake, loss_g, *probs]).detach()
+        real_logits, fake_logits = real_logits.detach().float(), fake_logits.detach().float()
+        probs = [torch.sigmoid(x).mean() for x in (real_logits, fake_logits, g_logits.detach().float())]
+        accuracy = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
+        return torch.stack([loss_real + loss_fake, loss_real, loss_fake, loss_g, *probs, accuracy,
+                            grad_norm_G, grad_norm_D]).detach()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -264,30 +289,31 @@ class Trainer:
             return True
         bar = tqdm(total=steps, initial=self.step, disable=not (acc.is_main_process and cfg.log.progress),
                    dynamic_ncols=True, desc="train")
-        sums, count, t_last = torch.zeros(len(STATS), device=self.device), 0, time.perf_counter()
+        if acc.is_main_process and self.step == 0:  # what the data looks like, once
+            real = to_model_range(self.images[:cfg.log.num_samples])
+            self.tracker.log_image("samples/real", sampling.grid_array(real), step=0)
+        sums, count, data_time = torch.zeros(len(STATS), device=self.device), 0, 0.0
+        t_last = time.perf_counter()
         while self.step < steps:
+            t0 = time.perf_counter()
             idx = next(self.batches)  # this rank's slice of the global batch
             real = to_model_range(self.images[idx].to(self.device, non_blocking=True))
             z = torch.randn(len(idx), cfg.model.latent_dim, device=self.device, generator=self.noise)
+            data_time += time.perf_counter() - t0
             sums += self.train_step(real, z)
             count += 1
             self.step += 1
             bar.update(1)
 
-            if self.step % cfg.log.every == 0 or self.step == steps:
-                # the one host sync of the interval: mean over steps here, then over ranks
-                means = (acc.reduce(sums, reduction="mean") / count).tolist()
-                now = time.perf_counter()
-                record = {"step": self.step, "epoch": self.batches.epoch, **dict(zip(STATS, means)),
-                          "perf/img_per_s": count * bsz * self.world / (now - t_last),
-                          "lr/G": self.opt_G.param_groups[0]["lr"], "lr/D": self.opt_D.param_groups[0]["lr"]}
-                if self.metrics is not None:
-                    self.metrics.log(record)
+            logged = self.step % cfg.log.every == 0 or self.step == steps
+            if logged:
+                record = self._log(sums, count, time.perf_counter() - t_last, data_time)
+                if acc.is_main_process:
                     bar.set_postfix_str(format_line(self.step, steps, record).split("  ", 1)[1])
                     if not cfg.log.progress:
                         print(format_line(self.step, steps, record), flush=True)
                 sums.zero_()
-                count, t_last = 0, time.perf_counter()
+                count, data_time = 0, 0.0
             if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
                 self.save_samples()
             if t.check_consistency_every and self.step % t.check_consistency_every == 0:
@@ -295,6 +321,8 @@ class Trainer:
             stop, overdue = self._agree()
             if stop or overdue or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
                 self.save_checkpoint()
+            if logged:  # the next interval's clock starts after this one's samples and checkpoint
+                t_last = time.perf_counter()
             if stop:
                 bar.close()
                 self._print(f"stopped by signal at step {self.step}: checkpoint {self.ckpt_root / 'latest'} written; "
@@ -317,9 +345,27 @@ class Trainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return bool(flags[0]), bool(flags[1])
 
+    def _log(self, sums: torch.Tensor, count: int, seconds: float, data_time: float) -> dict:
+        """Mean of the interval's STATS over its steps and over the ranks -> metrics.jsonl / trackers."""
+        acc, cfg = self.accelerator, self.cfg
+        means = (acc.reduce(sums, reduction="mean") / count).tolist()  # the one host sync of the interval
+        record = {"step": self.step, "epoch": self.batches.epoch, **dict(zip(STATS, means)),
+                  "perf/img_per_s": count * cfg.train.batch_size * self.world / seconds,
+                  "perf/step_time": seconds / count, "perf/data_time": data_time / count,
+                  "lr/G": self.opt_G.param_groups[0]["lr"], "lr/D": self.opt_D.param_groups[0]["lr"]}
+        if cfg.loss.name == "bce" and cfg.loss.real_target == 1.0:
+            # near an optimal D, L_D = log 4 - 2 JSD(p_data || p_g)  (unsmoothed labels only)
+            record["theory/jsd_estimate"] = (math.log(4) - record["loss/D"]) / 2
+        if self.device.type == "cuda":
+            record["perf/max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if acc.scaler is not None:
+            record["train/grad_scale"] = acc.scaler.get_scale()
+            record["train/skipped_steps"] = self.skipped_steps
+        self.tracker.log(record)
+        return record
+
     def _finish(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
+        self.tracker.close()
         self.accelerator.end_training()
 
     def sample_generator(self) -> torch.nn.Module:
@@ -329,6 +375,7 @@ class Trainer:
         if self.accelerator.is_main_process:  # eval-mode G: no collectives, so rank 0 alone may run it
             images = sampling.generate(self.sample_generator(), self.fixed_z)
             sampling.save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png")
+            self.tracker.log_image("samples/fixed_noise", sampling.grid_array(images), step=self.step)
 
     def save_checkpoint(self) -> Path:
         """Everything needed to continue exactly; a collective (every rank's random state is gathered)."""
@@ -347,7 +394,7 @@ class Trainer:
                     "discriminator": self.d_kwargs, "world_size": self.world, "batch_size": self.cfg.train.batch_size,
                     "optimizer_G": opt_G_rest, "optimizer_D": opt_D_rest,
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                    "config": asdict(self.cfg), "wandb_run_id": None}
+                    "config": asdict(self.cfg), "wandb_run_id": self.tracker.run_id}
             path = checkpoint.save_checkpoint(self.ckpt_root, self.step, state, meta)
             checkpoint.prune(self.ckpt_root, self.cfg.train.keep_last, self.cfg.train.keep_every)
         self.last_ckpt_time = time.monotonic()

@@ -14,10 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def env(**extra: str) -> dict[str, str]:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+def env(**extra: str | None) -> dict[str, str]:
+    """The test environment: one thread per process, W&B off unless a test asks (None removes a variable)."""
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **extra}
     e.pop("RANK", None)
-    return {**e, **extra}
+    return {k: v for k, v in e.items() if v is not None}
 
 
 def run_train(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:

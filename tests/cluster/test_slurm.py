@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,11 +198,15 @@ def _check_run(run_dir: Path, job: Job, world_size: int) -> None:
 
 def test_multinode_trains_on_two_nodes(slurm_env, tmp_path):
     run_dir = tmp_path / "run"
-    job = run_job(slurm_env, tmp_path, "slurm/train_multinode.sbatch", "configs/smoke.yaml", f"run.dir={run_dir}")
+    # synchronized BN plus a cross-rank check every 4 steps: parameters and buffers are equal on both
+    # nodes, or the check raises and the job fails
+    job = run_job(slurm_env, tmp_path, "slurm/train_multinode.sbatch", "configs/smoke.yaml", f"run.dir={run_dir}",
+                  "model.sync_bn=true", "train.check_consistency_every=4")
     assert_ok(job)
     assert "[slurm] node1: machine rank 0 of 2" in job.output, job.output
     assert "[slurm] node2: machine rank 1 of 2" in job.output, job.output
     _check_run(run_dir, job, world_size=2)
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # one W&B run per job (offline here)
 
 
 def test_single_node_two_cpu_processes(slurm_env, tmp_path):
@@ -236,17 +241,15 @@ def test_bad_config_fails_with_one_line_error(slurm_env, tmp_path):
     assert not (run_dir / "checkpoints").exists()
 
 
-# Everything up to the resume passes on the cluster; the resumed run then dies on rank 1 with
-# "RuntimeError: Invalid mt19937 state" in checkpoint.set_rng_state (also without SLURM, 2 local ranks).
-# Remove this marker when multi-rank resume works.
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     """End to end: USR1 before the time limit -> SIGTERM to both ranks -> checkpoint, exit 75 -> the job
     requeues itself (same id, same run dir) -> train.resume=auto continues to the last step."""
     run_dir, steps = tmp_path / "run", 600  # ~30 s of smoke training on this machine: time to preempt it
-    job_id = submit(
-        slurm_env, tmp_path, "slurm/train_multinode.sbatch", "configs/smoke.yaml", f"run.dir={run_dir}",
-        f"train.steps={steps}", "log.every=10", "train.checkpoint_every=0", "log.sample_every=0",
-    )  # fmt: skip
+    args = ("configs/smoke.yaml", f"train.steps={steps}", "log.every=10", "train.checkpoint_every=0",
+            "log.sample_every=0")
+    one_thread = {"OMP_NUM_THREADS": "1"}  # the same arithmetic as the uninterrupted run below
+    job_id = submit(slurm_env, tmp_path, "slurm/train_multinode.sbatch", *args, f"run.dir={run_dir}",
+                    extra_env=one_thread)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().strip()):  # training is under way
@@ -266,3 +269,15 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     _check_run(run_dir, job, world_size=2)
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert logged == list(range(10, steps + 1, 10)), logged  # each step logged once across both runs
+
+    # the preempted, requeued and resumed job ends with the weights of an uninterrupted run, byte for byte
+    whole = tmp_path / "whole"
+    local = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+         "launch/train.py", "--config", *args, f"run.dir={whole}", "log.progress=false"],
+        cwd=REPO, env={**os.environ, **one_thread}, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    final = f"checkpoints/step-{steps:08d}"
+    for name in ("generator.safetensors", "discriminator.safetensors"):
+        assert (run_dir / final / name).read_bytes() == (whole / final / name).read_bytes(), name

@@ -60,9 +60,18 @@ if mode == "train":
             return idx
 
     trainer.batches = Recording(trainer.batches)
+    per_step = []  # this rank's STATS of every step, as train_step returned them
+    step_fn = trainer.train_step
+
+    def recording_step(real, z):
+        out = step_fn(real, z)
+        per_step.append(out.tolist())
+        return out
+
+    trainer.train_step = recording_step
     trainer.train()
     (out / f"record-rank{rank}.json").write_text(json.dumps({
-        "world": world, "indices": indices, "reductions": reductions,
+        "world": world, "indices": indices, "reductions": reductions, "per_step": per_step,
         "batches_per_epoch": trainer.batches.batches_per_epoch, "num_items": trainer.batches.num_items,
     }))
     save_params("final")

@@ -1,0 +1,164 @@
+"""Monitoring: metrics.jsonl reductions and W&B through the real wandb package (offline, no network)."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+
+import pytest
+from wandb.proto import wandb_internal_pb2
+
+from conftest import REPO, accelerate_launch, assert_ok, env, run_train
+from dcgan_dist.trainer import STATS
+
+WORKER = str(REPO / "tests" / "dist" / "train_worker.py")
+SCALARS = ["loss/D", "loss/D_real", "loss/D_fake", "loss/G", "D/real", "D/fake_before", "D/fake_after", "D/accuracy",
+           "theory/jsd_estimate", "grad_norm/G", "grad_norm/D", "lr/G", "lr/D", "perf/img_per_s", "perf/step_time",
+           "perf/data_time", "epoch"]
+
+
+def read_wandb(path):
+    """Records of a `.wandb` file: a 7-byte header, then 32 KiB blocks of [crc32c:4][length:2][type:1][data]
+    chunks (type 1 full, 2 first, 3 middle, 4 last) holding wandb's own protobuf `Record`s."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, records, pending = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer: zero padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def history(run_dir):
+    """{step: {key: value}} from every offline W&B run under run_dir, and the run ids."""
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    rows, ids = {}, []
+    for f in files:
+        for rec in read_wandb(f):
+            if rec.WhichOneof("record_type") == "run":
+                ids.append(rec.run.run_id)
+            if rec.WhichOneof("record_type") == "history":
+                row = {("/".join(i.nested_key) if i.nested_key else i.key): json.loads(i.value_json)
+                       for i in rec.history.item}
+                step = row.get("_step")
+                assert step not in rows or set(rows[step]) & set(row) <= {"_step", "_runtime", "_timestamp", "step"}, \
+                    f"step {step} logged twice"
+                rows.setdefault(step, {}).update(row)
+    return rows, ids
+
+
+@pytest.mark.slow
+def test_two_ranks_offline_wandb_one_run_every_scalar_and_reduced_losses(tmp_path):
+    run = tmp_path / "run"
+    proc = accelerate_launch(2, WORKER, "train", str(tmp_path), f"run.dir={run}", "log.wandb.mode=offline",
+                             "train.steps=8", "log.every=4", "log.sample_every=4",
+                             extra_env={"WANDB_MODE": None})
+    assert_ok(proc)
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs  # one run per job, not per rank
+    rows, ids = history(run)
+    assert len(set(ids)) == 1
+    for step in (4, 8):
+        missing = [k for k in SCALARS if k not in rows[step]]
+        assert not missing, missing
+        assert rows[step]["step"] == step
+    # the image grids: in the history (as wandb.Image entries) and as PNG media files
+    assert [s for s, r in sorted(rows.items()) if "samples/fixed_noise/_type" in r] == [4, 8]
+    assert [s for s, r in rows.items() if "samples/real/_type" in r] == [0]
+    media = sorted(p.name.rsplit("_", 1)[0] for p in runs[0].glob("files/media/images/samples/*.png"))
+    assert media == ["fixed_noise_4", "fixed_noise_8", "real_0"], media
+
+    # loss/D in metrics.jsonl (and W&B) is the mean over both ranks and the interval's steps
+    per_rank = [json.loads((tmp_path / f"record-rank{r}.json").read_text())["per_step"] for r in range(2)]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for line, (a, b) in zip(lines, [(0, 4), (4, 8)]):
+        for key in ("loss/D", "loss/G", "D/real", "grad_norm/D"):
+            i = STATS.index(key)
+            values = [per_rank[r][s][i] for r in range(2) for s in range(a, b)]
+            assert line[key] == pytest.approx(sum(values) / len(values), rel=1e-5), key
+            assert rows[line["step"]][key] == pytest.approx(line[key], rel=1e-6)
+    assert per_rank[0][0][0] != per_rank[1][0][0]  # the ranks' losses differ: the mean is not rank 0's
+
+
+def test_sigterm_and_resume_continue_the_same_wandb_run(tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "launch/train.py", "--config", "configs/smoke.yaml", f"run.dir={run}",
+            "train.steps=400", "log.every=1", "log.sample_every=0", "log.wandb.mode=offline"]
+    e = env(WANDB_MODE=None)
+    proc = subprocess.Popen(args, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 5):
+        assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out
+    stopped = int(out.split("stopped by signal at step ")[1].split(":")[0])
+    meta = json.loads((run / "checkpoints" / f"step-{stopped:08d}" / "meta.json").read_text())
+    assert meta["wandb_run_id"]
+    proc = subprocess.run([*args[:-4], "train.steps=" + str(stopped + 5), "log.every=1", "log.sample_every=0",
+                           "log.wandb.mode=offline"], cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    rows, ids = history(run)
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2
+    assert set(ids) == {meta["wandb_run_id"]}  # the resumed job continues the same run
+    steps = sorted(s for s, r in rows.items() if "loss/D" in r)
+    assert steps == list(range(1, stopped + 6))  # continuous, no duplicates (history() refuses those)
+
+
+def test_online_without_credentials_warns_once_and_trains(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    e = {k: v for k, v in env().items() if not k.startswith("WANDB_")}
+    e["HOME"] = str(home)
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/smoke.yaml",
+                           f"run.dir={tmp_path / 'run'}", "train.steps=4", "log.wandb.mode=online"],
+                          cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    warnings = [x for x in proc.stderr.splitlines() if x.startswith("warning: W&B")]
+    assert len(warnings) == 1 and "continuing with metrics.jsonl only" in warnings[0], proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_auto_mode_without_credentials_goes_offline_and_says_how_to_sync(tmp_path):
+    e = {k: v for k, v in env().items() if not k.startswith("WANDB_")}
+    e["HOME"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/smoke.yaml",
+                           f"run.dir={tmp_path / 'run'}", "train.steps=2"], cwd=REPO, env=e, capture_output=True,
+                          text=True, timeout=300)
+    assert_ok(proc)
+    assert "W&B: no credentials, logging offline" in proc.stdout and "wandb sync" in proc.stdout
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_disabled_mode_writes_no_wandb_files(tmp_path, smoke_args):
+    assert_ok(run_train(*smoke_args, "train.steps=2", "log.wandb.mode=disabled"))
+    assert not (tmp_path / "run" / "wandb").exists()
+    assert os.path.getsize(tmp_path / "run" / "metrics.jsonl") > 0
+
+
+def test_tensorboard_gets_the_same_scalars(tmp_path, smoke_args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert_ok(run_train(*smoke_args, "train.steps=8", "log.tensorboard=true"))
+    events = list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scalars = acc.Scalars("loss/D")
+    assert [e.step for e in scalars] == [r["step"] for r in logged]
+    assert [e.value for e in scalars] == pytest.approx([r["loss/D"] for r in logged], rel=1e-6)
