@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -131,8 +132,6 @@ class Trainer:
         save_config(self.cfg, self.run_dir / "config.yaml")
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():  # lines logged after the checkpoint we resume from will be logged again
-            import json
-
             keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
             metrics.write_text("".join(ln + "\n" for ln in keep))
 
@@ -203,8 +202,8 @@ class Trainer:
             self.batches.load_state_dict(meta["data"])
         else:
             self._print(f"warning: resuming {meta['world_size']} rank(s) x batch {meta['batch_size']} as "
-                      f"{self.world} x {self.cfg.train.batch_size}: weights and optimizer state continue, "
-                      "the data order and noise change")
+                        f"{self.world} x {self.cfg.train.batch_size}: weights and optimizer state continue, "
+                        "the data order and noise change")
             seen = meta["data"]["position"] * meta["world_size"] * meta["batch_size"]  # images into the epoch
             position = min(seen // (self.world * self.cfg.train.batch_size), self.batches.batches_per_epoch)
             self.batches.load_state_dict({"epoch": meta["data"]["epoch"], "position": position})
@@ -280,9 +279,9 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         t, steps, bsz = cfg.train, cfg.train.steps, cfg.train.batch_size
         self._print(f"dcgan_dist: {cfg.model.arch} {cfg.model.image_size}x{cfg.model.image_size} on {cfg.data.name} "
-                  f"({len(self.images)} images, {self.batches.batches_per_epoch} batches/epoch)\n"
-                  f"  world size {self.world} ({acc.device.type}), batch {bsz}/rank = {bsz * self.world} global, "
-                  f"precision {t.mixed_precision}, {steps} steps, run dir {self.run_dir}")
+                    f"({len(self.images)} images, {self.batches.batches_per_epoch} batches/epoch)\n"
+                    f"  world size {self.world} ({acc.device.type}), batch {bsz}/rank = {bsz * self.world} global, "
+                    f"precision {t.mixed_precision}, {steps} steps, run dir {self.run_dir}")
         if self.step >= steps:
             self._print(f"run already complete: step {self.step} of {steps} (raise train.steps to continue)")
             self._finish()
@@ -326,7 +325,7 @@ class Trainer:
             if stop:
                 bar.close()
                 self._print(f"stopped by signal at step {self.step}: checkpoint {self.ckpt_root / 'latest'} written; "
-                          "continue with train.resume=auto")
+                            "continue with train.resume=auto")
                 self._finish()
                 return False
         bar.close()

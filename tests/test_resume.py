@@ -116,3 +116,14 @@ def test_sigkill_at_random_instants_never_loses_latest(tmp_path):
     proc = run_train(*args[:-4], f"train.steps={last + 2}", "train.checkpoint_every=1")
     assert_ok(proc)
     assert f"at step {last}" in proc.stdout
+
+
+def test_world_size_change_continues_with_a_warning(tmp_path):
+    run = tmp_path / "run"
+    args = ["--config", "configs/smoke.yaml", f"run.dir={run}", "train.checkpoint_every=0"]
+    assert_ok(accelerate_launch(2, "launch/train.py", *args, "train.steps=6"))
+    proc = run_train(*args, "train.steps=9")  # one process now
+    assert_ok(proc)
+    assert "warning: resuming 2 rank(s) x batch 16 as 1 x 16" in proc.stdout and "at step 6" in proc.stdout
+    meta = json.loads((run / "checkpoints" / "step-00000009" / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["step"] == 9
