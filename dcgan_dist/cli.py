@@ -64,6 +64,9 @@ def sample_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="x.npz (uint8 NHWC array arr_0) or x.png (a grid)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw generator even if EMA weights exist")
+    parser.add_argument("--interpolate", nargs=2, type=int, metavar=("SEED_A", "SEED_B"),
+                        help="a strip from the image of seed A to that of seed B (slerp in z; --out x.png)")
+    parser.add_argument("--steps", type=int, default=8, help="images in the --interpolate strip (default 8)")
     args = parser.parse_args(argv)
 
     def sample() -> None:
@@ -75,6 +78,19 @@ def sample_main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
         if out.suffix not in (".npz", ".png"):
             raise UserError(f"--out {out}: use a .npz (uint8 NHWC array) or .png (grid) file name")
+        if args.interpolate:
+            from dcgan_dist.evaluation import interpolate_latents
+
+            if args.steps < 2 or out.suffix != ".png":
+                raise UserError("--interpolate writes a strip of --steps >= 2 images to a .png --out")
+            generator, _ = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+            # seed s gives the same z as `dcgan-sample --num 1 --seed s`
+            z_a, z_b = (sampling.fixed_noise(1, generator.latent_dim, s)[0] for s in args.interpolate)
+            sampling.save_grid(sampling.generate(generator, interpolate_latents(z_a, z_b, args.steps)), out,
+                               nrow=args.steps)
+            print(f"wrote a {args.steps}-image interpolation from seed {args.interpolate[0]} to "
+                  f"{args.interpolate[1]} to {out}")
+            return
         generator, _ = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
         z = sampling.fixed_noise(args.num, generator.latent_dim, args.seed)
         sampling.save_samples(sampling.generate(generator, z), out)
@@ -161,11 +177,15 @@ def eval_main(argv: list[str] | None = None) -> None:
         for s in spaces:
             extra = f", held-out accuracy {s.info['accuracy']:.2%}" if "accuracy" in s.info else ""
             print(f"\n{s.name} space ({s.info['reference']}{extra})")
-            print(f"  {'metric':<22}{'generated':>12}{'real':>12}")
+            print(f"  {'metric':<22}{'generated':>12}{'real':>12}   (real: held-out images; for FD the "
+                  "real-vs-real floor)")
             for key, label in _EVAL_ROWS:
                 name = f"{s.name}/{key}"
                 if name in metrics:
-                    print(f"  {label:<22}{_fmt(key, metrics[name]):>12}{_fmt(key, real.get(name)):>12}")
+                    ref = metrics[f"{s.name}/fd_floor"] if key == "fd" else real.get(name)  # fd: the real-vs-real floor
+                    print(f"  {label:<22}{_fmt(key, metrics[name]):>12}{_fmt(key, ref):>12}")
+                if key == "fd" and name in metrics:
+                    print(f"  {'  / floor':<22}{metrics[name] / metrics[f'{s.name}/fd_floor']:>12.2f}")
         for note in notes:
             print(f"note: {note}")
         if args.json:
@@ -179,7 +199,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     _run(evaluate)
 
 
-_EVAL_ROWS = (("fd", "Fréchet distance"), ("fd_floor", "  real-vs-real floor"), ("kid", "KID"),
+_EVAL_ROWS = (("fd", "Fréchet distance"), ("kid", "KID"),
               ("precision", "precision"), ("recall", "recall"), ("inception_score", "inception score"),
               ("coverage", "class coverage"), ("confidence", "mean confidence"), ("class_kl", "class KL (nats)"))
 

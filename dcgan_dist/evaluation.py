@@ -102,13 +102,13 @@ def prepare(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     if x.shape[1] != channels:
         assert x.shape[1] == 1 or channels == 1, f"cannot map {x.shape[1]} channels to {channels}"
         x = x.expand(-1, channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
-    return x.div_(127.5).sub_(1.0)
+    return x.div(127.5).sub_(1.0)  # out of place: x may be an expanded (shared-memory) view
 
 
 class Classifier(nn.Module):
     """A small CNN: images [N, C, S, S] in [-1, 1] -> logits [N, num_classes]; `features` is its penultimate layer."""
 
-    def __init__(self, channels: int = 1, image_size: int = 32, num_classes: int = 10, width: int = 32,
+    def __init__(self, channels: int = 1, image_size: int = 32, num_classes: int = 10, width: int = 16,
                  feature_dim: int = 128):
         super().__init__()
         self.channels, self.image_size, self.num_classes = channels, image_size, num_classes
@@ -117,11 +117,11 @@ class Classifier(nn.Module):
         def block(c_in: int, c_out: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
 
-        w = width
-        self.body = nn.Sequential(*block(channels, w), *block(w, w), nn.MaxPool2d(2),  # S/2
-                                  *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),  # S/4
-                                  *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(4 * w, feature_dim), nn.ReLU(True))  # [N, feature_dim]
+        w = width  # cheap on purpose (about 3M multiply-adds per 32x32 image): it trains in a minute on a CPU
+        self.body = nn.Sequential(*block(channels, w), nn.MaxPool2d(2),  # [w, S/2, S/2]
+                                  *block(w, 2 * w), nn.MaxPool2d(2),  # [2w, S/4, S/4]
+                                  *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(4), nn.Flatten(),  # [4w * 16]
+                                  nn.Linear(4 * w * 16, feature_dim), nn.ReLU(True))  # [N, feature_dim]
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_classes))
 
     def kwargs(self) -> dict:
@@ -139,8 +139,16 @@ class Classifier(nn.Module):
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 6,
                      batch_size: int = 64, lr: float = 2e-3, seed: int = 0, log=None) -> Classifier:
-    """Train on uint8 images [N, C, S, S] with labels [N]; random shifts of up to 2 pixels as augmentation."""
-    torch.manual_seed(seed)
+    """Train on uint8 images [N, C, S, S] with labels [N]; random shifts of up to 2 pixels as augmentation.
+
+    The global torch RNG (init, dropout) is seeded inside `fork_rng`, so a caller's random state is untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train_classifier(images, labels, num_classes, epochs, batch_size, lr, seed, log)
+
+
+def _train_classifier(images, labels, num_classes, epochs, batch_size, lr, seed, log) -> Classifier:
     model = Classifier(images.shape[1], images.shape[-1], num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * math.ceil(len(images) / batch_size)
@@ -244,8 +252,10 @@ def build_inception(weights: str | Path | None = None, random_init: bool = False
                             f"weights='IMAGENET1K_V1')\"), then copy ~/.cache/torch/hub/checkpoints/{INCEPTION_FILE} "
                             f"into {hub} or pass --inception-weights PATH")
         try:
-            state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
-                                                                                     weights_only=True)
+            if path.suffix == ".safetensors":
+                state = load_file(path)
+            else:  # torchvision's own .pth: a restricted unpickler that builds tensors only
+                state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except (RuntimeError, SafetensorError, OSError) as e:
             raise UserError(f"--inception-weights {path}: not torchvision inception_v3 weights "
@@ -384,10 +394,8 @@ class FeatureSpace:
     info: dict = field(default_factory=dict)
 
     def real_metrics(self) -> dict[str, float]:
-        out = {"fd": frechet_distance(self.ref_a, self.ref_b)}
-        if self.real_probs is not None:
-            out |= _class_metrics(self.real_probs, self.data_hist)
-        return out
+        """The class metrics of the real reference images (what a perfect generator would score)."""
+        return {} if self.real_probs is None else _class_metrics(self.real_probs, self.data_hist)
 
     def metrics(self, feats: torch.Tensor, probs: torch.Tensor | None) -> dict[str, float]:
         n = len(self.ref_b)
@@ -520,6 +528,9 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
     first (it may train and write the classifier).
     """
     spaces, notes = [], []
+    weights = inception_weights_path(inception_weights)
+    use_inception = inception or (inception is None and weights is not None)
+    inception_model = build_inception(weights) if use_inception else None  # fails early when weights are missing
     if data in LABELLED or classifier:
         path = Path(classifier) if classifier else classifier_path(cache_dir or Path(root) / "cache", data,
                                                                    classifier_size)
@@ -539,13 +550,27 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
     else:
         notes.append(f"classifier metrics (fd, kid, precision/recall, inception score, coverage, confidence, "
                      f"class KL) need a labelled dataset ({', '.join(LABELLED)}); {data} has no labels")
-    weights = inception_weights_path(inception_weights)
-    if inception or (inception is None and weights is not None):
+    if inception_model is not None:
         from dcgan_dist.data import load_images
 
-        model = build_inception(weights)
-        spaces.append(inception_space(model, load_images(data, root, image_size, channels, num_images=num_images)))
+        images = load_images(data, root, image_size, channels, num_images=num_images)
+        spaces.append(inception_space(inception_model, images))
     else:
         notes.append(f"FID/KID (Inception-v3) skipped: no {INCEPTION_FILE} in the torch hub cache "
                      "(pass --inception-weights PATH, or fetch it once on a connected machine)")
     return spaces, notes
+
+
+def interpolate_latents(z_a: torch.Tensor, z_b: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` latents from z_a to z_b ([D] each) along the great circle (slerp), ends included: [steps, D].
+
+    Gaussian latents concentrate near a sphere, so slerp keeps every point at a typical norm where a straight
+    line would pass through the low-norm middle the generator never saw.
+    """
+    assert steps >= 2 and z_a.shape == z_b.shape and z_a.dim() == 1
+    a, b = z_a.double(), z_b.double()
+    t = torch.linspace(0, 1, steps, dtype=torch.float64)[:, None]
+    omega = torch.arccos((a / a.norm() @ (b / b.norm())).clamp(-1, 1))
+    if omega < 1e-6:  # (nearly) the same direction: a straight line is the same path
+        return ((1 - t) * a + t * b).float()
+    return ((torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)).float()

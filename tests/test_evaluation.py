@@ -1,0 +1,269 @@
+"""Sample-quality metrics, the domain classifier, `dcgan-eval`, `dcgan-sample --interpolate`, 2-rank `evaluate`."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import REPO, accelerate_launch, assert_ok, env, run_train
+from dcgan_dist import evaluation as E
+from dcgan_dist.errors import UserError
+
+
+def cli(main: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", f"from dcgan_dist.cli import {main}; {main}()", *args], cwd=REPO,
+                          env=env(**extra_env), capture_output=True, text=True, timeout=300)
+
+
+# --- the maths --------------------------------------------------------------------------------------
+
+
+def random_features(n: int, d: int, seed: int, shift: float = 0.0, mix_seed: int = 0) -> torch.Tensor:
+    """n samples of a Gaussian with a non-diagonal covariance fixed by `mix_seed`."""
+    mix = torch.randn(d, d, generator=torch.Generator().manual_seed(mix_seed), dtype=torch.float64) / d**0.5
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) @ mix + shift
+
+
+def reference_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Textbook formula, float64: tr sqrt(S1 S2) from the (real, non-negative) eigenvalues of S1 S2."""
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eig = np.linalg.eigvals(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(eig.real, 0, None)).sum())
+
+
+def test_frechet_distance_is_zero_for_identical_sets():
+    a = random_features(300, 16, 0)
+    assert abs(E.frechet_distance(a, a)) < 1e-9
+    assert abs(E.frechet_distance(a.float(), a.float())) < 1e-4  # float32 features are promoted to float64
+
+
+@pytest.mark.parametrize("n,d", [(400, 8), (1000, 64), (50, 64)])  # (50, 64): singular covariances
+def test_frechet_distance_matches_a_float64_reference(n, d):
+    a, b = random_features(n, d, 1), random_features(n + 7, d, 2, shift=0.3, mix_seed=1)  # other covariance
+    ours, ref = E.frechet_distance(a, b), reference_frechet(a.numpy(), b.numpy())
+    assert ours == pytest.approx(ref, rel=1e-7, abs=1e-8)
+    assert E.frechet_distance(b, a) == pytest.approx(ours, rel=1e-9)
+    # equal covariances: only the squared mean difference remains
+    assert E.frechet_distance(a, a + 0.5) == pytest.approx(0.25 * d, abs=1e-6)  # sqrt of ~0 eigenvalues: 1e-7
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    a, b = random_features(600, 16, 3), random_features(600, 16, 4)
+    same, shifted = E.kid(a, b, subsets=20, subset_size=300), E.kid(a, b + 1.0, subsets=20, subset_size=300)
+    assert abs(same) < 0.02 and shifted > 0.5
+
+
+def test_class_histogram_coverage_and_kl():
+    uniform = torch.full((10,), 0.1, dtype=torch.float64)
+    assert E.coverage(uniform) == 10 and E.class_kl(uniform, uniform) == pytest.approx(0.0, abs=1e-12)
+    one = torch.zeros(10, dtype=torch.float64)
+    one[3] = 1
+    assert E.coverage(one) == 1 and E.class_kl(one, uniform) == pytest.approx(np.log(10))
+    # 2% is the coverage threshold: 0.019 is out, 0.02 is in
+    hist = torch.tensor([0.019, 0.02] + [0.961 / 8] * 8, dtype=torch.float64)
+    assert E.coverage(hist) == 9
+    half = torch.tensor([0.5, 0.5] + [0.0] * 8, dtype=torch.float64)
+    assert E.class_kl(half, uniform) == pytest.approx(np.log(5))  # sum 0.5 log(0.5 / 0.1)
+    probs = torch.eye(10)[torch.tensor([0, 0, 1, 9])]
+    assert E.class_histogram(probs, 10).tolist() == [0.5, 0.25] + [0.0] * 7 + [0.25]
+
+
+def test_inception_score_and_confidence_on_constructed_predictions():
+    confident_all_classes = torch.eye(10).repeat(5, 1)  # every class, one-hot
+    assert E.inception_score(confident_all_classes) == pytest.approx(10, rel=1e-6)
+    assert E.inception_score(torch.eye(10)[[4] * 50]) == pytest.approx(1, rel=1e-6)  # one class
+    assert E.inception_score(torch.full((50, 10), 0.1)) == pytest.approx(1, rel=1e-6)  # no confidence
+    assert E.mean_confidence(torch.tensor([[0.9, 0.1], [0.4, 0.6]])) == pytest.approx(0.75)
+
+
+def test_precision_recall_on_constructed_point_sets():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 2, generator=g)
+    p, r = E.precision_recall(real, real.clone())
+    assert p == 1.0 and r == 1.0
+    p, r = E.precision_recall(real, torch.randn(500, 2, generator=g))  # same distribution
+    assert p > 0.9 and r > 0.9
+    collapsed = 0.05 * torch.randn(500, 2, generator=g)  # all fakes near the centre: precise, no recall
+    p, r = E.precision_recall(real, collapsed)
+    assert p > 0.95 and r < 0.2
+    p, r = E.precision_recall(real, torch.randn(500, 2, generator=g) + 20)  # far away: neither
+    assert p == 0.0 and r == 0.0
+
+
+def test_interpolation_is_a_great_circle_with_the_ends_included():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    path = E.interpolate_latents(a, b, 5)
+    assert path.shape == (5, 64) and torch.allclose(path[0], a, atol=1e-6) and torch.allclose(path[-1], b, atol=1e-6)
+    assert path.norm(dim=1).min() > 0.9 * min(a.norm(), b.norm())  # no collapse towards 0 in the middle
+
+
+def test_split_is_fixed_and_stratified():
+    labels = E.load_labels("mnist5k")
+    assert labels.shape == (5000,) and torch.bincount(labels).tolist() == [500] * 10
+    train, test = E.split_indices(labels)
+    assert len(test) == 1000 and torch.bincount(labels[test]).tolist() == [100] * 10
+    assert not set(train.tolist()) & set(test.tolist()) and len(train) + len(test) == 5000
+    assert torch.equal(test, E.split_indices(labels)[1])
+
+
+# --- Inception-v3 (random weights: the shape and resize logic only, nothing is downloaded) ------------
+
+
+def test_inception_features_shape_and_weight_loading(tmp_path, monkeypatch):
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    full = inception_v3(weights=None, aux_logits=True, init_weights=True, transform_input=False)
+    save_file(full.state_dict(), tmp_path / "inception.safetensors")
+    model = E.build_inception(tmp_path / "inception.safetensors")
+    gray = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)  # grayscale -> RGB, 32 -> 299
+    feats = E.inception_features(model, gray, batch_size=2)
+    assert feats.shape == (3, 2048) and torch.isfinite(feats).all()
+    rgb = torch.rand(2, 3, 64, 64) * 2 - 1  # [-1, 1] floats are accepted as well
+    assert E.inception_features(model, rgb).shape == (2, 2048)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="fetch them once on a connected machine"):
+        E.build_inception(None)
+    with pytest.raises(UserError, match="not torchvision inception_v3 weights"):
+        save_file({"x": torch.zeros(1)}, tmp_path / "bad.safetensors")
+        E.build_inception(tmp_path / "bad.safetensors")
+
+
+# --- the classifier and the commands -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """The default classifier for mnist5k at 32x32, trained once through the real command."""
+    cache = tmp_path_factory.mktemp("cache")
+    proc = cli("eval_main", "train-classifier", "--data", "mnist5k", "--image-size", "32", "--cache-dir", str(cache))
+    assert_ok(proc)
+    path = cache / "classifier-mnist5k-32.safetensors"
+    assert "held-out accuracy" in proc.stdout and path.is_file() and path.with_suffix(".json").is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    """A tiny mnist5k GAN (smoke-sized networks), with EMA so both generators exist."""
+    run = tmp_path_factory.mktemp("mnist") / "run"
+    assert_ok(run_train("--config", "configs/smoke.yaml", f"run.dir={run}", "data.name=mnist5k", "model.channels=0",
+                        "train.steps=20", "model.ema.decay=0.9"))
+    return run
+
+
+def test_classifier_reaches_97_percent_on_held_out_mnist5k(classifier):
+    model, meta = E.load_classifier(classifier)
+    assert meta["accuracy"] >= 0.97, meta
+    assert meta["num_heldout"] == 1000 and meta["data"] == "mnist5k" and meta["image_size"] == 32
+    # the real images score as a good sample should: all classes, confident, near the data histogram
+    images, labels = E.labelled_data("mnist5k", "data", 32)
+    space = E.classifier_space(model, meta, images, labels)
+    real = space.real_metrics()
+    assert real["coverage"] == 10 and real["confidence"] > 0.9 and real["class_kl"] < 0.01
+    assert real["inception_score"] > 8.5
+    train, _ = E.split_indices(labels)
+    other = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:1000]]
+    held_out = space.metrics(*E.classifier_outputs(model, images[other]))  # real images as a "generator"
+    assert held_out["fd"] < 3 * held_out["fd_floor"] and held_out["coverage"] == 10
+
+
+def test_eval_command_on_a_tiny_mnist5k_run(tmp_path, classifier, mnist_run):
+    out = tmp_path / "m.json"
+    proc = cli("eval_main", str(mnist_run), "--num", "600", "--cache-dir", str(classifier.parent), "--json", str(out),
+               TORCH_HOME=str(tmp_path / "torch"))
+    assert_ok(proc)
+    assert "EMA generator" in proc.stdout and "Fréchet distance" in proc.stdout and "class coverage" in proc.stdout
+    assert "FID/KID (Inception-v3) skipped" in proc.stdout
+    report = json.loads(out.read_text())
+    m = report["metrics"]
+    assert report["ema"] is True and report["num"] == 600 and report["data"] == "mnist5k"
+    for key in ("fd", "fd_floor", "kid", "precision", "recall", "inception_score", "coverage", "confidence",
+                "class_kl"):
+        assert np.isfinite(m[f"classifier/{key}"]), key
+    assert 0 <= m["classifier/coverage"] <= 10 and 1 <= m["classifier/inception_score"] <= 10
+    assert m["classifier/fd"] > m["classifier/fd_floor"] > 0  # 20 steps of training is far from the data
+    assert report["real"]["classifier/coverage"] == 10
+    raw = cli("eval_main", str(mnist_run), "--num", "600", "--cache-dir", str(classifier.parent), "--no-ema",
+              "--json", str(tmp_path / "raw.json"), TORCH_HOME=str(tmp_path / "torch"))
+    assert_ok(raw)
+    assert "raw generator" in raw.stdout
+    assert json.loads((tmp_path / "raw.json").read_text())["metrics"] != m
+
+
+def run_main(main, args, capsys) -> tuple[int, str, str]:
+    """A command in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    from dcgan_dist import cli
+
+    try:
+        getattr(cli, main)(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_command_on_unlabelled_data_names_the_metrics_that_need_labels(tmp_path, smoke_args, capsys,
+                                                                            monkeypatch):
+    assert_ok(run_train(*smoke_args, "train.steps=2"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights there
+    code, out, err = run_main("eval_main", [str(tmp_path / "run"), "--num", "64"], capsys)
+    assert code == 2 and out == ""
+    err = err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: nothing to measure for data synthetic")
+    assert "need a labelled dataset (mnist5k, mnist, fashion_mnist, cifar10)" in err and "coverage" in err
+    assert "Inception" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["/nonexistent/run"], "is not a checkpoint"),
+    (["{run}", "--num", "0"], "--num 0"),
+    (["{run}", "--classifier", "/nonexistent/c.safetensors"], "dcgan-eval train-classifier"),
+    (["{run}", "--inception-weights", "/nonexistent/w.safetensors"], "does not exist"),
+    (["{run}", "--bogus"], "unrecognized arguments"),
+    (["train-classifier", "--data", "synthetic"], "has no labels"),
+])
+def test_eval_command_bad_input_is_one_line_and_exit_2(mnist_run, capsys, args, message):
+    code, _, err = run_main("eval_main", [a.format(run=mnist_run) for a in args], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_sample_interpolation_strip_is_reproducible(tmp_path, mnist_run, capsys):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for out in (a, b):
+        code, stdout, err = run_main("sample_main", [str(mnist_run), "--interpolate", "3", "7", "--steps", "6",
+                                                     "--out", str(out)], capsys)
+        assert code == 0 and "6-image interpolation from seed 3 to 7" in stdout, err
+    assert a.read_bytes() == b.read_bytes()
+    from PIL import Image
+
+    assert Image.open(a).size == (6 * 34 + 2, 36)  # one row of 6 images of 32 px, 2 px padding around each
+    code, _, err = run_main("sample_main", [str(mnist_run), "--interpolate", "3", "7", "--out",
+                                            str(tmp_path / "x.npz")], capsys)
+    assert code == 2 and "--interpolate writes a strip" in err
+
+
+@pytest.mark.slow
+def test_two_rank_evaluate_equals_one_process(tmp_path, classifier, mnist_run):
+    num, seed = 301, 5  # odd: the last rank's share is padded and the padding dropped
+    proc = accelerate_launch(2, "tests/dist/eval_worker.py", str(mnist_run), str(classifier), str(num), str(seed),
+                             str(tmp_path / "two.json"))
+    assert_ok(proc)
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world"] == 2
+    from dcgan_dist.sampling import load_generator
+
+    generator, _ = load_generator(str(mnist_run))
+    model, meta = E.load_classifier(classifier)
+    space = E.classifier_space(model, meta, *E.labelled_data("mnist5k", "data", 32))
+    one = E.evaluate(generator, num, [space], seed=seed)
+    assert two["metrics"].keys() == one.keys()
+    for key, value in one.items():
+        assert two["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
