@@ -296,7 +296,8 @@ class Trainer:
         while self.step < steps:
             t0 = time.perf_counter()
             idx = next(self.batches)  # this rank's slice of the global batch
-            real = to_model_range(self.images[idx].to(self.device, non_blocking=True))
+            # index_select: the same rows as images[idx], several times faster (benchmarks/input_pipeline.py)
+            real = to_model_range(self.images.index_select(0, idx).to(self.device, non_blocking=True))
             z = torch.randn(len(idx), cfg.model.latent_dim, device=self.device, generator=self.noise)
             data_time += time.perf_counter() - t0
             sums += self.train_step(real, z)

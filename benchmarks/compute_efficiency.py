@@ -1,0 +1,197 @@
+"""Model FLOP utilisation of `Trainer.train_step` on CPU: achieved conv FLOP/s against measured fp32 matmul FLOP/s.
+
+    python benchmarks/compute_efficiency.py [--size 64] [--batch 64] [--repeats 3] [--threads 1]
+                                            [--mm 1024 2048] [--no-breakdown] [--no-channels-last]
+
+FLOPs are counted analytically per layer from the layer shapes (printed), per image, one multiply-add = 2:
+  Conv2d           forward 2·Cin·Cout·k²·Hout·Wout
+  ConvTranspose2d  forward 2·Cin·Cout·k²·Hin·Win (each input pixel scatters a k x k patch to Cout channels)
+  backward         weight gradient = 1x forward, input gradient = 1x forward (so ≈ 2x forward), only where
+                   needed.
+What one train_step computes, with F_G, F_D the forward FLOPs of G and D and F_G1, F_D1 those of their
+first layers (whose inputs z and real images need no gradient):
+  G(z)                                   F_G
+  D(real):        forward + backward     F_D + F_D (weights) + F_D - F_D1 (inputs)
+  D(fake.detach): forward + backward     F_D + F_D + F_D - F_D1
+  G phase D(fake): forward + input grads F_D + F_D   (D frozen: no weight gradients)
+  G backward:                            F_G (weights) + F_G - F_G1 (inputs)
+  total  = 3·F_G - F_G1 + 8·F_D - 2·F_D1  ("counted" below). The customary 3x-forward estimate,
+  3·F_G + 9·F_D, is printed too. Not counted: BatchNorm, activations, losses, Adam, gradient norms
+  (element-wise, memory-bound; their time share is in the breakdown).
+Peak: the median FLOP/s of `torch.mm` of square fp32 matrices (2·n³ FLOPs) at the same thread count,
+timed interleaved with the training steps in the same run; the best size is taken as the peak.
+A second row runs the same Trainer with G, D and the batch in channels_last memory format (the trainer
+has no such option; the benchmark converts the prepared modules), paired step by step with the first.
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from dcgan_dist.config import load_config
+from dcgan_dist.trainer import Trainer
+
+
+def layer_flops(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, float]]:
+    """(name, shape text, forward FLOPs per image) for every conv / transposed conv, from one forward."""
+    rows = []
+
+    def hook(name):
+        def fn(m, inputs, out):
+            i, o = inputs[0], out
+            k2 = m.kernel_size[0] * m.kernel_size[1]
+            if isinstance(m, nn.ConvTranspose2d):
+                f = 2 * m.in_channels * m.out_channels * k2 * i.shape[2] * i.shape[3]
+            else:
+                f = 2 * m.in_channels * m.out_channels * k2 * o.shape[2] * o.shape[3]
+            rows.append((name, f"{type(m).__name__}({m.in_channels}->{m.out_channels}, k{m.kernel_size[0]}) "
+                               f"{i.shape[2]}x{i.shape[3]} -> {o.shape[2]}x{o.shape[3]}", float(f)))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    with torch.no_grad():
+        model.eval()(x)
+    model.train()
+    for h in handles:
+        h.remove()
+    return rows
+
+
+def category(op: str) -> str:
+    if "conv" in op:
+        return "convolutions (fwd+bwd)"
+    if "batch_norm" in op:
+        return "BatchNorm (fwd+bwd)"
+    if any(s in op for s in ("adam", "addcdiv", "addcmul", "lerp", "sqrt", "_foreach")):
+        return "Adam + grad norms"
+    if any(s in op for s in ("leaky", "relu", "tanh", "threshold")):
+        return "activations"
+    return "other (copies, losses, autograd)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mm", type=int, nargs="+", default=[1024, 2048], help="square matmul sizes")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the profiled step")
+    parser.add_argument("--no-channels-last", action="store_true", help="skip the channels_last variant")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        ov = [f"model.image_size={args.size}", f"train.batch_size={args.batch}", "data.name=synthetic",
+              f"data.num_images={max(args.batch, 64)}", "model.channels=1", "loss.real_target=0.9",
+              "loss.g_target=0.9", "log.wandb.mode=disabled", "log.progress=false", f"run.dir={run_dir}"]
+        trainer = Trainer(load_config(None, ov), overwrite=True)
+        torch.set_num_threads(args.threads)
+        G, D = (trainer.accelerator.unwrap_model(m) for m in (trainer.G, trainer.D))
+        g_rows = layer_flops(G, torch.randn(1, 100))
+        d_rows = layer_flops(D, torch.randn(1, 1, args.size, args.size))
+        F_G, F_D = sum(r[2] for r in g_rows), sum(r[2] for r in d_rows)
+        counted = 3 * F_G - g_rows[0][2] + 8 * F_D - 2 * d_rows[0][2]
+        customary = 3 * F_G + 9 * F_D
+
+        gen = torch.Generator().manual_seed(1)
+        real = torch.rand(args.batch, 1, args.size, args.size, generator=gen) * 2 - 1
+        z = torch.randn(args.batch, 100, generator=gen)
+        mats = {n: (torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)) for n in args.mm}
+
+        def mm_rate(n: int) -> float:
+            a, b = mats[n]
+            reps = max(1, int(2e9 // (2 * n**3)))  # about 2 GFLOP per timing
+            start = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
+            return reps * 2 * n**3 / (time.perf_counter() - start)
+
+        variants = {"trainer": lambda: trainer.train_step(real, z)}
+        if not args.no_channels_last:
+            # The same Trainer with G and D (and the real batch) in channels_last memory format: the trainer
+            # has no such option, so the benchmark applies it to the prepared modules (a local monkeypatch).
+            trainer_cl = Trainer(load_config(None, ov), overwrite=True)
+            torch.set_num_threads(args.threads)
+            trainer_cl.G.to(memory_format=torch.channels_last), trainer_cl.D.to(memory_format=torch.channels_last)
+            real_cl = real.contiguous(memory_format=torch.channels_last)
+            variants["trainer, channels_last (patched)"] = lambda: trainer_cl.train_step(real_cl, z)
+        for run in variants.values():
+            run()  # warm-up (Adam state, oneDNN primitives)
+        for n in args.mm:
+            mm_rate(n)
+        steps, mm = defaultdict(list), defaultdict(list)
+        for r in range(args.repeats):
+            for n in args.mm:
+                mm[n].append(mm_rate(n))
+            for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+                t0 = time.perf_counter()
+                variants[name]()
+                steps[name].append(time.perf_counter() - t0)
+
+        breakdown = {}
+        if not args.no_breakdown:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as p:
+                trainer.train_step(real, z)
+            total = defaultdict(float)
+            for e in p.key_averages():
+                total[category(e.key)] += e.self_cpu_time_total
+            s = sum(total.values())
+            breakdown = {k: v / s for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+        trainer._finish()
+
+    peak_n = max(args.mm, key=lambda n: statistics.median(mm[n]))
+    peak = statistics.median(mm[peak_n])
+
+    print(f"\ntorch {torch.__version__}, CPU, fp32, {args.threads} thread(s), {os.cpu_count()} cores, "
+          f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"DCGAN {args.size}x{args.size} (1 channel), batch {args.batch}; median (min-max) over {args.repeats} "
+          "interleaved repeats")
+    print(f"\n{'layer':<10}{'shape':<42}{'fwd MFLOP/img':>14}")
+    for tag, rows in (("G", g_rows), ("D", d_rows)):
+        for name, shape, f in rows:
+            print(f"{tag + '.' + name:<10}{shape:<42}{f / 1e6:>14.2f}")
+    print(f"F_G = {F_G / 1e6:.1f} MFLOP, F_D = {F_D / 1e6:.1f} MFLOP per image (forward)")
+    print(f"train_step per image: counted {counted / 1e6:.1f} MFLOP "
+          f"(3·F_G - F_G1 + 8·F_D - 2·F_D1); customary 3·F_G + 9·F_D = {customary / 1e6:.1f} MFLOP")
+
+    def cell(xs, scale=1.0, fmt="{:.1f}"):
+        med, lo, hi = (fmt.format(f(xs) * scale) for f in (statistics.median, min, max))
+        return f"{med} ({lo}-{hi})"
+
+    print(f"\n{'':<40}{'median (min-max)':>30}")
+    for n in args.mm:
+        print(f"{f'torch.mm {n}x{n} fp32, GFLOP/s':<40}{cell(mm[n], 1e-9):>30}")
+    base = None
+    for name, ts in steps.items():
+        rates = [args.batch / t for t in ts]
+        achieved = [r * counted for r in rates]
+        mfu = [a / p for a, p in zip(achieved, mm[peak_n])]  # paired: each step with the matmul timed just before
+        print(f"{name}:")
+        print(f"{'  img/s':<40}{cell(rates):>30}")
+        print(f"{'  GFLOP/s (counted)':<40}{cell(achieved, 1e-9):>30}")
+        print(f"{'  MFU vs torch.mm ' + str(peak_n):<40}{cell(mfu, 100, '{:.1f}%'):>30}")
+        print(f"{'  MFU, customary 3x-forward count':<40}{statistics.median(rates) * customary / peak:>30.1%}")
+        if base is None:
+            base = ts
+        else:
+            speed = [b / t for b, t in zip(base, ts)]
+            print(f"{'  speed vs trainer (paired)':<40}{cell(speed, 1, '{:.3f}'):>30}")
+    if breakdown:
+        print("\nself CPU time of one profiled train_step, by operator kind:")
+        for k, v in breakdown.items():
+            print(f"  {k:<36}{v:>7.1%}")
+    print("target: MFU >= 70% at 64x64, batch 64")
+    print("trainer config: load_config(None, [" + ", ".join(repr(o) for o in ov[:-1]) + ", 'run.dir=<tmp>'])")
+
+
+if __name__ == "__main__":
+    main()
