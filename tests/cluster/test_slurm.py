@@ -201,7 +201,7 @@ def test_multinode_trains_on_two_nodes(slurm_env, tmp_path):
     # synchronized BN plus a cross-rank check every 4 steps: parameters and buffers are equal on both
     # nodes, or the check raises and the job fails
     job = run_job(slurm_env, tmp_path, "slurm/train_multinode.sbatch", "configs/smoke.yaml", f"run.dir={run_dir}",
-                  "model.sync_bn=true", "train.check_consistency_every=4")
+                  "model.sync_bn=true", "train.check_consistency_every=4", extra_env={"WANDB_MODE": "offline"})
     assert_ok(job)
     assert "[slurm] node1: machine rank 0 of 2" in job.output, job.output
     assert "[slurm] node2: machine rank 1 of 2" in job.output, job.output
