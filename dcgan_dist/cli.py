@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def _run(fn: Callable[[], None]) -> None:
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
             print(f"error: {e}", file=sys.stderr, flush=True)
+        else:  # the other ranks hit the same error: let rank 0 print before the launcher tears the job down
+            time.sleep(3)
         sys.exit(EXIT_USER_ERROR)
 
 
