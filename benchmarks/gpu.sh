@@ -1,34 +1,40 @@
 #!/usr/bin/env bash
 # GPU throughput of the 64x64 seed DCGAN: precision x channels_last x torch.compile x per-GPU batch.
 #
-#   bash benchmarks/gpu.sh [--dry-run] [--batches "128 512"] [--steps 20] [--repeats 5] [--no-compile]
+#   bash benchmarks/gpu.sh [--dry-run] [--batches "128 512"] [--steps 20] [--repeats 5]
+#                          [--compile-precisions "bf16"] [--compile-budget 600] [--out results.tsv]
 #
-# One GPU, one process. Prints, per configuration: images/s (median and min-max over --repeats timings
-# of --steps steps, CUDA-synchronised), MFU against a bf16 matmul measured in the same run (8192^3
-# torch.mm, bf16), and peak memory (torch.cuda.max_memory_allocated). Two kinds of row:
-#   trainer  the project's `Trainer.train_step`, train.mixed_precision = no | bf16 | fp16 (one Python
-#            process per precision: accelerate fixes the precision once per process).
+# One GPU, one process per precision (accelerate fixes the precision once per process). Prints, per
+# configuration: images/s (median and min-max over --repeats timings of --steps steps, CUDA-synchronised,
+# after warm-up steps that include torch.compile's compilation), MFU against a bf16 matmul measured in
+# the same run (8192^3 torch.mm), and peak memory (torch.cuda.max_memory_allocated). Two kinds of row:
+#   trainer  the project's `Trainer.train_step` with train.mixed_precision = no | bf16 | fp16,
+#            train.channels_last off/on and train.compile off/on (compile only for the precisions in
+#            --compile-precisions, default bf16; these rows run last, within --compile-budget seconds).
 #   plain    the trainer's algorithm in plain PyTorch (same models and init, Adam(2e-4, (0.5, 0.999)),
-#            BCE-with-logits, D frozen in the G phase, autocast + GradScaler for fp16) for what the
-#            trainer has no option for: channels_last and torch.compile (G and D compiled separately).
+#            BCE-with-logits, D frozen in the G phase, autocast + GradScaler for fp16), eager, with and
+#            without channels_last: the baseline for "trainer / plain" at the end.
 # FLOPs per image are counted per layer from the layer shapes, as in benchmarks/compute_efficiency.py:
 # 3·F_G - F_G1 + 8·F_D - 2·F_D1 (conv/convT only; F_x1 = first layer, whose input needs no gradient).
 #
 # --dry-run runs the whole grid on the CPU with tiny sizes (32x32, width 8, batch 8, 2 steps) to check
-# the script end to end; its numbers mean nothing. Needs the project installed (`pip install -e .`).
+# the script end to end; its numbers mean nothing. Needs the project importable (`pip install -e .`, or
+# PYTHONPATH=. on a machine with torch and accelerate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 
-DRY=0; BATCHES="128 512"; STEPS=20; REPEATS=5; WARMUP=5; COMPILE="0 1"; SIZE=64; WIDTH=64; MM=8192
+DRY=0; BATCHES="128 512"; STEPS=20; REPEATS=5; WARMUP=5; CPRECS="bf16"; CBUDGET=600; SIZE=64; WIDTH=64; MM=8192; TSV=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --batches) BATCHES="$2"; shift ;;
     --steps) STEPS="$2"; shift ;;
     --repeats) REPEATS="$2"; shift ;;
-    --no-compile) COMPILE="0" ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --compile-precisions) CPRECS="$2"; shift ;;
+    --compile-budget) CBUDGET="$2"; shift ;;
+    --out) TSV="$2"; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -44,8 +50,10 @@ fi
 PY=$(mktemp --suffix=.py)
 RUN_DIR=$(mktemp -d)
 trap 'rm -rf "$PY" "$RUN_DIR"' EXIT
+TSV=${TSV:-$RUN_DIR/results.tsv}
+: > "$TSV"
 cat > "$PY" <<'EOF'
-import argparse, contextlib, os, statistics, sys, time
+import argparse, contextlib, gc, statistics, sys, time
 
 import torch
 import torch.nn.functional as F
@@ -54,16 +62,19 @@ from torch import nn
 from dcgan_dist.models import Discriminator, Generator, init_weights
 
 p = argparse.ArgumentParser()
-p.add_argument("part", choices=["env", "trainer", "plain"])
+p.add_argument("part", choices=["env", "trainer", "plain", "summary"])
 p.add_argument("--device"); p.add_argument("--size", type=int); p.add_argument("--width", type=int)
-p.add_argument("--batch", type=int); p.add_argument("--precision", default="no")
-p.add_argument("--channels-last", type=int, default=0); p.add_argument("--compile", type=int, default=0)
+p.add_argument("--batches", default=""); p.add_argument("--precision", default="no")
+p.add_argument("--compile", default="0")
 p.add_argument("--steps", type=int); p.add_argument("--warmup", type=int); p.add_argument("--repeats", type=int)
 p.add_argument("--mm", type=int); p.add_argument("--peak", type=float, default=0.0); p.add_argument("--run-dir")
+p.add_argument("--tsv")
 a = p.parse_args()
-dev = torch.device(a.device)
+dev = torch.device(a.device or "cpu")
 cuda = dev.type == "cuda"
 DTYPE = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+HEADER = (f"{'kind':<8}{'prec':<6}{'cl':<6}{'compile':<8}{'batch':>6}{'img/s':>12}{'min-max':>16}{'MFU':>8}"
+          f"{'mem GiB':>10}")
 
 
 def sync():
@@ -84,7 +95,8 @@ def mm_flops(n, dtype):
     return 2 * n**3 / statistics.median(ts)
 
 
-def counted_flops(G, D):
+def counted_flops():
+    G, D = Generator(width=a.width, image_size=a.size), Discriminator(width=a.width, image_size=a.size)
     rows = []
     def hook(m, inp, out):
         i, o, k2 = inp[0], out, m.kernel_size[0] * m.kernel_size[1]
@@ -96,7 +108,6 @@ def counted_flops(G, D):
         hs = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
         with torch.no_grad():
             net.eval()(x)
-        net.train()
         for h in hs:
             h.remove()
         out.append((sum(rows), rows[0]))
@@ -104,9 +115,17 @@ def counted_flops(G, D):
     return 3 * FG - FG1 + 8 * FD - 2 * FD1
 
 
+def inputs(batch, channels_last):
+    gen = torch.Generator().manual_seed(1)
+    real = (torch.rand(batch, 1, a.size, a.size, generator=gen) * 2 - 1).to(dev)
+    z = torch.randn(batch, 100, generator=gen).to(dev)
+    return (real.contiguous(memory_format=torch.channels_last) if channels_last else real), z
+
+
 def time_steps(step, real, z):
     for _ in range(a.warmup):
         step(real, z)
+    sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     ts = []
@@ -115,17 +134,93 @@ def time_steps(step, real, z):
         for _ in range(a.steps):
             step(real, z)
         sync(); ts.append((time.perf_counter() - t0) / a.steps)
-    mem = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else float("nan")
-    return ts, mem
+    return ts, (torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else float("nan"))
 
 
-def report(kind, flops, ts, mem):
-    rates = [a.batch / t for t in ts]
-    mfu = statistics.median(rates) * flops / a.peak if a.peak else float("nan")
-    mem_s = f"{mem:.2f}" if mem == mem else "n/a"
-    print(f"{kind:<8}{a.precision:<6}{'on' if a.channels_last else 'off':<6}{'on' if a.compile else 'off':<8}"
-          f"{a.batch:>6}{statistics.median(rates):>12.0f}{f'{min(rates):.0f}-{max(rates):.0f}':>16}"
-          f"{mfu:>8.1%}{mem_s:>10}", flush=True)
+def report(kind, batch, cl, comp, ts=None, mem=float("nan"), failed=""):
+    row = f"{kind:<8}{a.precision:<6}{'on' if cl else 'off':<6}{'on' if comp else 'off':<8}{batch:>6}"
+    if failed:
+        print(f"{row}   {failed}", flush=True)
+        return
+    rates = [batch / t for t in ts]
+    med = statistics.median(rates)
+    mfu = med * FLOPS / a.peak if a.peak else float("nan")
+    print(f"{row}{med:>12.0f}{f'{min(rates):.0f}-{max(rates):.0f}':>16}{mfu:>8.1%}"
+          f"{(f'{mem:.2f}' if mem == mem else 'n/a'):>10}", flush=True)
+    with open(a.tsv, "a") as f:
+        f.write(f"{kind}\t{a.precision}\t{int(cl)}\t{int(comp)}\t{batch}\t{med}\t{mfu}\t{mem}\n")
+
+
+def cleanup():
+    gc.collect()
+    torch._dynamo.reset()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def bench_trainer(batch, cl, comp):
+    from dcgan_dist.config import load_config
+    from dcgan_dist.errors import UserError
+    from dcgan_dist.trainer import Trainer
+    ov = [f"model.image_size={a.size}", f"train.batch_size={batch}", "data.name=synthetic",
+          f"data.num_images={batch}", "model.channels=1", f"model.g_width={a.width}", f"model.d_width={a.width}",
+          f"train.mixed_precision={a.precision}", f"train.channels_last={bool(cl)}", f"train.compile={bool(comp)}",
+          "loss.real_target=0.9", "loss.g_target=0.9", "log.wandb.mode=disabled", "log.progress=false",
+          f"run.dir={a.run_dir}"]
+    try:
+        trainer = Trainer(load_config(None, ov), overwrite=True)
+    except UserError as e:
+        return report("trainer", batch, cl, comp, failed=f"skipped: {e}")
+    try:
+        ts, mem = time_steps(trainer.train_step, *inputs(batch, cl))
+        report("trainer", batch, cl, comp, ts, mem)
+    except Exception as e:  # e.g. the compiler failing on this build: report, go on
+        report("trainer", batch, cl, comp, failed=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    trainer._finish()
+
+
+def bench_plain(batch, cl):
+    """The trainer's algorithm in plain PyTorch, eager."""
+    torch.manual_seed(0)
+    G, D = Generator(width=a.width, image_size=a.size), Discriminator(width=a.width, image_size=a.size)
+    G.apply(init_weights), D.apply(init_weights)
+    G, D = G.to(dev), D.to(dev)
+    if cl:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    fused = cuda and a.precision != "fp16"  # as the trainer
+    opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused or None)
+    opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=fused or None)
+    dtype = DTYPE[a.precision]
+    scaler = torch.amp.GradScaler(dev.type, enabled=a.precision == "fp16")
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def bce(logits, target):
+        logits = logits.float()
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+    def step(real, z):
+        with autocast():
+            fake = G(z)
+            D.requires_grad_(True)
+            loss_d = bce(D(real), 0.9) + bce(D(fake.detach()), 0.0)
+        scaler.scale(loss_d).backward()
+        scaler.step(opt_D)
+        opt_D.zero_grad(set_to_none=True)
+        D.requires_grad_(False)  # as the trainer: no D weight gradients in the G phase
+        with autocast():
+            loss_g = bce(D(fake), 0.9)
+        scaler.scale(loss_g).backward()
+        scaler.step(opt_G)
+        scaler.update()
+        opt_G.zero_grad(set_to_none=True)
+
+    try:
+        ts, mem = time_steps(step, *inputs(batch, cl))
+        report("plain", batch, cl, 0, ts, mem)
+    except Exception as e:
+        report("plain", batch, cl, 0, failed=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
 
 
 if a.part == "env":
@@ -134,101 +229,51 @@ if a.part == "env":
     print(f"device {name}, torch {torch.__version__}, {a.size}x{a.size}, width {a.width}")
     print(f"peak: torch.mm {a.mm}^3 bf16 {bf16 / 1e12:.4g} TFLOP/s; fp16 {mm_flops(a.mm, torch.float16) / 1e12:.4g}; "
           f"fp32 {mm_flops(a.mm, torch.float32) / 1e12:.4g} (TF32 off, the default)")
+    print(f"analytic FLOPs per image per training step: {counted_flops() / 1e9:.3f} GFLOP")
     print(f"BF16_PEAK={bf16}")
     sys.exit(0)
 
-gen = torch.Generator().manual_seed(1)
-real = (torch.rand(a.batch, 1, a.size, a.size, generator=gen) * 2 - 1).to(dev)
-z = torch.randn(a.batch, 100, generator=gen).to(dev)
-
-if a.part == "trainer":
-    from dcgan_dist.config import load_config
-    from dcgan_dist.errors import UserError
-    from dcgan_dist.trainer import Trainer
-    ov = [f"model.image_size={a.size}", f"train.batch_size={a.batch}", "data.name=synthetic",
-          f"data.num_images={a.batch}", "model.channels=1", f"model.g_width={a.width}", f"model.d_width={a.width}",
-          f"train.mixed_precision={a.precision}", "loss.real_target=0.9", "loss.g_target=0.9",
-          "log.wandb.mode=disabled", "log.progress=false", f"run.dir={a.run_dir}"]
-    try:
-        trainer = Trainer(load_config(None, ov), overwrite=True)
-    except UserError as e:
-        print(f"trainer {a.precision:<6}{'off':<6}{'off':<8}{a.batch:>6}   skipped: {e}", flush=True)
-        sys.exit(0)
-    flops = counted_flops(Generator(width=a.width, image_size=a.size), Discriminator(width=a.width, image_size=a.size))
-    ts, mem = time_steps(trainer.train_step, real, z)
-    report("trainer", flops, ts, mem)
-    trainer._finish()
+if a.part == "summary":  # trainer / plain at the same precision, channels_last and batch (eager)
+    rows = [line.split("\t") for line in open(a.tsv).read().splitlines()]
+    plain = {tuple(r[1:3] + r[4:5]): float(r[5]) for r in rows if r[0] == "plain"}
+    print(f"{'prec':<6}{'cl':<6}{'batch':>6}{'trainer/plain':>15}{'compiled/eager':>16}")
+    for r in rows:
+        if r[0] == "trainer" and r[3] == "0" and tuple(r[1:3] + r[4:5]) in plain:
+            comp = [float(c[5]) for c in rows if c[0] == "trainer" and c[3] == "1" and c[1:3] == r[1:3]
+                    and c[4] == r[4]]
+            ratio = f"{comp[0] / float(r[5]):.3f}" if comp else "-"
+            print(f"{r[1]:<6}{'on' if r[2] == '1' else 'off':<6}{r[4]:>6}"
+                  f"{float(r[5]) / plain[tuple(r[1:3] + r[4:5])]:>15.3f}{ratio:>16}")
     sys.exit(0)
 
-# plain: the trainer's algorithm, with the options the trainer lacks
-torch.manual_seed(0)
-G, D = Generator(width=a.width, image_size=a.size), Discriminator(width=a.width, image_size=a.size)
-G.apply(init_weights), D.apply(init_weights)
-flops = counted_flops(G, D)
-G, D = G.to(dev), D.to(dev)
-if a.channels_last:
-    G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    real = real.contiguous(memory_format=torch.channels_last)
-opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
-opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
-Gc, Dc = (torch.compile(G), torch.compile(D)) if a.compile else (G, D)
-dtype = DTYPE[a.precision]
-scaler = torch.amp.GradScaler(dev.type, enabled=a.precision == "fp16")
-
-
-def autocast():
-    return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def bce(logits, target):
-    logits = logits.float()
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
-
-
-def step(real, z):
-    with autocast():
-        fake = Gc(z)
-        D.requires_grad_(True)
-        loss_d = bce(Dc(real), 0.9) + bce(Dc(fake.detach()), 0.0)
-    scaler.scale(loss_d).backward()
-    scaler.step(opt_D)
-    opt_D.zero_grad(set_to_none=True)
-    D.requires_grad_(False)  # as the trainer: no D weight gradients in the G phase
-    with autocast():
-        loss_g = bce(Dc(fake), 0.9)
-    scaler.scale(loss_g).backward()
-    scaler.step(opt_G)
-    scaler.update()
-    opt_G.zero_grad(set_to_none=True)
-
-
-try:
-    ts, mem = time_steps(step, real, z)
-except Exception as e:  # e.g. fp16 autocast or the compiler unavailable on this build: report, go on
-    print(f"plain   {a.precision:<6}{'on' if a.channels_last else 'off':<6}{'on' if a.compile else 'off':<8}"
-          f"{a.batch:>6}   failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
-    sys.exit(0)
-report("plain", flops, ts, mem)
+FLOPS = counted_flops()
+for batch in map(int, a.batches.split()):
+    for cl in (0, 1):
+        if a.part == "plain":
+            bench_plain(batch, cl)
+        else:
+            bench_trainer(batch, cl, int(a.compile))
+        cleanup()
 EOF
 
-common=(--device "$DEVICE" --size "$SIZE" --width "$WIDTH" --steps "$STEPS" --warmup "$WARMUP" --repeats "$REPEATS")
+common=(--device "$DEVICE" --size "$SIZE" --width "$WIDTH" --steps "$STEPS" --warmup "$WARMUP" --repeats "$REPEATS"
+        --tsv "$TSV")
 echo "== benchmarks/gpu.sh $(date -u +%Y-%m-%dT%H:%MZ)$([ "$DRY" = 1 ] && echo ' DRY RUN (CPU, tiny sizes: numbers mean nothing)')"
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true; fi
-env_out=$("$PYTHON" "$PY" env "${common[@]}" --batch 1 --mm "$MM")
+env_out=$("$PYTHON" "$PY" env "${common[@]}" --mm "$MM")
 echo "$env_out" | grep -v '^BF16_PEAK='
 PEAK=$(echo "$env_out" | sed -n 's/^BF16_PEAK=//p')
 echo "per-GPU batch; img/s median (min-max) over $REPEATS timings of $STEPS steps after $WARMUP warm-up; MFU vs the bf16 matmul"
 printf '%-8s%-6s%-6s%-8s%6s%12s%16s%8s%10s\n' kind prec cl compile batch img/s min-max MFU "mem GiB"
-for batch in $BATCHES; do
-  for prec in no bf16 fp16; do
-    "$PYTHON" "$PY" trainer "${common[@]}" --batch "$batch" --precision "$prec" --peak "$PEAK" --run-dir "$RUN_DIR/t"
-  done
-  for prec in no bf16 fp16; do
-    for cl in 0 1; do
-      for comp in $COMPILE; do
-        "$PYTHON" "$PY" plain "${common[@]}" --batch "$batch" --precision "$prec" --channels-last "$cl" \
-          --compile "$comp" --peak "$PEAK"
-      done
-    done
-  done
+for prec in no bf16 fp16; do
+  "$PYTHON" "$PY" plain "${common[@]}" --batches "$BATCHES" --precision "$prec" --peak "$PEAK"
 done
+for prec in no bf16 fp16; do
+  "$PYTHON" "$PY" trainer "${common[@]}" --batches "$BATCHES" --precision "$prec" --peak "$PEAK" --run-dir "$RUN_DIR/t"
+done
+for prec in $CPRECS; do  # compiled last: the slowest rows; a time limit (--compile-budget) cuts only these
+  timeout "$CBUDGET" "$PYTHON" "$PY" trainer "${common[@]}" --batches "$BATCHES" --precision "$prec" --compile 1 \
+    --peak "$PEAK" --run-dir "$RUN_DIR/t" || echo "compiled $prec rows: stopped after --compile-budget $CBUDGET s"
+done
+echo "ratios (eager trainer / eager plain loop; compiled / eager trainer), img/s medians:"
+"$PYTHON" "$PY" summary "${common[@]}"

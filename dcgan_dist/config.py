@@ -79,6 +79,8 @@ class TrainConfig:
     global_batch_size: int | None = None  # if set: per-rank batch = this / world size (must divide)
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 (CUDA only) | bf16
+    channels_last: bool = False  # NHWC weights and images: faster convolutions on CUDA with bf16/fp16
+    compile: bool = False  # torch.compile G and D (first steps slower while it compiles; needs a C++ compiler)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one (and on preemption)
     checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last; 0 = off
     keep_last: int = 3  # checkpoints kept, newest first ...

@@ -92,9 +92,18 @@ class Trainer:
         self.G_ema = copy.deepcopy(G).requires_grad_(False).to(self.device) if cfg.model.ema.decay > 0 else None
         if cfg.model.sync_bn:  # statistics over the global batch; each training forward becomes a collective
             G, D = convert_sync_batchnorm(G, self.device.type), convert_sync_batchnorm(D, self.device.type)
+        if cfg.train.channels_last:  # NHWC: what tensor cores' convolution kernels read without transposes
+            G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # shapes never change: time the conv algorithms once, keep the best
         o = cfg.optim
-        opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
-        opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+        # fused Adam on CUDA: one kernel per step. Not under fp16, where the scaler then never reports a skipped
+        # step (the fused kernel skips it on the device), and the skipped-step count would be wrong.
+        fused = (cuda and cfg.train.mixed_precision != "fp16") or None
+        opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), fused=fused)
+        opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), fused=fused)
+        if cfg.train.compile:  # in place: the modules, their state_dict keys and DDP's view of them are unchanged
+            G.compile(), D.compile()
         self.G, self.D, self.opt_G, self.opt_D = acc.prepare(G, D, opt_G, opt_D)
         self.loss = AdversarialLoss(cfg.loss.name, cfg.loss.g_loss, cfg.loss.real_target, cfg.loss.g_target)
 
@@ -296,8 +305,13 @@ class Trainer:
         while self.step < steps:
             t0 = time.perf_counter()
             idx = next(self.batches)  # this rank's slice of the global batch
-            # index_select: the same rows as images[idx], several times faster (benchmarks/input_pipeline.py)
-            real = to_model_range(self.images.index_select(0, idx).to(self.device, non_blocking=True))
+            # index_select: the same rows as images[idx], several times faster (benchmarks/input_pipeline.py).
+            # On CUDA the batch goes through pinned memory, so the copy runs asynchronously with the step.
+            batch = self.images.index_select(0, idx)
+            batch = batch.pin_memory() if self.device.type == "cuda" else batch
+            real = to_model_range(batch.to(self.device, non_blocking=True))
+            if cfg.train.channels_last:
+                real = real.contiguous(memory_format=torch.channels_last)
             z = torch.randn(len(idx), cfg.model.latent_dim, device=self.device, generator=self.noise)
             data_time += time.perf_counter() - t0
             sums += self.train_step(real, z)

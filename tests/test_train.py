@@ -64,7 +64,8 @@ def test_existing_run_is_not_overwritten_without_the_flag(tmp_path, smoke_args):
 
 
 @pytest.mark.parametrize("extra", [["train.mixed_precision=bf16"], ["model.arch=mlp"], ["loss.name=hinge"],
-                                   ["loss.g_loss=minimax", "model.norm=none", "model.ema.decay=0.9"]])
+                                   ["loss.g_loss=minimax", "model.norm=none", "model.ema.decay=0.9"],
+                                   ["train.channels_last=true", "train.compile=true"]])
 def test_variants_train(tmp_path, smoke_args, extra):
     proc = run_train(*smoke_args, "train.steps=4", *extra)
     assert_ok(proc)
@@ -72,12 +73,21 @@ def test_variants_train(tmp_path, smoke_args, extra):
     assert all(np.isfinite(last[k]) for k in ("loss/D", "loss/G"))
     files = {p.name for p in (tmp_path / "run" / "checkpoints" / "step-00000004").iterdir()}
     assert ("generator_ema.safetensors" in files) == ("model.ema.decay=0.9" in extra)
+    # compiled or NHWC, the checkpoint holds the plain model's keys: dcgan-sample rebuilds it from them
+    assert_ok(sample(str(tmp_path / "run"), "--num", "4", "--out", str(tmp_path / "s.npz")))
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a GradScaler needs CUDA")
-def test_fp16_trains_on_cuda(tmp_path, smoke_args):
-    assert_ok(run_train(*smoke_args, "train.steps=4", "train.mixed_precision=fp16"))
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp16's GradScaler, fused Adam, pinned memory)")
+@pytest.mark.parametrize("extra", [["train.mixed_precision=fp16"],
+                                   ["train.mixed_precision=bf16", "train.channels_last=true", "train.compile=true"]])
+def test_trains_on_cuda(tmp_path, smoke_args, extra):
+    proc = run_train(*smoke_args, "train.steps=8", *extra)
+    assert_ok(proc)
+    assert "(cuda)" in proc.stdout
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(np.isfinite(last[k]) for k in ("loss/D", "loss/G", "grad_norm/G", "grad_norm/D"))
+    assert last["perf/max_mem_gb"] > 0
 
 
 def test_sample_command(tmp_path, smoke_args):
