@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-fast reliability bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: $(VENV)/.installed-dev
 
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m "not slow and not cluster" -q
+
+reliability: $(VENV)/.installed-dev  # the fault-injection suite -> docs/RELIABILITY.md
+	$(BIN)/python tests/faults/report.py
 
 bench: $(VENV)/.installed-dev
 	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -9,8 +9,9 @@
 # after warm-up steps that include torch.compile's compilation), MFU against a bf16 matmul measured in
 # the same run (8192^3 torch.mm), and peak memory (torch.cuda.max_memory_allocated). Two kinds of row:
 #   trainer  the project's `Trainer.train_step` with train.mixed_precision = no | bf16 | fp16,
-#            train.channels_last off/on and train.compile off/on (compile only for the precisions in
-#            --compile-precisions, default bf16; these rows run last, within --compile-budget seconds).
+#            train.channels_last off/on, and train.compile on (channels_last is then left to the compiler)
+#            for the precisions in --compile-precisions (default bf16; these rows run last, within
+#            --compile-budget seconds).
 #   plain    the trainer's algorithm in plain PyTorch (same models and init, Adam(2e-4, (0.5, 0.999)),
 #            BCE-with-logits, D frozen in the G phase, autocast + GradScaler for fp16), eager, with and
 #            without channels_last: the baseline for "trainer / plain" at the end.
@@ -249,6 +250,8 @@ if a.part == "summary":  # trainer / plain at the same precision, channels_last 
 FLOPS = counted_flops()
 for batch in map(int, a.batches.split()):
     for cl in (0, 1):
+        if a.compile == "1" and cl:  # under train.compile the compiler picks the layout: channels_last is ignored
+            continue
         if a.part == "plain":
             bench_plain(batch, cl)
         else:

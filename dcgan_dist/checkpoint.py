@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dcgan_dist.errors import UserError
+from dcgan_dist.errors import RunError, UserError
 
 FORMAT_VERSION = 1
 
@@ -27,10 +28,25 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+STEP_DIR = re.compile(r"step-\d{8}")
+MAX_META_BYTES = 16 * 2**20  # meta.json is a few KiB; a larger one is not ours and is not read
+
+
 def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
-    """Write checkpoint `step` (file stem -> tensors, plus `meta`), then point `latest` at it."""
-    final = write_dir(ckpt_root / step_dir_name(step), state, {"step": step, **meta})
-    _write_atomic(ckpt_root / "latest", final.name + "\n")  # only after the directory is complete
+    """Write checkpoint `step` (file stem -> tensors, plus `meta`), then point `latest` at it.
+
+    A failed write (a full disk, say) removes what it wrote and raises RunError: `latest` and the
+    checkpoints before it are untouched.
+    """
+    final = ckpt_root / step_dir_name(step)
+    try:
+        write_dir(final, state, {"step": step, **meta})
+        _write_atomic(ckpt_root / "latest", final.name + "\n")  # only after the directory is complete
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as a SafetensorError
+        previous, detail = latest_checkpoint(ckpt_root), getattr(e, "strerror", None) or str(e)
+        raise RunError(f"cannot write checkpoint {final}: {detail}; nothing was "
+                       f"lost: the last checkpoint is {previous or 'none'}. Free space there (or lower "
+                       "train.keep_last) and continue with train.resume=auto") from None
     return final
 
 
@@ -44,16 +60,20 @@ def write_dir(final: Path, state: dict[str, dict[str, torch.Tensor]], meta: dict
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    hashes = {}
-    for stem, tensors in state.items():
-        path = tmp / f"{stem}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
-        hashes[path.name] = _fsync_and_hash(path)
-        _test_delay()
-    meta = {"format_version": FORMAT_VERSION, **meta, "files": hashes}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    _fsync_and_hash(tmp / "meta.json")
-    _fsync_dir(tmp)
+    try:
+        hashes = {}
+        for stem, tensors in state.items():
+            path = tmp / f"{stem}.safetensors"
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
+            hashes[path.name] = _fsync_and_hash(path)
+            _test_delay()
+        meta = {"format_version": FORMAT_VERSION, **meta, "files": hashes}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        _fsync_and_hash(tmp / "meta.json")
+        _fsync_dir(tmp)
+    except BaseException:  # a full disk, a signal: leave no half-written directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # the same step saved again (e.g. the final save on a checkpoint_every boundary)
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -94,16 +114,21 @@ def prune(ckpt_root: Path, keep_last: int, keep_every: int) -> list[Path]:
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The directory `latest` names; None if there is none, or if it names anything but a step directory
+    beside it (the pointer is never followed elsewhere)."""
     pointer = ckpt_root / "latest"
-    if not pointer.is_file():
+    if not pointer.is_file() or pointer.stat().st_size > 64:
         return None
-    return ckpt_root / pointer.read_text().strip()
+    name = pointer.read_text(errors="replace").strip()
+    return ckpt_root / name if STEP_DIR.fullmatch(name) else None
 
 
 def read_meta(ckpt_dir: Path, verify: bool = True) -> dict:
     """meta.json of a checkpoint; with `verify`, every file's sha256 is checked first."""
     meta_path = ckpt_dir / "meta.json"
     try:
+        if meta_path.stat().st_size > MAX_META_BYTES:
+            raise UserError(f"{meta_path} is {meta_path.stat().st_size} bytes, not a dcgan_dist checkpoint's meta.json")
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
         raise UserError(f"{meta_path} is missing: {ckpt_dir} is not a complete checkpoint") from None
@@ -113,8 +138,12 @@ def read_meta(ckpt_dir: Path, verify: bool = True) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(f"{meta_path} has format_version {version!r}; this dcgan_dist reads up to "
                         f"{FORMAT_VERSION}: upgrade dcgan_dist")
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(n, str) and "/" not in n and "\\" not in n and
+                                              not n.startswith(".") for n in files):
+        raise UserError(f"{meta_path} lists files outside its checkpoint directory; use another checkpoint")
     if verify:
-        for name, digest in meta.get("files", {}).items():
+        for name, digest in files.items():
             path = ckpt_dir / name
             if not path.is_file():
                 raise UserError(f"{path} is missing: the checkpoint is incomplete")

@@ -1,12 +1,14 @@
 """The commands: `dcgan-train` (also `accelerate launch launch/train.py`), `dcgan-sample`, `dcgan-export`.
 
-Exit status: 0 done; 2 a user mistake (`UserError`, printed as one line); 75 stopped by a signal after
+Exit status: 0 done; 2 a user mistake (`UserError`, printed as one line); 1 the run cannot go on
+(`RunError`: diverged, disk full; one line, what was saved is intact); 75 stopped by a signal after
 writing a checkpoint (requeue). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -14,20 +16,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_ERROR = 1
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue with train.resume=auto
 
 
 def _run(fn: Callable[[], None]) -> None:
-    from dcgan_dist.errors import UserError
+    from dcgan_dist.errors import RunError, UserError
 
     try:
         fn()
-    except UserError as e:
+    except (UserError, RunError) as e:
         if os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
             print(f"error: {e}", file=sys.stderr, flush=True)
         else:  # the other ranks hit the same error: let rank 0 print before the launcher tears the job down
             time.sleep(3)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(EXIT_USER_ERROR if isinstance(e, UserError) else EXIT_RUN_ERROR)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on device writing {e.filename or 'a file'}; checkpoints already written are "
+              "intact: free space and continue with train.resume=auto", file=sys.stderr, flush=True)
+        sys.exit(EXIT_RUN_ERROR)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -36,11 +36,13 @@ class DataConfig:
     download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into data.root
     cache_dir: str = ""  # decoded+resized uint8 cache; empty -> <data.root>/cache
     num_images: int | None = None  # use a fixed random subset of this many images (None = all)
+    skip_bad_files: bool = False  # imagefolder: skip (and count) files that cannot be decoded instead of stopping
 
 
 @dataclass
 class EmaConfig:
     decay: float = 0.0  # EMA of G's weights after every G step; 0 = off (e.g. 0.999)
+    warmup_steps: int = 0  # the decay ramps linearly from 0 to `decay` over this many steps; 0 = no ramp
 
 
 @dataclass
@@ -87,6 +89,8 @@ class TrainConfig:
     keep_every: int = 0  # ... plus every checkpoint on a multiple of this many steps, forever; 0 = none
     collective_timeout_s: int = 600  # a rank waiting longer than this in a collective fails the job (no hang)
     check_consistency_every: int = 0  # steps between cross-rank checks that G and D are identical; 0 = off
+    on_nonfinite: str = "skip"  # a step with inf/NaN gradients is never applied; skip: go on | stop: end the run
+    max_consecutive_skips: int = 10  # skip: end the run after more non-finite steps than this in a row
     resume: str = "auto"  # auto: continue from run_dir/checkpoints/latest if any | never | PATH to a checkpoint
 
 
@@ -261,6 +265,7 @@ def validate(cfg: Config) -> None:
     _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "use a positive size such as 100")
     _check(m.g_width >= 1, "model.g_width", m.g_width, "use a positive width such as 64")
     _check(m.d_width >= 1, "model.d_width", m.d_width, "use a positive width such as 64")
+    _check(m.ema.warmup_steps >= 0, "model.ema.warmup_steps", m.ema.warmup_steps, "use 0 (no ramp) or a step count")
     _check(0.0 <= m.ema.decay < 1.0, "model.ema.decay", m.ema.decay, "use 0 (off) or a value in (0, 1) such as 0.999")
     _check(not (m.sync_bn and m.norm == "none"), "model.sync_bn", m.sync_bn, "sync_bn needs model.norm=batch")
     _check(not (m.sync_bn and m.arch == "mlp"), "model.sync_bn", m.sync_bn, "the mlp arch has no BatchNorm")
@@ -290,6 +295,9 @@ def validate(cfg: Config) -> None:
     _check(not (t.check_consistency_every and m.norm == "batch" and not m.sync_bn), "train.check_consistency_every",
            t.check_consistency_every, "it needs model.sync_bn=true (or model.norm=none): otherwise each rank's "
            "BatchNorm statistics differ by design")
+    _one_of("train.on_nonfinite", t.on_nonfinite, ("skip", "stop"))
+    _check(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", t.max_consecutive_skips,
+           "use 0 or more steps")
     _check(bool(t.resume), "train.resume", t.resume, "use auto, never, or the path of a checkpoint")
     _check(lg.every >= 1, "log.every", lg.every, "use a positive step count")
     _check(lg.sample_every >= 0, "log.sample_every", lg.sample_every, "use 0 (end only) or a step count")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dcgan_dist.errors import UserError
@@ -23,14 +24,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
 
 def load_images(name: str, root: str, image_size: int, channels: int, download: bool = False,
-                cache_dir: str = "", num_images: int | None = None) -> torch.Tensor:
+                cache_dir: str = "", num_images: int | None = None, skip_bad_files: bool = False,
+                warn=print) -> torch.Tensor:
     """The whole training split as uint8 [N, channels, image_size, image_size]."""
     if name == "mnist5k":
         images = _mnist5k()
     elif name in ("mnist", "fashion_mnist", "cifar10"):
         images = _torchvision(name, root, download)
     elif name == "imagefolder":
-        images = _imagefolder(Path(root), image_size, channels, Path(cache_dir or Path(root) / "cache"))
+        images = _imagefolder(Path(root), image_size, channels, Path(cache_dir or Path(root) / "cache"),
+                              skip_bad_files, warn)
     elif name == "synthetic":
         images = synthetic_shapes(num_images or 512, image_size, channels)
     else:
@@ -76,26 +79,51 @@ def _torchvision(name: str, root: str, download: bool) -> torch.Tensor:
     return data.unsqueeze(1)  # MNIST: [N, 28, 28] uint8 tensor -> [N, 1, 28, 28]
 
 
-def _imagefolder(root: Path, size: int, channels: int, cache_dir: Path) -> torch.Tensor:
+def _imagefolder(root: Path, size: int, channels: int, cache_dir: Path, skip_bad_files: bool = False,
+                 warn=print) -> torch.Tensor:
     if not root.is_dir():
         raise UserError(f"data.root = {str(root)!r} is not a directory; point it at a folder of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and cache_dir not in p.parents)
     if not files:
         raise UserError(f"data.root = {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     # The cache key covers the file list, sizes and times, so an edited folder is decoded again.
-    key = hashlib.sha256(f"{size}:{channels}".encode())
+    key = hashlib.sha256(f"{size}:{channels}:{skip_bad_files}".encode())
     for p in files:
-        st = p.stat()
+        st = _stat(p)
         key.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
     cache = cache_dir / f"imagefolder-{size}-{channels}-{key.hexdigest()[:16]}.safetensors"
     if cache.is_file():
-        return load_file(cache)["images"]
-    images = torch.stack([_decode(p, size, channels) for p in files])
+        try:
+            return load_file(cache)["images"]
+        except (SafetensorError, OSError, KeyError) as e:  # damaged: decode again and replace it
+            warn(f"warning: ignoring damaged decode cache {cache} ({e}); decoding the images again")
+    decoded, bad = [], []
+    for p in files:
+        try:
+            decoded.append(_decode(p, size, channels))
+        except UserError as e:
+            if not skip_bad_files:
+                raise UserError(f"{e}; or set data.skip_bad_files=true to skip such files") from None
+            bad.append(p)
+    if bad:
+        warn(f"warning: skipped {len(bad)} of {len(files)} image(s) that cannot be decoded (data.skip_bad_files): "
+             + ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else ""))
+    if not decoded:
+        raise UserError(f"data.root = {str(root)!r}: none of its {len(files)} images can be decoded")
+    images = torch.stack(decoded)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     save_file({"images": images}, tmp)
     os.replace(tmp, cache)  # atomic: ranks that raced here all see a complete file
     return images
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise UserError(f"image {path} vanished while data.root was being read; is something else changing "
+                        "the folder? Run again once it is stable") from None
 
 
 def _decode(path: Path, size: int, channels: int) -> torch.Tensor:
@@ -109,7 +137,10 @@ def _decode(path: Path, size: int, channels: int) -> torch.Tensor:
             im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
             left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
             arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
+    except FileNotFoundError:
+        raise UserError(f"image {path} vanished while data.root was being read; is something else changing "
+                        "the folder? Run again once it is stable") from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
         raise UserError(f"cannot decode image {path}: {e}; remove or replace the file") from None
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # [C, S, S]

@@ -1,5 +1,9 @@
-"""The one exception type for user mistakes: the CLI prints it as one line and exits with status 2."""
+"""Exceptions the CLI prints as one line, without a traceback."""
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad config, missing dataset, damaged checkpoint). Never a bug."""
+    """A mistake the user can fix (bad config, missing dataset, damaged checkpoint). Never a bug. Exit status 2."""
+
+
+class RunError(Exception):
+    """The run cannot go on (training diverged, the disk is full); what was saved is intact. Exit status 1."""

@@ -67,8 +67,8 @@ class DistributedBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, *, bias=True):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group  # None: the default (world) group
 
     def _check_input_dim(self, input):
@@ -135,9 +135,9 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str, process_group=No
     if isinstance(module, _BatchNorm) and not isinstance(module, DistributedBatchNorm):  # SyncBatchNorm too
         group = process_group if process_group is not None else getattr(module, "process_group", None)
         bn = DistributedBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                  module.track_running_stats, group, bias=module.bias is not None)
+                                  module.track_running_stats, group)
         for name in ("weight", "bias"):
-            setattr(bn, name, getattr(module, name))  # the same Parameter (or None)
+            setattr(bn, name, getattr(module, name))  # the same Parameter (or None: BatchNorm(bias=False))
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             setattr(bn, name, getattr(module, name))  # the same buffer (or None)
         bn.train(module.training)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dcgan_dist import checkpoint, sampling, tracking
 from dcgan_dist.config import Config, save_config, validate_world
 from dcgan_dist.data import ShardedBatches, load_images, to_model_range
-from dcgan_dist.errors import UserError
+from dcgan_dist.errors import RunError, UserError
 from dcgan_dist.losses import AdversarialLoss
 from dcgan_dist.models import Discriminator, Generator, init_weights
 from dcgan_dist.sync_bn import check_consistency, convert_sync_batchnorm
@@ -82,7 +82,7 @@ class Trainer:
         with acc.main_process_first():  # rank 0 fills the decode cache, the others read it
             d = cfg.data
             self.images = load_images(d.name, d.root, cfg.model.image_size, cfg.image_channels, d.download,
-                                      d.cache_dir, d.num_images)  # uint8 [N, C, S, S] on the host
+                                      d.cache_dir, d.num_images, d.skip_bad_files, self._print)  # uint8 [N, C, S, S]
         self.batches = ShardedBatches(len(self.images), cfg.train.batch_size, self.rank, self.world, cfg.train.seed)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -92,25 +92,35 @@ class Trainer:
         self.G_ema = copy.deepcopy(G).requires_grad_(False).to(self.device) if cfg.model.ema.decay > 0 else None
         if cfg.model.sync_bn:  # statistics over the global batch; each training forward becomes a collective
             G, D = convert_sync_batchnorm(G, self.device.type), convert_sync_batchnorm(D, self.device.type)
-        if cfg.train.channels_last:  # NHWC: what tensor cores' convolution kernels read without transposes
+        # NHWC: what tensor cores' convolution kernels read without transposes. Under train.compile the compiler
+        # chooses the layouts itself (torch 2.11's inductor also fails on channels_last weights' gradients).
+        self.channels_last = cfg.train.channels_last and not cfg.train.compile
+        if self.channels_last:
             G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
         if cuda:
             torch.backends.cudnn.benchmark = True  # shapes never change: time the conv algorithms once, keep the best
+        G, D = G.to(self.device), D.to(self.device)  # before the optimizers take their parameters
         o = cfg.optim
-        # fused Adam on CUDA: one kernel per step. Not under fp16, where the scaler then never reports a skipped
-        # step (the fused kernel skips it on the device), and the skipped-step count would be wrong.
-        fused = (cuda and cfg.train.mixed_precision != "fp16") or None
-        opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), fused=fused)
-        opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), fused=fused)
+        # Fused Adam: one kernel per step (4x faster than the default on a CPU too), and it skips a step with
+        # inf/NaN gradients on the device, without a host sync. Under fp16 the GradScaler does that instead.
+        self.fused = cfg.train.mixed_precision != "fp16" or None
+        opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), fused=self.fused)
+        opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), fused=self.fused)
         if cfg.train.compile:  # in place: the modules, their state_dict keys and DDP's view of them are unchanged
             G.compile(), D.compile()
-        self.G, self.D, self.opt_G, self.opt_D = acc.prepare(G, D, opt_G, opt_D)
+        # The optimizers stay plain torch ones: accelerate's wrapper adds ~0.15 ms of Python per step and call,
+        # which a small model on a GPU notices (benchmarks/gpu.sh); fp16 scaling is done here (`_update`).
+        self.G, self.D = acc.prepare(G, D)
+        self.opt_G, self.opt_D = opt_G, opt_D
         self.loss = AdversarialLoss(cfg.loss.name, cfg.loss.g_loss, cfg.loss.real_target, cfg.loss.g_target)
 
         # Each rank draws its own noise; the fixed grid noise is the same everywhere.
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank + 1)
         self.fixed_z = sampling.fixed_noise(cfg.log.num_samples, cfg.model.latent_dim, cfg.train.seed)
-        self.step, self.skipped_steps = 0, 0
+        self.step, self.nonfinite_steps, self.nonfinite_run, self.counted_rows = 0, 0, 0, 0
+        inject = os.environ.get("DCGAN_TEST_NONFINITE", "")  # test hook: "STEP,STEP@RANK" -> NaN losses there
+        steps_at, _, rank = inject.partition("@")
+        self.inject_nan = {int(x) for x in steps_at.split(",") if x} if int(rank or 0) == self.rank else set()
         if resume is not None:
             self._restore(*resume)
 
@@ -195,14 +205,15 @@ class Trainer:
         o = self.cfg.optim
         for opt, stem, lr in ((self.opt_G, "optimizer_G", o.lr_g), (self.opt_D, "optimizer_D", o.lr_d)):
             try:
-                opt.load_state_dict(checkpoint.unflatten_optimizer(checkpoint.load_tensors(ckpt_dir, stem), meta[stem]))
+                state = checkpoint.unflatten_optimizer(checkpoint.load_tensors(ckpt_dir, stem), meta[stem])
+                for group in state["param_groups"]:  # the config's learning rate and betas win on resume, and
+                    group.update(lr=lr, betas=(o.beta1, o.beta2), fused=self.fused, foreach=None)  # this Adam
+                opt.load_state_dict(state)
             except (KeyError, ValueError, RuntimeError) as e:
                 raise UserError(f"{ckpt_dir / stem}.safetensors does not fit the optimizer: {e}") from None
-            for group in opt.param_groups:  # the config's learning rate and betas win on resume
-                group["lr"], group["betas"] = lr, (o.beta1, o.beta2)
         if acc.scaler is not None and meta.get("scaler"):
             acc.scaler.load_state_dict(meta["scaler"])
-        self.step = meta["step"]
+        self.step, self.nonfinite_steps = meta["step"], meta.get("nonfinite_steps", 0)
         same_layout = meta["world_size"] == self.world and meta["batch_size"] == self.cfg.train.batch_size
         if same_layout:  # exact continuation: this rank's random state and data position
             rng = checkpoint.load_tensors(ckpt_dir, "rng")
@@ -232,7 +243,7 @@ class Trainer:
 
         Under DDP every rank must make the same forwards in the same order (with synchronized BN each
         forward is a collective): G(z), D(real), D(fake), then D(fake) again in the G phase.
-        Returns the STATS as one detached tensor (no host sync here).
+        Returns the STATS and a last "non-finite" flag as one detached tensor (no host sync here).
         """
         acc, G, D, loss = self.accelerator, self.G, self.D, self.loss
         fake = G(z)  # [B, C, H, W]; one G forward serves both phases, as in the seed
@@ -242,16 +253,14 @@ class Trainer:
         with acc.no_sync(D):
             real_logits = D(real)
             loss_real = loss.d_real(real_logits)  # -log D(x)  (BCE against real_target)
-            acc.backward(loss_real)
+            self._backward(loss_real)
         # D: fake. G is not updated here: the graph is cut at fake.detach().
         fake_logits = D(fake.detach())
         loss_fake = loss.d_fake(fake_logits)  # -log(1 - D(G(z)))
-        acc.backward(loss_fake)
-        self.opt_D.step()
-        if acc.scaler is not None:  # fp16: the scaler skips steps with inf/nan gradients (accelerate syncs here)
-            self.skipped_steps += int(self.opt_D.step_was_skipped)
-        grad_norm_D = _grad_norm(D)  # after step(): unscaled under fp16
-        self.opt_D.zero_grad(set_to_none=True)
+        if self.step + 1 in self.inject_nan:  # test hook (DCGAN_TEST_NONFINITE): a NaN loss on this rank
+            loss_fake = loss_fake * float("nan")
+        self._backward(loss_fake)
+        grad_norm_D, bad_D = self._update(self.opt_D, D)
 
         # G: fool D. D is frozen (no weight gradients) and run outside DDP's reducer (no_sync), so only
         # G's gradients are all-reduced, once, in this backward.
@@ -259,12 +268,8 @@ class Trainer:
         with acc.no_sync(D):
             g_logits = D(fake)
         loss_g = loss.g(g_logits)  # -log D(G(z))  (non-saturating)
-        acc.backward(loss_g)
-        self.opt_G.step()
-        if acc.scaler is not None:
-            self.skipped_steps += int(self.opt_G.step_was_skipped)
-        grad_norm_G = _grad_norm(G)
-        self.opt_G.zero_grad(set_to_none=True)
+        self._backward(loss_g)
+        grad_norm_G, bad_G = self._update(self.opt_G, G)
         if self.G_ema is not None:
             self._update_ema()
 
@@ -272,13 +277,38 @@ class Trainer:
         probs = [torch.sigmoid(x).mean() for x in (real_logits, fake_logits, g_logits.detach().float())]
         accuracy = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
         return torch.stack([loss_real + loss_fake, loss_real, loss_fake, loss_g, *probs, accuracy,
-                            grad_norm_G, grad_norm_D]).detach()
+                            grad_norm_G, grad_norm_D, (bad_D | bad_G).float()]).detach()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        scaler = self.accelerator.scaler  # fp16 only
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def _update(self, opt: torch.optim.Optimizer, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """opt.step(), skipped when a gradient is inf or NaN; returns (gradient norm, skipped). No host sync.
+
+        The gradients are already all-reduced, so every rank sees the same norm and skips the same steps.
+        """
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            scaler.unscale_(opt)
+        norm = _grad_norm(module)
+        bad = ~torch.isfinite(norm)
+        if scaler is not None:  # fp16: the scaler skips the step itself (and lowers its scale)
+            scaler.step(opt)
+            scaler.update()
+        else:  # fused Adam takes the flag and skips the update on the device
+            opt.found_inf = bad.float()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm, bad
 
     @torch.no_grad()
     def _update_ema(self) -> None:
+        """EMA <- decay * EMA + (1 - decay) * G, in fp32; the decay ramps up from 0 over model.ema.warmup_steps."""
+        e = self.cfg.model.ema
+        decay = e.decay * min(1.0, (self.step + 1) / e.warmup_steps) if e.warmup_steps else e.decay
         G = self.accelerator.unwrap_model(self.G)
-        ema_params, params = list(self.G_ema.parameters()), list(G.parameters())
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.cfg.model.ema.decay)
+        torch._foreach_lerp_(list(self.G_ema.parameters()), list(G.parameters()), 1.0 - decay)
         for b_ema, b in zip(self.G_ema.buffers(), G.buffers()):  # BN running stats follow G's
             b_ema.copy_(b)
 
@@ -300,7 +330,7 @@ class Trainer:
         if acc.is_main_process and self.step == 0:  # what the data looks like, once
             real = to_model_range(self.images[:cfg.log.num_samples])
             self.tracker.log_image("samples/real", sampling.grid_array(real), step=0)
-        sums, count, data_time = torch.zeros(len(STATS), device=self.device), 0, 0.0
+        rows, data_time = [], 0.0  # the interval's per-step STATS, still on the device
         t_last = time.perf_counter()
         while self.step < steps:
             t0 = time.perf_counter()
@@ -310,30 +340,31 @@ class Trainer:
             batch = self.images.index_select(0, idx)
             batch = batch.pin_memory() if self.device.type == "cuda" else batch
             real = to_model_range(batch.to(self.device, non_blocking=True))
-            if cfg.train.channels_last:
+            if self.channels_last:
                 real = real.contiguous(memory_format=torch.channels_last)
             z = torch.randn(len(idx), cfg.model.latent_dim, device=self.device, generator=self.noise)
             data_time += time.perf_counter() - t0
-            sums += self.train_step(real, z)
-            count += 1
+            rows.append(self.train_step(real, z))
             self.step += 1
             bar.update(1)
 
+            stop, overdue = self._agree()
+            save = stop or overdue or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
             logged = self.step % cfg.log.every == 0 or self.step == steps
+            if save and not logged:  # train.on_nonfinite is applied before anything is written
+                self._stop_if(self._count_nonfinite(rows))
             if logged:
-                record = self._log(sums, count, time.perf_counter() - t_last, data_time)
+                record = self._log(rows, time.perf_counter() - t_last, data_time)
                 if acc.is_main_process:
                     bar.set_postfix_str(format_line(self.step, steps, record).split("  ", 1)[1])
                     if not cfg.log.progress:
                         print(format_line(self.step, steps, record), flush=True)
-                sums.zero_()
-                count, data_time = 0, 0.0
+                rows, data_time, self.counted_rows = [], 0.0, 0
             if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
                 self.save_samples()
             if t.check_consistency_every and self.step % t.check_consistency_every == 0:
                 check_consistency(self.G, "G"), check_consistency(self.D, "D")  # collectives: every rank
-            stop, overdue = self._agree()
-            if stop or overdue or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
+            if save:
                 self.save_checkpoint()
             if logged:  # the next interval's clock starts after this one's samples and checkpoint
                 t_last = time.perf_counter()
@@ -359,11 +390,18 @@ class Trainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return bool(flags[0]), bool(flags[1])
 
-    def _log(self, sums: torch.Tensor, count: int, seconds: float, data_time: float) -> dict:
-        """Mean of the interval's STATS over its steps and over the ranks -> metrics.jsonl / trackers."""
-        acc, cfg = self.accelerator, self.cfg
-        means = (acc.reduce(sums, reduction="mean") / count).tolist()  # the one host sync of the interval
+    def _log(self, rows: list[torch.Tensor], seconds: float, data_time: float) -> dict:
+        """The interval's STATS, averaged over its finite steps and the ranks -> metrics.jsonl / trackers.
+
+        Then applies train.on_nonfinite to the interval's non-finite steps (whose updates were skipped).
+        """
+        acc, cfg, count = self.accelerator, self.cfg, len(rows)
+        per_step = acc.reduce(torch.stack(rows), reduction="mean").cpu()  # the one host sync of the interval
+        finite = per_step[per_step[:, -1] == 0, :-1]
+        means = finite.mean(0).tolist() if len(finite) else [math.nan] * len(STATS)
+        stop_reason = self._count_nonfinite(rows)
         record = {"step": self.step, "epoch": self.batches.epoch, **dict(zip(STATS, means)),
+                  "train/nonfinite_steps": self.nonfinite_steps,
                   "perf/img_per_s": count * cfg.train.batch_size * self.world / seconds,
                   "perf/step_time": seconds / count, "perf/data_time": data_time / count,
                   "lr/G": self.opt_G.param_groups[0]["lr"], "lr/D": self.opt_D.param_groups[0]["lr"]}
@@ -374,9 +412,34 @@ class Trainer:
             record["perf/max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if acc.scaler is not None:
             record["train/grad_scale"] = acc.scaler.get_scale()
-            record["train/skipped_steps"] = self.skipped_steps
         self.tracker.log(record)
+        self._stop_if(stop_reason)
         return record
+
+    def _count_nonfinite(self, rows: list[torch.Tensor]) -> str:
+        """Counts the non-finite steps among the rows not counted yet; returns why the run must stop, or ''.
+
+        The flags are the same on every rank (they are read from all-reduced gradients): all ranks agree.
+        """
+        t, new = self.cfg.train, rows[self.counted_rows:]
+        first, self.counted_rows = self.step - len(new) + 1, len(rows)
+        for i, bad in enumerate((torch.stack([r[-1] for r in new]) > 0).tolist() if new else []):
+            self.nonfinite_steps += bad
+            self.nonfinite_run = self.nonfinite_run + 1 if bad else 0
+            if bad and t.on_nonfinite == "stop":
+                return f"non-finite loss or gradients at step {first + i} (train.on_nonfinite=stop)"
+            if self.nonfinite_run > t.max_consecutive_skips:
+                return (f"{self.nonfinite_run} steps in a row with a non-finite loss or gradients, up to step "
+                        f"{first + i} (more than train.max_consecutive_skips={t.max_consecutive_skips})")
+        return ""
+
+    def _stop_if(self, reason: str) -> None:
+        if reason:
+            last = checkpoint.latest_checkpoint(self.ckpt_root)
+            self._finish()
+            raise RunError(f"{reason}; no update was applied from non-finite gradients. Last good checkpoint: "
+                           f"{last or 'none written yet'}. Lower optim.lr_g/optim.lr_d and continue from it "
+                           "(train.resume=auto), or set train.on_nonfinite=skip")
 
     def _finish(self) -> None:
         self.tracker.close()
@@ -408,7 +471,8 @@ class Trainer:
                     "discriminator": self.d_kwargs, "world_size": self.world, "batch_size": self.cfg.train.batch_size,
                     "optimizer_G": opt_G_rest, "optimizer_D": opt_D_rest,
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                    "config": asdict(self.cfg), "wandb_run_id": self.tracker.run_id}
+                    "config": asdict(self.cfg), "wandb_run_id": self.tracker.run_id,
+                    "nonfinite_steps": self.nonfinite_steps}
             path = checkpoint.save_checkpoint(self.ckpt_root, self.step, state, meta)
             checkpoint.prune(self.ckpt_root, self.cfg.train.keep_last, self.cfg.train.keep_every)
         self.last_ckpt_time = time.monotonic()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,10 +24,11 @@ def env(**extra: str | None) -> dict[str, str]:
     return {k: v for k, v in e.items() if v is not None}
 
 
-def run_train(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_train(*args: str, cwd: Path = REPO, timeout: float = 300,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python launch/train.py ARGS` in one process."""
-    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], cwd=cwd, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], cwd=cwd,
+                          env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 def free_port() -> int:
@@ -51,3 +55,67 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 @pytest.fixture
 def smoke_args(tmp_path: Path) -> list[str]:
     return ["--config", "configs/smoke.yaml", f"run.dir={tmp_path / 'run'}"]
+
+
+def launch_background(num_processes: int, *args: str, **extra_env: str) -> subprocess.Popen:
+    """`accelerate launch ... launch/train.py ARGS` in its own session (killpg reaches every rank); output merged."""
+    launcher = ["--num_processes", str(num_processes)] + (["--multi_gpu"] if num_processes > 1 else [])
+    cmd = [str(BIN / "accelerate"), "launch", *launcher, "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "launch/train.py", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until metrics.jsonl has `step` lines (log.every=1) while `proc` runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= step:
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError("training did not progress")
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{global rank: pid} of the training processes a launcher started (read from /proc)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher_pid:  # the ppid
+                continue
+            environ = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        if "RANK" in environ:
+            ranks[int(environ["RANK"])] = int(entry.name)
+    return ranks
+
+
+def session_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root` (directories as 'dir'): to prove nothing changed."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def fault_row(record_property):
+    """Records one row of docs/RELIABILITY.md (tests/faults/report.py collects them from the JUnit XML)."""
+    def record(fault: str, trials: int, survived: int, data_lost: int = 0, exit_s: float | None = None,
+               whole_run: bool = False) -> None:  # whole_run: exit_s counts from the process's start
+        record_property("fault_row", json.dumps({"fault": fault, "trials": trials, "survived": survived,
+                                                 "data_lost": data_lost, "exit_s": exit_s, "whole_run": whole_run}))
+    return record

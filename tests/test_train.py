@@ -80,14 +80,20 @@ def test_variants_train(tmp_path, smoke_args, extra):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp16's GradScaler, fused Adam, pinned memory)")
 @pytest.mark.parametrize("extra", [["train.mixed_precision=fp16"],
-                                   ["train.mixed_precision=bf16", "train.channels_last=true", "train.compile=true"]])
-def test_trains_on_cuda(tmp_path, smoke_args, extra):
-    proc = run_train(*smoke_args, "train.steps=8", *extra)
+                                   ["train.mixed_precision=bf16", "train.channels_last=true"],
+                                   ["train.mixed_precision=bf16", "train.compile=true"]])
+def test_trains_on_cuda_and_skips_a_nonfinite_step(tmp_path, smoke_args, extra):
+    proc = run_train(*smoke_args, "train.steps=8", *extra, extra_env={"DCGAN_TEST_NONFINITE": "3"})
     assert_ok(proc)
     assert "(cuda)" in proc.stdout
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(np.isfinite(last[k]) for k in ("loss/D", "loss/G", "grad_norm/G", "grad_norm/D"))
     assert last["perf/max_mem_gb"] > 0
+    # the injected NaN at step 3 (fp16: also the scaler's first overflows, if any)
+    assert last["train/nonfinite_steps"] >= 1 if "train.mixed_precision=fp16" in extra else \
+        last["train/nonfinite_steps"] == 1
+    weights = load_file(tmp_path / "run" / "checkpoints" / "step-00000008" / "generator.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 def test_sample_command(tmp_path, smoke_args):

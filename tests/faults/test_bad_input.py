@@ -1,0 +1,131 @@
+"""The bad-input matrix: every case exits 2 with one line naming what is wrong and how to fix it, prints no
+traceback, and writes or changes nothing (the whole temporary tree is compared before and after)."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, assert_ok, env, run_train, snapshot
+
+SMOKE = ["--config", "configs/smoke.yaml", "run.dir={tmp}/new"]
+RUN = ["--config", "configs/smoke.yaml", "run.dir={run}"]
+FOLDER = [*SMOKE, "data.name=imagefolder", "data.num_images=null", "model.channels=1", "train.batch_size=4"]
+
+# id: (command, arguments, text the one line must contain). {tmp}: the test's directory; {run}: a trained smoke
+# run (checkpoints at steps 2 and 4) copied there; {ckpt}: its step-4 checkpoint; {images}: a folder of images.
+CASES = {
+    # config files
+    "config file missing": ("train", ["--config", "{tmp}/nope.yaml"], "config file {tmp}/nope.yaml not found"),
+    "config not YAML": ("train", ["--config", "{tmp}/bad.yaml"], "line 3 is not valid YAML"),
+    "config a list": ("train", ["--config", "{tmp}/list.yaml"], "must hold a mapping of sections"),
+    "config unknown key": ("train", ["--config", "{tmp}/typo.yaml"], "unknown config key model.widht"),
+    "config python tag": ("train", ["--config", "{tmp}/python.yaml"], "is not valid YAML"),
+    # overrides: keys, types, values, combinations
+    "override unknown key": ("train", [*SMOKE, "train.stepz=3"], "unknown config key train.stepz"),
+    "override not key=value": ("train", [*SMOKE, "trainsteps"], "is not of the form section.key=value"),
+    "override section as value": ("train", [*SMOKE, "train=3"], "train must be a mapping"),
+    "override wrong type int": ("train", [*SMOKE, "train.steps=ten"], "train.steps = 'ten' has the wrong type"),
+    "override wrong type bool": ("train", [*SMOKE, "model.sync_bn=maybe"], "expected bool"),
+    "steps zero": ("train", [*SMOKE, "train.steps=0"], "train.steps = 0 is not accepted"),
+    "negative batch": ("train", [*SMOKE, "train.batch_size=-4"], "train.batch_size = -4"),
+    "image size": ("train", [*SMOKE, "model.image_size=48"], "model.image_size = 48"),
+    "precision": ("train", [*SMOKE, "train.mixed_precision=fp8"], "train.mixed_precision = 'fp8'"),
+    "fp16 on CPU": ("train", [*SMOKE, "train.mixed_precision=fp16"], "fp16 needs CUDA"),
+    "dataset name": ("train", [*SMOKE, "data.name=imagenet"], "data.name = 'imagenet'"),
+    "arch": ("train", [*SMOKE, "model.arch=resnet"], "model.arch = 'resnet'"),
+    "label target": ("train", [*SMOKE, "loss.real_target=1.5"], "loss.real_target = 1.5"),
+    "learning rate": ("train", [*SMOKE, "optim.lr_g=-1"], "optim.lr_g = -1.0"),
+    "beta": ("train", [*SMOKE, "optim.beta1=1.0"], "optim.beta1 = 1.0"),
+    "ema decay": ("train", [*SMOKE, "model.ema.decay=1.0"], "model.ema.decay = 1.0"),
+    "ema warmup": ("train", [*SMOKE, "model.ema.warmup_steps=-1"], "model.ema.warmup_steps = -1"),
+    "on_nonfinite": ("train", [*SMOKE, "train.on_nonfinite=ignore"], "train.on_nonfinite = 'ignore'"),
+    "channels vs dataset": ("train", [*SMOKE, "data.name=mnist5k", "model.channels=3"], "has 1 channel(s)"),
+    "sync_bn without BN": ("train", [*SMOKE, "model.norm=none", "model.sync_bn=true"], "model.sync_bn = True"),
+    "hinge with targets": ("train", [*SMOKE, "loss.name=hinge", "loss.real_target=0.9"], "loss.real_target = 0.9"),
+    "global batch": ("train", [*SMOKE, "train.global_batch_size=0"], "train.global_batch_size = 0"),
+    "batch over dataset": ("train", [*SMOKE, "data.num_images=8"], "train.batch_size = 16 x 1 rank(s)"),
+    # command-line arguments
+    "unknown flag": ("train", ["--confg", "x.yaml"], "unrecognized arguments: --confg"),
+    "sample num 0": ("sample", ["{run}", "--num", "0", "--out", "{tmp}/x.npz"], "--num 0"),
+    "sample bad suffix": ("sample", ["{run}", "--out", "{tmp}/x.jpg"], "use a .npz"),
+    "sample interpolate npz": ("sample", ["{run}", "--interpolate", "1", "2", "--out", "{tmp}/x.npz"],
+                               "--interpolate writes a strip"),
+    "sample num not int": ("sample", ["{run}", "--num", "many", "--out", "{tmp}/x.npz"], "invalid int value"),
+    "eval too few": ("eval", ["{run}", "--num", "4"], "--num 4: use at least 8 images"),
+    "export over a file": ("export", ["{run}", "{ckpt}"], "already exists and is not an empty directory"),
+    # dataset paths
+    "mnist not there": ("train", [*SMOKE, "data.name=mnist", "data.root={tmp}/none"], "no MNIST training set"),
+    "folder missing": ("train", [*FOLDER, "data.root={tmp}/none"], "data.root = '{tmp}/none' is not a directory"),
+    "folder empty": ("train", [*FOLDER, "data.root={tmp}/empty"], "data.root = '{tmp}/empty' holds no images"),
+    "folder corrupt image": ("train", [*FOLDER, "data.root={images}"], "cannot decode image {images}/b.png"),
+    # checkpoints and runs
+    "resume missing path": ("train", [*SMOKE, "train.resume={tmp}/none"], "is not a checkpoint"),
+    "resume damaged file": ("train", [*SMOKE, "train.resume={ckpt}", "--", "damage"], "does not match its sha256"),
+    "resume other model": ("train", [*RUN, "model.g_width=16", "train.steps=6"], "changed model.g_width (8 -> 16)"),
+    "new run over a run": ("train", [*RUN, "train.resume=never", "train.steps=6"], "already holds a run"),
+    "resume newer format": ("train", [*SMOKE, "train.resume={ckpt}", "--", "newer"], "has format_version 99"),
+    "sample not a checkpoint": ("sample", ["{tmp}", "--out", "{tmp}/x.npz"], "is not a checkpoint"),
+    "sample damaged": ("sample", ["{ckpt}", "--out", "{tmp}/x.npz", "--", "damage"], "does not match its sha256"),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert_ok(run_train("--config", "configs/smoke.yaml", f"run.dir={run}", "train.steps=4",
+                        "train.checkpoint_every=2", "log.sample_every=0"))
+    return run
+
+
+def _setup(tmp, trained):
+    shutil.copytree(trained, tmp / "run")
+    (tmp / "bad.yaml").write_text("train:\n  steps: [1, 2\n")
+    (tmp / "list.yaml").write_text("- just\n- a list\n")
+    (tmp / "typo.yaml").write_text("model:\n  widht: 3\n")
+    (tmp / "python.yaml").write_text(f"run: !!python/object/apply:os.system ['touch {tmp}/pwned']\n")
+    (tmp / "empty").mkdir()
+    images = tmp / "images"
+    images.mkdir()
+    for name in "acd":
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / f"{name}.png")
+    (images / "b.png").write_bytes(b"not an image")
+
+
+def _run(command, args):
+    if command == "train":
+        return run_train(*args)
+    fn = {"sample": "sample_main", "export": "export_main", "eval": "eval_main"}[command]
+    return subprocess.run([sys.executable, "-c", f"from dcgan_dist.cli import {fn}; {fn}()", *args], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, trained, case):
+    command, args, message = CASES[case]
+    _setup(tmp_path, trained)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
+    fill = dict(tmp=tmp_path, run=tmp_path / "run", ckpt=ckpt, images=tmp_path / "images")
+    args = [a.format(**fill) for a in args]
+    if "--" in args:  # damage the checkpoint first
+        args, how = args[:args.index("--")], args[-1]
+        if how == "damage":
+            (ckpt / "generator.safetensors").write_bytes(b"\0" * 64)
+        else:
+            meta = (ckpt / "meta.json").read_text()
+            (ckpt / "meta.json").write_text(meta.replace('"format_version": 1', '"format_version": 99'))
+    before = snapshot(tmp_path)
+    proc = _run(command, args)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert message.format(**fill) in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert snapshot(tmp_path) == before  # nothing written, nothing overwritten
+
+
+def test_the_matrix_has_at_least_30_cases():
+    assert len(CASES) >= 30
