@@ -50,6 +50,16 @@ def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, dict[str, torch
     return final
 
 
+def save_best(ckpt_root: Path, step: int, state: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
+    """Write `ckpt_root/best` (train.keep_best), replacing the previous best; `latest` is not touched."""
+    final = ckpt_root / "best"
+    try:
+        return write_dir(final, state, {"step": step, **meta})
+    except (OSError, SafetensorError) as e:
+        raise RunError(f"cannot write {final}: {getattr(e, 'strerror', None) or e}; free space and continue "
+                       "with train.resume=auto") from None
+
+
 def write_dir(final: Path, state: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
     """Write a complete checkpoint directory atomically.
 
@@ -74,10 +84,12 @@ def write_dir(final: Path, state: dict[str, dict[str, torch.Tensor]], meta: dict
     except BaseException:  # a full disk, a signal: leave no half-written directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():  # the same step saved again (e.g. the final save on a checkpoint_every boundary)
-        shutil.rmtree(final)
+    old = final.parent / f".tmp-{final.name}-{os.getpid()}-old"
+    if final.exists():  # the same step saved again (or the next best): set the old one aside, then swap
+        os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -89,6 +89,9 @@ class TrainConfig:
     keep_every: int = 0  # ... plus every checkpoint on a multiple of this many steps, forever; 0 = none
     collective_timeout_s: int = 600  # a rank waiting longer than this in a collective fails the job (no hang)
     check_consistency_every: int = 0  # steps between cross-rank checks that G and D are identical; 0 = off
+    eval_every: int = 0  # steps between sample-quality evaluations (dcgan-eval's metrics, logged as eval/*); 0 = off
+    eval_num: int = 1000  # generated images per evaluation, split across the ranks
+    keep_best: str = ""  # keep checkpoints/best by this eval metric, e.g. classifier/fd; empty = off
     on_nonfinite: str = "skip"  # a step with inf/NaN gradients is never applied; skip: go on | stop: end the run
     max_consecutive_skips: int = 10  # skip: end the run after more non-finite steps than this in a row
     resume: str = "auto"  # auto: continue from run_dir/checkpoints/latest if any | never | PATH to a checkpoint
@@ -295,6 +298,16 @@ def validate(cfg: Config) -> None:
     _check(not (t.check_consistency_every and m.norm == "batch" and not m.sync_bn), "train.check_consistency_every",
            t.check_consistency_every, "it needs model.sync_bn=true (or model.norm=none): otherwise each rank's "
            "BatchNorm statistics differ by design")
+    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (off) or a step count")
+    _check(t.eval_num >= 8, "train.eval_num", t.eval_num, "use at least 8 images (1000 or more for stable numbers)")
+    if t.keep_best:
+        from dcgan_dist.evaluation import HIGHER_IS_BETTER, LOWER_IS_BETTER, SPACES
+
+        space, _, name = t.keep_best.partition("/")
+        _check(space in SPACES and name in LOWER_IS_BETTER + HIGHER_IS_BETTER, "train.keep_best", t.keep_best,
+               "use <space>/<metric>: space " + " or ".join(SPACES) + ", metric one of " +
+               ", ".join(LOWER_IS_BETTER + HIGHER_IS_BETTER) + ", e.g. classifier/fd")
+        _check(t.eval_every > 0, "train.keep_best", t.keep_best, "it needs train.eval_every > 0")
     _one_of("train.on_nonfinite", t.on_nonfinite, ("skip", "stop"))
     _check(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", t.max_consecutive_skips,
            "use 0 or more steps")

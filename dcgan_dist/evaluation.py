@@ -42,6 +42,15 @@ COVERAGE_MIN_SHARE = 0.02  # a class is covered when it holds at least 2% of the
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"  # torchvision's IMAGENET1K_V1 weights in the torch hub cache
 INCEPTION_SIZE = 299
 CLASS_METRICS = ("inception_score", "coverage", "confidence", "class_kl")
+LOWER_IS_BETTER = ("fd", "kid", "class_kl")
+HIGHER_IS_BETTER = ("inception_score", "coverage", "confidence", "precision", "recall")
+SPACES = ("classifier", "inception")
+
+
+def is_better(metric: str, value: float, than: float) -> bool:
+    """Whether `value` of "<space>/<metric>" (e.g. "classifier/fd") beats `than`."""
+    name = metric.split("/", 1)[1]
+    return value < than if name in LOWER_IS_BETTER else value > than
 
 
 # --- labels and the fixed split -----------------------------------------------------------------
@@ -448,7 +457,7 @@ def inception_space(model: nn.Module, images: torch.Tensor, max_ref: int = 10000
 
 
 @torch.no_grad()
-def evaluate(generator: nn.Module, num: int, spaces: list[FeatureSpace], seed: int = 0, batch_size: int = 250,
+def evaluate(generator: nn.Module, num: int, spaces: list[FeatureSpace], seed: int = 0, batch_size: int = 50,
              accelerator=None) -> dict[str, float]:
     """Generate `num` images from the seeded noise `fixed_noise(num, latent_dim, seed)` and score them.
 
@@ -466,17 +475,21 @@ def evaluate(generator: nn.Module, num: int, spaces: list[FeatureSpace], seed: i
     z = fixed_noise(num, g.latent_dim, seed)  # [num, latent]: the same on every rank
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    per = math.ceil(num / world)
+    # Every rank's share is a whole number of batches, so each batch of noise is generated and measured in
+    # exactly the same batch whatever the world size: the values do not depend on how the work was split.
+    per = math.ceil(num / (world * batch_size)) * batch_size
     z = torch.cat([z, z[:1].expand(per * world - num, -1)])  # pad so every rank makes the same count
     images = to_uint8(generate(g, z[rank * per:(rank + 1) * per], batch_size))  # [per, C, H, W] uint8, CPU
     out = {}
     for space in spaces:
-        feats, probs = space.extract(images)
-        if accelerator is not None:
+        parts = [space.extract(part) for part in images.split(batch_size)]
+        feats = torch.cat([f for f, _ in parts])
+        probs = None if parts[0][1] is None else torch.cat([p for _, p in parts])
+        if accelerator is not None:  # rank order = noise order
             device = accelerator.device
-            feats = accelerator.gather_for_metrics(feats.to(device)).cpu()[:num]  # rank order = noise order
-            if probs is not None:
-                probs = accelerator.gather_for_metrics(probs.to(device)).cpu()[:num]
+            feats = accelerator.gather_for_metrics(feats.to(device)).cpu()
+            probs = None if probs is None else accelerator.gather_for_metrics(probs.to(device)).cpu()
+        feats, probs = feats[:num], None if probs is None else probs[:num]  # the padding goes
         out |= {f"{space.name}/{k}": v for k, v in space.metrics(feats, probs).items()}
     return out
 

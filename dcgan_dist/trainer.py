@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from dcgan_dist import checkpoint, sampling, tracking
+from dcgan_dist import checkpoint, evaluation, sampling, tracking
 from dcgan_dist.config import Config, save_config, validate_world
 from dcgan_dist.data import ShardedBatches, load_images, to_model_range
 from dcgan_dist.errors import RunError, UserError
@@ -84,6 +84,9 @@ class Trainer:
             self.images = load_images(d.name, d.root, cfg.model.image_size, cfg.image_channels, d.download,
                                       d.cache_dir, d.num_images, d.skip_bad_files, self._print)  # uint8 [N, C, S, S]
         self.batches = ShardedBatches(len(self.images), cfg.train.batch_size, self.rank, self.world, cfg.train.seed)
+        self.eval_spaces, self.best = [], None
+        if cfg.train.eval_every:
+            self.eval_spaces = self._eval_spaces()
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.g_kwargs, self.d_kwargs = model_kwargs(cfg)
@@ -141,6 +144,20 @@ class Trainer:
                       "precision": cfg.train.mixed_precision, "torch": torch.__version__,
                       "accelerate": accelerate.__version__, "git_commit": tracking.git_commit()}
         self.tracker = Tracker(acc, cfg, self.run_dir, run_config, resume[1].get("wandb_run_id") if resume else None)
+
+    def _eval_spaces(self) -> list:
+        d, t = self.cfg.data, self.cfg.train
+        with self.accelerator.main_process_first():  # rank 0 may train the classifier (once); the others read it
+            spaces, notes = evaluation.feature_spaces(
+                d.name, d.root, d.cache_dir, image_size=self.cfg.model.image_size, channels=self.cfg.image_channels,
+                num_images=d.num_images, log=self._print)
+        names = [s.name for s in spaces]
+        if not spaces:
+            raise UserError(f"train.eval_every = {t.eval_every} has nothing to measure: " + "; ".join(notes))
+        if t.keep_best and t.keep_best.split("/")[0] not in names:
+            raise UserError(f"train.keep_best = {t.keep_best!r}: no {t.keep_best.split('/')[0]} metrics for "
+                            f"{d.name} (available: {', '.join(names)}); " + "; ".join(notes))
+        return spaces
 
     def _prepare_run_dir(self, overwrite: bool) -> None:
         if overwrite:
@@ -213,7 +230,7 @@ class Trainer:
                 raise UserError(f"{ckpt_dir / stem}.safetensors does not fit the optimizer: {e}") from None
         if acc.scaler is not None and meta.get("scaler"):
             acc.scaler.load_state_dict(meta["scaler"])
-        self.step, self.nonfinite_steps = meta["step"], meta.get("nonfinite_steps", 0)
+        self.step, self.nonfinite_steps, self.best = meta["step"], meta.get("nonfinite_steps", 0), meta.get("best")
         same_layout = meta["world_size"] == self.world and meta["batch_size"] == self.cfg.train.batch_size
         if same_layout:  # exact continuation: this rank's random state and data position
             rng = checkpoint.load_tensors(ckpt_dir, "rng")
@@ -362,6 +379,8 @@ class Trainer:
                 rows, data_time, self.counted_rows = [], 0.0, 0
             if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
                 self.save_samples()
+            if t.eval_every and self.step % t.eval_every == 0:
+                self._evaluate()
             if t.check_consistency_every and self.step % t.check_consistency_every == 0:
                 check_consistency(self.G, "G"), check_consistency(self.D, "D")  # collectives: every rank
             if save:
@@ -448,18 +467,39 @@ class Trainer:
     def sample_generator(self) -> torch.nn.Module:
         return self.G_ema if self.G_ema is not None else self.accelerator.unwrap_model(self.G)
 
+    def _evaluate(self) -> None:
+        """train.eval_every: metrics of train.eval_num samples of the sampling generator (EMA if on), the same
+        seeded noise every time, generated in shares by all ranks; then train.keep_best."""
+        t, start = self.cfg.train, time.perf_counter()
+        metrics = evaluation.evaluate(self.sample_generator(), t.eval_num, self.eval_spaces, seed=t.seed,
+                                      accelerator=self.accelerator)  # the same dict on every rank
+        self.tracker.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()},
+                          "eval/seconds": time.perf_counter() - start})
+        shown = [k for k in metrics if k.split("/")[1] in ("fd", "fd_floor", "coverage", "confidence")]
+        self._print(f"eval at step {self.step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown))
+        if t.keep_best:
+            value = metrics[t.keep_best]
+            if math.isfinite(value) and (self.best is None or
+                                         evaluation.is_better(t.keep_best, value, self.best["value"])):
+                self.best = {"metric": t.keep_best, "value": value, "step": self.step}
+                self.save_checkpoint(best=True)
+                self._print(f"best {t.keep_best} so far: checkpoint {self.ckpt_root / 'best'} (step {self.step})")
+
     def save_samples(self) -> None:
         if self.accelerator.is_main_process:  # eval-mode G: no collectives, so rank 0 alone may run it
             images = sampling.generate(self.sample_generator(), self.fixed_z)
             sampling.save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png")
             self.tracker.log_image("samples/fixed_noise", sampling.grid_array(images), step=self.step)
 
-    def save_checkpoint(self) -> Path:
-        """Everything needed to continue exactly; a collective (every rank's random state is gathered)."""
+    def save_checkpoint(self, best: bool = False) -> Path:
+        """Everything needed to continue exactly; a collective (every rank's random state is gathered).
+
+        `best`: write it as checkpoints/best (train.keep_best) instead of a step directory.
+        """
         acc, unwrap = self.accelerator, self.accelerator.unwrap_model
         rng = {k: acc.gather(v.unsqueeze(0).to(self.device)).cpu()  # [world, ...]
                for k, v in checkpoint.rng_state(self.noise).items()}
-        path = self.ckpt_root / checkpoint.step_dir_name(self.step)
+        path = self.ckpt_root / ("best" if best else checkpoint.step_dir_name(self.step))
         if acc.is_main_process:
             opt_G, opt_G_rest = checkpoint.flatten_optimizer(self.opt_G.state_dict())
             opt_D, opt_D_rest = checkpoint.flatten_optimizer(self.opt_D.state_dict())
@@ -472,9 +512,13 @@ class Trainer:
                     "optimizer_G": opt_G_rest, "optimizer_D": opt_D_rest,
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                     "config": asdict(self.cfg), "wandb_run_id": self.tracker.run_id,
-                    "nonfinite_steps": self.nonfinite_steps}
-            path = checkpoint.save_checkpoint(self.ckpt_root, self.step, state, meta)
-            checkpoint.prune(self.ckpt_root, self.cfg.train.keep_last, self.cfg.train.keep_every)
-        self.last_ckpt_time = time.monotonic()
+                    "nonfinite_steps": self.nonfinite_steps, "best": self.best}
+            if best:
+                checkpoint.save_best(self.ckpt_root, self.step, state, meta)
+            else:
+                path = checkpoint.save_checkpoint(self.ckpt_root, self.step, state, meta)
+                checkpoint.prune(self.ckpt_root, self.cfg.train.keep_last, self.cfg.train.keep_every)
+        if not best:
+            self.last_ckpt_time = time.monotonic()
         acc.wait_for_everyone()  # no rank runs ahead of a checkpoint that is being written
         return path

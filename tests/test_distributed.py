@@ -28,7 +28,8 @@ def test_sharding_reductions_and_replicas(tmp_path):
     run = tmp_path / "run"
     # 96 images, 2 ranks x 20 per rank: 2 batches per epoch, 16 images dropped, 3 epochs in 6 steps
     proc = accelerate_launch(2, WORKER, "train", str(tmp_path), f"run.dir={run}", "data.num_images=96",
-                             "train.batch_size=20", "train.steps=6", "train.checkpoint_every=0")
+                             "train.batch_size=20", "train.steps=6", "train.checkpoint_every=0",
+                             "model.ema.decay=0.8", "model.ema.warmup_steps=3")
     assert_ok(proc)
     records = [json.loads((tmp_path / f"record-rank{r}.json").read_text()) for r in range(2)]
     assert all(rec["world"] == 2 for rec in records)
@@ -51,10 +52,10 @@ def test_sharding_reductions_and_replicas(tmp_path):
         assert {phase for _, phase, _ in red["G"]} == {"g"}
         assert len(red["G"]) == 6 * len(g_buckets)
 
-    # replicas: every parameter identical on both ranks at the end
+    # replicas: every parameter, the EMA generator's too, identical on both ranks at the end
     a, b = (load_file(tmp_path / f"final-rank{r}.safetensors") for r in range(2))
     params = [k for k in a if "running" not in k and "num_batches" not in k]
-    assert len(params) > 10
+    assert len(params) > 10 and any(k.startswith("EMA.") for k in params)
     for k in params:
         assert torch.equal(a[k], b[k]), k
     # exactly one process wrote samples and metrics

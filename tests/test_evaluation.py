@@ -1,6 +1,7 @@
 """Sample-quality metrics, the domain classifier, `dcgan-eval`, `dcgan-sample --interpolate`, 2-rank `evaluate`."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -263,7 +264,40 @@ def test_two_rank_evaluate_equals_one_process(tmp_path, classifier, mnist_run):
     generator, _ = load_generator(str(mnist_run))
     model, meta = E.load_classifier(classifier)
     space = E.classifier_space(model, meta, *E.labelled_data("mnist5k", "data", 32))
-    one = E.evaluate(generator, num, [space], seed=seed)
+    one = E.evaluate(generator, num, [space], seed=seed, batch_size=16)  # as the worker
     assert two["metrics"].keys() == one.keys()
     for key, value in one.items():
         assert two["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_eval_during_two_rank_training_equals_one_process_and_keeps_the_best(tmp_path, classifier):
+    cache = tmp_path / "cache"  # the module's classifier, where the trainer looks for it
+    cache.mkdir()
+    for p in (classifier, classifier.with_suffix(".json")):
+        shutil.copy(p, cache / p.name)
+    run = tmp_path / "run"
+    proc = accelerate_launch(2, "launch/train.py", "--config", "configs/smoke.yaml", f"run.dir={run}",
+                             "data.name=mnist5k", "model.channels=0", f"data.cache_dir={cache}", "train.steps=12",
+                             "train.checkpoint_every=4", "train.keep_last=5", "model.ema.decay=0.9",
+                             "train.eval_every=4", "train.eval_num=101", "train.keep_best=classifier/fd")
+    assert_ok(proc)
+    assert proc.stdout.count("eval at step") == 3  # printed once (rank 0), at steps 4, 8, 12
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/classifier/fd" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    # the values equal one process evaluating the same (EMA) generator on the same noise
+    from dcgan_dist.sampling import load_generator
+
+    model, meta = E.load_classifier(classifier)
+    space = E.classifier_space(model, meta, *E.labelled_data("mnist5k", "data", 32))
+    for record in evals:
+        generator, _ = load_generator(str(run / "checkpoints" / f"step-{record['step']:08d}"))
+        one = E.evaluate(generator, 101, [space], seed=0)
+        for key, value in one.items():
+            assert record[f"eval/{key}"] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # checkpoints/best holds the step with the lowest classifier FD, and says so
+    best = min(evals, key=lambda r: r["eval/classifier/fd"])
+    meta = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())
+    assert meta["step"] == best["step"] and meta["best"]["value"] == pytest.approx(best["eval/classifier/fd"])
+    assert (run / "checkpoints" / "best" / "generator_ema.safetensors").read_bytes() == \
+        (run / "checkpoints" / f"step-{best['step']:08d}" / "generator_ema.safetensors").read_bytes()

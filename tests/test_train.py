@@ -130,3 +130,25 @@ def test_sample_command_bad_input(tmp_path, smoke_args):
         proc = sample(*args)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_ema_update_rule_with_warmup(tmp_path):
+    """EMA_t = d_t EMA_{t-1} + (1 - d_t) G_t with d_t = decay * min(1, t / warmup); BN buffers copied from G."""
+    from dcgan_dist.config import load_config
+    from dcgan_dist.trainer import Trainer
+
+    cfg = load_config("configs/smoke.yaml", [f"run.dir={tmp_path / 'run'}", "log.wandb.mode=disabled",
+                                             "model.ema.decay=0.9", "model.ema.warmup_steps=4"])
+    trainer = Trainer(cfg, overwrite=True)
+    real, z = torch.rand(16, 1, 32, 32) * 2 - 1, torch.randn(16, 16)
+    G = trainer.accelerator.unwrap_model(trainer.G)
+    assert all(torch.equal(a, b) for a, b in zip(trainer.G_ema.parameters(), G.parameters()))  # starts as G
+    for t in range(1, 7):
+        before = [p.detach().clone() for p in trainer.G_ema.parameters()]
+        trainer.train_step(real, z)
+        trainer.step += 1
+        d = 0.9 * min(1.0, t / 4)
+        for old, ema, g in zip(before, trainer.G_ema.parameters(), G.parameters()):
+            torch.testing.assert_close(ema, d * old + (1 - d) * g, rtol=0, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(trainer.G_ema.buffers(), G.buffers()))
+    trainer._finish()

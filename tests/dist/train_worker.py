@@ -24,6 +24,8 @@ acc, rank, world = trainer.accelerator, trainer.accelerator.process_index, train
 def save_params(tag: str) -> None:
     state = {f"G.{k}": v for k, v in acc.unwrap_model(trainer.G).state_dict().items()}
     state |= {f"D.{k}": v for k, v in acc.unwrap_model(trainer.D).state_dict().items()}
+    if trainer.G_ema is not None:
+        state |= {f"EMA.{k}": v for k, v in trainer.G_ema.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, out / f"{tag}-rank{rank}.safetensors")
 
 

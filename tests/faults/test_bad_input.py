@@ -47,6 +47,10 @@ CASES = {
     "sync_bn without BN": ("train", [*SMOKE, "model.norm=none", "model.sync_bn=true"], "model.sync_bn = True"),
     "hinge with targets": ("train", [*SMOKE, "loss.name=hinge", "loss.real_target=0.9"], "loss.real_target = 0.9"),
     "global batch": ("train", [*SMOKE, "train.global_batch_size=0"], "train.global_batch_size = 0"),
+    "keep_best metric": ("train", [*SMOKE, "train.eval_every=4", "train.keep_best=classifier/loss"],
+                         "train.keep_best = 'classifier/loss' is not accepted; use <space>/<metric>"),
+    "keep_best without eval": ("train", [*SMOKE, "train.keep_best=classifier/fd"], "needs train.eval_every > 0"),
+    "eval without labels": ("train", [*SMOKE, "train.eval_every=4"], "train.eval_every = 4 has nothing to measure"),
     "batch over dataset": ("train", [*SMOKE, "data.num_images=8"], "train.batch_size = 16 x 1 rank(s)"),
     # command-line arguments
     "unknown flag": ("train", ["--confg", "x.yaml"], "unrecognized arguments: --confg"),
