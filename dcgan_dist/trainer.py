@@ -121,6 +121,7 @@ class Trainer:
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank + 1)
         self.fixed_z = sampling.fixed_noise(cfg.log.num_samples, cfg.model.latent_dim, cfg.train.seed)
         self.step, self.nonfinite_steps, self.nonfinite_run, self.counted_rows = 0, 0, 0, 0
+        self.ema_calibrated_step = -1
         inject = os.environ.get("DCGAN_TEST_NONFINITE", "")  # test hook: "STEP,STEP@RANK" -> NaN losses there
         steps_at, _, rank = inject.partition("@")
         self.inject_nan = {int(x) for x in steps_at.split(",") if x} if int(rank or 0) == self.rank else set()
@@ -321,13 +322,16 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """EMA <- decay * EMA + (1 - decay) * G, in fp32; the decay ramps up from 0 over model.ema.warmup_steps."""
+        """EMA <- decay * EMA + (1 - decay) * G, in fp32; the decay ramps up from 0 over model.ema.warmup_steps.
+
+        Identical on every rank: G's parameters are. (BN buffers differ per rank without sync BN; the EMA's
+        are recomputed from its own weights before any use, the same on every rank.)"""
         e = self.cfg.model.ema
         decay = e.decay * min(1.0, (self.step + 1) / e.warmup_steps) if e.warmup_steps else e.decay
         G = self.accelerator.unwrap_model(self.G)
         torch._foreach_lerp_(list(self.G_ema.parameters()), list(G.parameters()), 1.0 - decay)
-        for b_ema, b in zip(self.G_ema.buffers(), G.buffers()):  # BN running stats follow G's
-            b_ema.copy_(b)
+        for b_ema, b in zip(self.G_ema.buffers(), G.buffers()):  # BN running stats follow G's until they are
+            b_ema.copy_(b)  # recomputed for the EMA weights (sample_generator)
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> bool:
@@ -465,7 +469,17 @@ class Trainer:
         self.accelerator.end_training()
 
     def sample_generator(self) -> torch.nn.Module:
-        return self.G_ema if self.G_ema is not None else self.accelerator.unwrap_model(self.G)
+        """The EMA generator if on (its BatchNorm statistics recomputed for its own weights), else G.
+
+        Called on every rank at the same steps (samples, evaluation, checkpoints), so the EMA generator's
+        buffers stay identical across ranks.
+        """
+        if self.G_ema is None:
+            return self.accelerator.unwrap_model(self.G)
+        if self.ema_calibrated_step != self.step:
+            sampling.recalibrate_batchnorm(self.G_ema, seed=self.cfg.train.seed + 1)
+            self.ema_calibrated_step = self.step
+        return self.G_ema
 
     def _evaluate(self) -> None:
         """train.eval_every: metrics of train.eval_num samples of the sampling generator (EMA if on), the same
@@ -486,8 +500,9 @@ class Trainer:
                 self._print(f"best {t.keep_best} so far: checkpoint {self.ckpt_root / 'best'} (step {self.step})")
 
     def save_samples(self) -> None:
+        generator = self.sample_generator()  # every rank: the EMA's statistics are recomputed everywhere
         if self.accelerator.is_main_process:  # eval-mode G: no collectives, so rank 0 alone may run it
-            images = sampling.generate(self.sample_generator(), self.fixed_z)
+            images = sampling.generate(generator, self.fixed_z)
             sampling.save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png")
             self.tracker.log_image("samples/fixed_noise", sampling.grid_array(images), step=self.step)
 
@@ -497,6 +512,7 @@ class Trainer:
         `best`: write it as checkpoints/best (train.keep_best) instead of a step directory.
         """
         acc, unwrap = self.accelerator, self.accelerator.unwrap_model
+        self.sample_generator()  # the EMA generator is saved with its own BatchNorm statistics
         rng = {k: acc.gather(v.unsqueeze(0).to(self.device)).cpu()  # [world, ...]
                for k, v in checkpoint.rng_state(self.noise).items()}
         path = self.ckpt_root / ("best" if best else checkpoint.step_dir_name(self.step))
