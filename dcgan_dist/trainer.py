@@ -227,6 +227,10 @@ class Trainer:
                 for group in state["param_groups"]:  # the config's learning rate and betas win on resume, and
                     group.update(lr=lr, betas=(o.beta1, o.beta2), fused=self.fused, foreach=None)  # this Adam
                 opt.load_state_dict(state)
+                for param, st in opt.state.items():  # the moments in the parameter's layout (channels_last):
+                    for k, v in st.items():  # fused Adam walks them in memory order with the gradients
+                        if torch.is_tensor(v) and v.shape == param.shape:
+                            st[k] = torch.empty_like(param).copy_(v)
             except (KeyError, ValueError, RuntimeError) as e:
                 raise UserError(f"{ckpt_dir / stem}.safetensors does not fit the optimizer: {e}") from None
         if acc.scaler is not None and meta.get("scaler"):
