@@ -1,7 +1,7 @@
 """Model FLOP utilisation of `Trainer.train_step` on CPU: achieved conv FLOP/s against measured fp32 matmul FLOP/s.
 
     python benchmarks/compute_efficiency.py [--size 64] [--batch 64] [--repeats 3] [--threads 1]
-                                            [--mm 1024 2048] [--no-breakdown] [--no-channels-last]
+                                            [--mm 1024 2048] [--no-breakdown] [--no-channels-last] [--no-bf16]
 
 FLOPs are counted analytically per layer from the layer shapes (printed), per image, one multiply-add = 2:
   Conv2d           forward 2·Cin·Cout·k²·Hout·Wout
@@ -20,8 +20,9 @@ first layers (whose inputs z and real images need no gradient):
   (element-wise, memory-bound; their time share is in the breakdown).
 Peak: the median FLOP/s of `torch.mm` of square fp32 matrices (2·n³ FLOPs) at the same thread count,
 timed interleaved with the training steps in the same run; the best size is taken as the peak.
-A second row runs the same Trainer with G, D and the batch in channels_last memory format (the trainer
-has no such option; the benchmark converts the prepared modules), paired step by step with the first.
+A second row runs the same Trainer with `train.channels_last=true` (G, D and the batch in NHWC), paired
+step by step with the first. A third, `train.mixed_precision=bf16` + channels_last, is measured against
+the bf16 `torch.mm` peak (autocast on the CPU; AMX/AVX512-BF16 where the CPU has them), also paired.
 """
 
 import argparse
@@ -32,10 +33,13 @@ import time
 from collections import defaultdict
 
 import torch
+from accelerate.state import AcceleratorState
 from torch import nn
 
 from dcgan_dist.config import load_config
 from dcgan_dist.trainer import Trainer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def layer_flops(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, float]]:
@@ -85,6 +89,7 @@ def main():
     parser.add_argument("--mm", type=int, nargs="+", default=[1024, 2048], help="square matmul sizes")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the profiled step")
     parser.add_argument("--no-channels-last", action="store_true", help="skip the channels_last variant")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 variant")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -103,36 +108,42 @@ def main():
         gen = torch.Generator().manual_seed(1)
         real = torch.rand(args.batch, 1, args.size, args.size, generator=gen) * 2 - 1
         z = torch.randn(args.batch, 100, generator=gen)
-        mats = {n: (torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)) for n in args.mm}
+        dtypes = ("fp32",) if args.no_bf16 else ("fp32", "bf16")
+        mats = {(n, dt): tuple(torch.randn(n, n, generator=gen).to(DTYPES[dt]) for _ in range(2))
+                for n in args.mm for dt in dtypes}
 
-        def mm_rate(n: int) -> float:
-            a, b = mats[n]
-            reps = max(1, int(2e9 // (2 * n**3)))  # about 2 GFLOP per timing
+        def mm_rate(key) -> float:
+            a, b = mats[key]
+            reps = max(1, int(2e9 // (2 * key[0]**3)))  # about 2 GFLOP per timing
             start = time.perf_counter()
             for _ in range(reps):
                 torch.mm(a, b)
-            return reps * 2 * n**3 / (time.perf_counter() - start)
+            return reps * 2 * key[0]**3 / (time.perf_counter() - start)
 
-        variants = {"trainer": lambda: trainer.train_step(real, z)}
-        if not args.no_channels_last:
-            # The same Trainer with G and D (and the real batch) in channels_last memory format: the trainer
-            # has no such option, so the benchmark applies it to the prepared modules (a local monkeypatch).
-            trainer_cl = Trainer(load_config(None, ov), overwrite=True)
+        def variant(*extra):  # the step of a Trainer built with these overrides, on the batch in its layout
+            AcceleratorState._reset_state()  # a process-wide singleton that fixes the precision; the trainers
+            t = Trainer(load_config(None, ov + list(extra)), overwrite=True)  # built before keep theirs
             torch.set_num_threads(args.threads)
-            trainer_cl.G.to(memory_format=torch.channels_last), trainer_cl.D.to(memory_format=torch.channels_last)
-            real_cl = real.contiguous(memory_format=torch.channels_last)
-            variants["trainer, channels_last (patched)"] = lambda: trainer_cl.train_step(real_cl, z)
-        for run in variants.values():
+            x = real.contiguous(memory_format=torch.channels_last) if t.channels_last else real
+            return lambda: t.train_step(x, z)
+
+        variants = {"trainer": (lambda: trainer.train_step(real, z), "fp32")}
+        if not args.no_channels_last:
+            variants["trainer, train.channels_last"] = (variant("train.channels_last=true"), "fp32")
+        if not args.no_bf16:
+            variants["trainer, bf16 + channels_last"] = (
+                variant("train.channels_last=true", "train.mixed_precision=bf16"), "bf16")
+        for run, _ in variants.values():
             run()  # warm-up (Adam state, oneDNN primitives)
-        for n in args.mm:
-            mm_rate(n)
+        for key in mats:
+            mm_rate(key)
         steps, mm = defaultdict(list), defaultdict(list)
         for r in range(args.repeats):
-            for n in args.mm:
-                mm[n].append(mm_rate(n))
+            for key in mats:
+                mm[key].append(mm_rate(key))
             for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
                 t0 = time.perf_counter()
-                variants[name]()
+                variants[name][0]()
                 steps[name].append(time.perf_counter() - t0)
 
         breakdown = {}
@@ -148,10 +159,10 @@ def main():
             breakdown = {k: v / s for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
         trainer._finish()
 
-    peak_n = max(args.mm, key=lambda n: statistics.median(mm[n]))
-    peak = statistics.median(mm[peak_n])
+    peak_n = {dt: max(args.mm, key=lambda n: statistics.median(mm[n, dt])) for dt in dtypes}
+    peak = {dt: statistics.median(mm[peak_n[dt], dt]) for dt in dtypes}
 
-    print(f"\ntorch {torch.__version__}, CPU, fp32, {args.threads} thread(s), {os.cpu_count()} cores, "
+    print(f"\ntorch {torch.__version__}, CPU, {args.threads} thread(s), {os.cpu_count()} cores, "
           f"load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"DCGAN {args.size}x{args.size} (1 channel), batch {args.batch}; median (min-max) over {args.repeats} "
           "interleaved repeats")
@@ -168,18 +179,19 @@ def main():
         return f"{med} ({lo}-{hi})"
 
     print(f"\n{'':<40}{'median (min-max)':>30}")
-    for n in args.mm:
-        print(f"{f'torch.mm {n}x{n} fp32, GFLOP/s':<40}{cell(mm[n], 1e-9):>30}")
+    for n, dt in mats:
+        print(f"{f'torch.mm {n}x{n} {dt}, GFLOP/s':<40}{cell(mm[n, dt], 1e-9):>30}")
     base = None
     for name, ts in steps.items():
+        dt = variants[name][1]
         rates = [args.batch / t for t in ts]
         achieved = [r * counted for r in rates]
-        mfu = [a / p for a, p in zip(achieved, mm[peak_n])]  # paired: each step with the matmul timed just before
+        mfu = [a / p for a, p in zip(achieved, mm[peak_n[dt], dt])]  # paired: each step with the matmul just before
         print(f"{name}:")
         print(f"{'  img/s':<40}{cell(rates):>30}")
         print(f"{'  GFLOP/s (counted)':<40}{cell(achieved, 1e-9):>30}")
-        print(f"{'  MFU vs torch.mm ' + str(peak_n):<40}{cell(mfu, 100, '{:.1f}%'):>30}")
-        print(f"{'  MFU, customary 3x-forward count':<40}{statistics.median(rates) * customary / peak:>30.1%}")
+        print(f"{f'  MFU vs {dt} torch.mm {peak_n[dt]}':<40}{cell(mfu, 100, '{:.1f}%'):>30}")
+        print(f"{'  MFU, customary 3x-forward count':<40}{statistics.median(rates) * customary / peak[dt]:>30.1%}")
         if base is None:
             base = ts
         else:
@@ -189,7 +201,7 @@ def main():
         print("\nself CPU time of one profiled train_step, by operator kind:")
         for k, v in breakdown.items():
             print(f"  {k:<36}{v:>7.1%}")
-    print("target: MFU >= 70% at 64x64, batch 64")
+    print("target: MFU >= 70% at 64x64, batch 64 (fp32 rows against the fp32 peak, bf16 against the bf16 one)")
     print("trainer config: load_config(None, [" + ", ".join(repr(o) for o in ov[:-1]) + ", 'run.dir=<tmp>'])")
 
 

@@ -82,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 (CUDA only) | bf16
     channels_last: bool = False  # NHWC weights and images: faster convolutions on CUDA with bf16/fp16
+    augment: str = ""  # differentiable augmentation of all that D sees, e.g. translation,cutout (augment.py)
     compile: bool = False  # torch.compile G and D (first steps slower while it compiles; needs a C++ compiler)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one (and on preemption)
     checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last; 0 = off
@@ -288,6 +289,13 @@ def validate(cfg: Config) -> None:
     _check(t.global_batch_size is None or t.global_batch_size >= 1, "train.global_batch_size",
            t.global_batch_size, "use a positive global batch size or null")
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16"))
+    from dcgan_dist import augment
+
+    try:
+        augment.parse(t.augment)
+    except ValueError as e:
+        raise UserError(f"train.augment={t.augment!r}: {e}; use a comma-separated list of "
+                        f"{', '.join(augment.POLICIES)}, e.g. translation,cutout (or empty for none)") from None
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "use 0 (final only) or a step count")
     _check(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", t.checkpoint_minutes, "use 0 (off) or minutes")
     _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least the newest checkpoint (1 or more)")

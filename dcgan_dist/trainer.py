@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from dcgan_dist import checkpoint, evaluation, sampling, tracking
+from dcgan_dist import augment, checkpoint, evaluation, sampling, tracking
 from dcgan_dist.config import Config, save_config, validate_world
 from dcgan_dist.data import ShardedBatches, load_images, to_model_range
 from dcgan_dist.errors import RunError, UserError
@@ -116,6 +116,7 @@ class Trainer:
         self.G, self.D = acc.prepare(G, D)
         self.opt_G, self.opt_D = opt_G, opt_D
         self.loss = AdversarialLoss(cfg.loss.name, cfg.loss.g_loss, cfg.loss.real_target, cfg.loss.g_target)
+        self.augment_policy = augment.parse(cfg.train.augment)
 
         # Each rank draws its own noise; the fixed grid noise is the same everywhere.
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank + 1)
@@ -267,17 +268,17 @@ class Trainer:
         forward is a collective): G(z), D(real), D(fake), then D(fake) again in the G phase.
         Returns the STATS and a last "non-finite" flag as one detached tensor (no host sync here).
         """
-        acc, G, D, loss = self.accelerator, self.G, self.D, self.loss
+        acc, G, D, loss, aug = self.accelerator, self.G, self.D, self.loss, self._augment
         fake = G(z)  # [B, C, H, W]; one G forward serves both phases, as in the seed
 
         # D: real. The first backward only accumulates locally; the fake backward all-reduces both at once.
         D.requires_grad_(True)
         with acc.no_sync(D):
-            real_logits = D(real)
+            real_logits = D(aug(real))
             loss_real = loss.d_real(real_logits)  # -log D(x)  (BCE against real_target)
             self._backward(loss_real)
         # D: fake. G is not updated here: the graph is cut at fake.detach().
-        fake_logits = D(fake.detach())
+        fake_logits = D(aug(fake.detach()))
         loss_fake = loss.d_fake(fake_logits)  # -log(1 - D(G(z)))
         if self.step + 1 in self.inject_nan:  # test hook (DCGAN_TEST_NONFINITE): a NaN loss on this rank
             loss_fake = loss_fake * float("nan")
@@ -288,7 +289,7 @@ class Trainer:
         # G's gradients are all-reduced, once, in this backward.
         D.requires_grad_(False)
         with acc.no_sync(D):
-            g_logits = D(fake)
+            g_logits = D(aug(fake))
         loss_g = loss.g(g_logits)  # -log D(G(z))  (non-saturating)
         self._backward(loss_g)
         grad_norm_G, bad_G = self._update(self.opt_G, G)
@@ -300,6 +301,10 @@ class Trainer:
         accuracy = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
         return torch.stack([loss_real + loss_fake, loss_real, loss_fake, loss_g, *probs, accuracy,
                             grad_norm_G, grad_norm_D, (bad_D | bad_G).float()]).detach()
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """train.augment: the same random transforms for real and fake, drawn from the checkpointed noise generator."""
+        return augment.augment(x, self.augment_policy, self.noise) if self.augment_policy else x
 
     def _backward(self, loss: torch.Tensor) -> None:
         scaler = self.accelerator.scaler  # fp16 only

@@ -21,7 +21,8 @@ def _weights(run, step, names=WEIGHTS):
 
 
 @pytest.mark.parametrize("extra", [[], ["train.mixed_precision=bf16"], ["model.ema.decay=0.8"],
-                                   ["train.channels_last=true"]], ids=["fp32", "bf16", "ema", "channels_last"])
+                                   ["train.channels_last=true"], ["train.augment=translation,cutout,color"]],
+                         ids=["fp32", "bf16", "ema", "channels_last", "augment"])
 def test_n_plus_n_steps_equal_2n_steps_byte_for_byte(tmp_path, extra):
     args = ["--config", "configs/smoke.yaml", "train.checkpoint_every=0", *extra]
     whole, split = tmp_path / "whole", tmp_path / "split"

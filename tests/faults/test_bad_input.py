@@ -42,6 +42,7 @@ CASES = {
     "beta": ("train", [*SMOKE, "optim.beta1=1.0"], "optim.beta1 = 1.0"),
     "ema decay": ("train", [*SMOKE, "model.ema.decay=1.0"], "model.ema.decay = 1.0"),
     "ema warmup": ("train", [*SMOKE, "model.ema.warmup_steps=-1"], "model.ema.warmup_steps = -1"),
+    "augment policy": ("train", [*SMOKE, "train.augment=translation,flip"], "unknown augmentation 'flip'"),
     "on_nonfinite": ("train", [*SMOKE, "train.on_nonfinite=ignore"], "train.on_nonfinite = 'ignore'"),
     "channels vs dataset": ("train", [*SMOKE, "data.name=mnist5k", "model.channels=3"], "has 1 channel(s)"),
     "sync_bn without BN": ("train", [*SMOKE, "model.norm=none", "model.sync_bn=true"], "model.sync_bn = True"),
