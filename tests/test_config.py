@@ -1,10 +1,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import run_train
-from dcgan_dist.config import Config, load_config, validate_world
+from dcgan_dist.config import Config, load_config, native_bf16, validate_world
 from dcgan_dist.errors import UserError
 
 
@@ -35,6 +36,12 @@ def test_global_batch_is_split_over_ranks():
         validate_world(cfg, 3, cuda=False)
     with pytest.raises(UserError, match="train.mixed_precision = 'fp16'.*bf16"):
         validate_world(load_config(None, ["train.mixed_precision=fp16"]), 1, cuda=False)
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
+    cfg = validate_world(load_config(None, ["train.mixed_precision=auto"]), 1, cuda=False)
+    has = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cfg.train.mixed_precision == ("bf16" if has else "no") and native_bf16(False) == has
 
 
 # Bad configs, overrides and flags: tests/faults/test_bad_input.py (the bad-input matrix).
