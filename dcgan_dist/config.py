@@ -81,7 +81,7 @@ class TrainConfig:
     global_batch_size: int | None = None  # if set: per-rank batch = this / world size (must divide)
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 (CUDA only) | bf16 | auto (bf16 where the hardware has it, else no)
-    channels_last: bool = False  # NHWC weights and images: faster convolutions on CUDA with bf16/fp16
+    channels_last: bool = False  # NHWC weights and images: faster convolutions on CUDA (bf16/fp16) and on CPU
     augment: str = ""  # differentiable augmentation of all that D sees, e.g. translation,cutout (augment.py)
     compile: bool = False  # torch.compile G and D (first steps slower while it compiles; needs a C++ compiler)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one (and on preemption)
