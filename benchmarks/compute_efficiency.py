@@ -1,7 +1,7 @@
 """Model FLOP utilisation of `Trainer.train_step` on CPU: achieved conv FLOP/s against measured fp32 matmul FLOP/s.
 
     python benchmarks/compute_efficiency.py [--size 64] [--batch 64] [--repeats 3] [--threads 1]
-                                            [--mm 1024 2048] [--no-breakdown] [--no-channels-last] [--no-bf16]
+                                            [--mm 1024 2048] [--no-breakdown] [--no-channels-last] [--bf16]
 
 FLOPs are counted analytically per layer from the layer shapes (printed), per image, one multiply-add = 2:
   Conv2d           forward 2·Cin·Cout·k²·Hout·Wout
@@ -21,8 +21,10 @@ first layers (whose inputs z and real images need no gradient):
 Peak: the median FLOP/s of `torch.mm` of square fp32 matrices (2·n³ FLOPs) at the same thread count,
 timed interleaved with the training steps in the same run; the best size is taken as the peak.
 A second row runs the same Trainer with `train.channels_last=true` (G, D and the batch in NHWC), paired
-step by step with the first. A third, `train.mixed_precision=bf16` + channels_last, is measured against
-the bf16 `torch.mm` peak (autocast on the CPU; AMX/AVX512-BF16 where the CPU has them), also paired.
+step by step with the first. With --bf16, a third, `train.mixed_precision=bf16` + channels_last, is measured
+against the bf16 `torch.mm` peak (autocast on the CPU; AMX/AVX512-BF16 where the CPU has them), also paired.
+It is opt-in because on this host interleaving AMX work lowered the fp32 rows' clocks: with it, fp32 `torch.mm`
+measured 110-114 GFLOP/s and the fp32 step 28.6 img/s; without it, 120-127 and 34.5 (docs/PERFORMANCE.md).
 """
 
 import argparse
@@ -89,7 +91,7 @@ def main():
     parser.add_argument("--mm", type=int, nargs="+", default=[1024, 2048], help="square matmul sizes")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the profiled step")
     parser.add_argument("--no-channels-last", action="store_true", help="skip the channels_last variant")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 variant")
+    parser.add_argument("--bf16", action="store_true", help="add a bf16 + channels_last variant (slows fp32 rows)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -108,7 +110,7 @@ def main():
         gen = torch.Generator().manual_seed(1)
         real = torch.rand(args.batch, 1, args.size, args.size, generator=gen) * 2 - 1
         z = torch.randn(args.batch, 100, generator=gen)
-        dtypes = ("fp32",) if args.no_bf16 else ("fp32", "bf16")
+        dtypes = ("fp32", "bf16") if args.bf16 else ("fp32",)
         mats = {(n, dt): tuple(torch.randn(n, n, generator=gen).to(DTYPES[dt]) for _ in range(2))
                 for n in args.mm for dt in dtypes}
 
@@ -130,7 +132,7 @@ def main():
         variants = {"trainer": (lambda: trainer.train_step(real, z), "fp32")}
         if not args.no_channels_last:
             variants["trainer, train.channels_last"] = (variant("train.channels_last=true"), "fp32")
-        if not args.no_bf16:
+        if args.bf16:
             variants["trainer, bf16 + channels_last"] = (
                 variant("train.channels_last=true", "train.mixed_precision=bf16"), "bf16")
         for run, _ in variants.values():
@@ -150,13 +152,15 @@ def main():
         if not args.no_breakdown:
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU]) as p:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
                 trainer.train_step(real, z)
             total = defaultdict(float)
             for e in p.key_averages():
                 total[category(e.key)] += e.self_cpu_time_total
             s = sum(total.values())
             breakdown = {k: v / s for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+            convs = sorted((e for e in p.key_averages(group_by_input_shape=True) if "conv" in e.key),
+                           key=lambda e: -e.self_cpu_time_total)[:10]  # the slowest convolution calls, by shapes
         trainer._finish()
 
     peak_n = {dt: max(args.mm, key=lambda n: statistics.median(mm[n, dt])) for dt in dtypes}
@@ -198,9 +202,13 @@ def main():
             speed = [b / t for b, t in zip(base, ts)]
             print(f"{'  speed vs trainer (paired)':<40}{cell(speed, 1, '{:.3f}'):>30}")
     if breakdown:
-        print("\nself CPU time of one profiled train_step, by operator kind:")
+        print("\nself CPU time of one profiled train_step (the profiler slows it), by operator kind:")
         for k, v in breakdown.items():
             print(f"  {k:<36}{v:>7.1%}")
+        print("the 10 costliest convolution ops by input shapes (input, weight; ms over the step's calls):")
+        for e in convs:
+            shapes = ", ".join(str(x) for x in e.input_shapes[:2] if x)
+            print(f"  {e.key:<28}{e.count:>3}x  {e.self_cpu_time_total / 1e3:>8.1f} ms  {shapes}")
     print("target: MFU >= 70% at 64x64, batch 64 (fp32 rows against the fp32 peak, bf16 against the bf16 one)")
     print("trainer config: load_config(None, [" + ", ".join(repr(o) for o in ov[:-1]) + ", 'run.dir=<tmp>'])")
 
