@@ -1,7 +1,7 @@
 """Model FLOP utilisation of `Trainer.train_step` on CPU: achieved conv FLOP/s against measured fp32 matmul FLOP/s.
 
     python benchmarks/compute_efficiency.py [--size 64] [--batch 64] [--repeats 3] [--threads 1]
-                                            [--mm 1024 2048] [--no-breakdown] [--no-channels-last] [--bf16]
+                                            [--mm 1024 2048] [--no-breakdown] [--no-channels-last] [--bf16] [--compile]
 
 FLOPs are counted analytically per layer from the layer shapes (printed), per image, one multiply-add = 2:
   Conv2d           forward 2·Cin·Cout·k²·Hout·Wout
@@ -25,6 +25,7 @@ step by step with the first. With --bf16, a third, `train.mixed_precision=bf16` 
 against the bf16 `torch.mm` peak (autocast on the CPU; AMX/AVX512-BF16 where the CPU has them), also paired.
 It is opt-in because on this host interleaving AMX work lowered the fp32 rows' clocks: with it, fp32 `torch.mm`
 measured 110-114 GFLOP/s and the fp32 step 28.6 img/s; without it, 120-127 and 34.5 (docs/PERFORMANCE.md).
+With --compile, a `train.compile=true` variant (fp32; inductor's C++ backend, compiled in the warm-up step).
 """
 
 import argparse
@@ -92,6 +93,7 @@ def main():
     parser.add_argument("--no-breakdown", action="store_true", help="skip the profiled step")
     parser.add_argument("--no-channels-last", action="store_true", help="skip the channels_last variant")
     parser.add_argument("--bf16", action="store_true", help="add a bf16 + channels_last variant (slows fp32 rows)")
+    parser.add_argument("--compile", action="store_true", help="add a train.compile=true variant (needs gcc)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -132,11 +134,13 @@ def main():
         variants = {"trainer": (lambda: trainer.train_step(real, z), "fp32")}
         if not args.no_channels_last:
             variants["trainer, train.channels_last"] = (variant("train.channels_last=true"), "fp32")
+        if args.compile:
+            variants["trainer, train.compile"] = (variant("train.compile=true"), "fp32")
         if args.bf16:
             variants["trainer, bf16 + channels_last"] = (
                 variant("train.channels_last=true", "train.mixed_precision=bf16"), "bf16")
         for run, _ in variants.values():
-            run()  # warm-up (Adam state, oneDNN primitives)
+            run(), run()  # warm-up (Adam state, oneDNN primitives, compilation)
         for key in mats:
             mm_rate(key)
         steps, mm = defaultdict(list), defaultdict(list)
