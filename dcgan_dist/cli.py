@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import os
 import sys
 import time
@@ -63,7 +64,14 @@ def train_main(argv: list[str] | None = None) -> None:
             return
         from dcgan_dist.trainer import Trainer
 
-        if not Trainer(cfg, overwrite=args.overwrite).train():
+        trainer = Trainer(cfg, overwrite=args.overwrite)
+        complete = trainer.train()
+        # Free the DDP modules (and the process group they hold) while the interpreter is fully alive: gloo
+        # state left to interpreter teardown can abort a rank that has finished ("terminate called without an
+        # active exception", SIGABRT after "done:"), seen once in a 2-rank CPU test run.
+        del trainer
+        gc.collect()
+        if not complete:
             sys.exit(EXIT_PREEMPTED)
 
     _run(train)

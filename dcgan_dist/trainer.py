@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import shutil
 import signal
 import time
 import warnings
+import weakref
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +51,12 @@ def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     """L2 norm of all gradients, on the device (no host sync)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+
+
+def _flag_signal(trainer_ref: weakref.ref, signum: int, _frame) -> None:
+    trainer = trainer_ref()
+    if trainer is not None:
+        trainer.signal = signum  # acted on at the next step boundary, by all ranks together
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -132,8 +140,8 @@ class Trainer:
         # Preemption: a signal only sets a flag; ranks agree on it at the next step boundary (one small
         # all-reduce on the CPU, over gloo, so no device sync is added to the step).
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # by weak reference: the handler must not keep the trainer
+            signal.signal(sig, functools.partial(_flag_signal, weakref.ref(self)))  # alive (cli.train_main frees it)
         self.cpu_group = None
         if self.world > 1 and dist.get_backend() != "gloo":
             self.cpu_group = dist.new_group(backend="gloo")
@@ -256,9 +264,6 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process:  # global rank 0 (accelerator.print prints once per node)
             print(message, flush=True)
-
-    def _on_signal(self, signum: int, _frame) -> None:
-        self.signal = signum  # acted on at the next step boundary, by all ranks together
 
     # ------------------------------------------------------------------------------------------------
     def train_step(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
