@@ -121,6 +121,7 @@ def worker(args):
             "comm_alone_s": statistics.median(comm) if comm else 0.0, "threads": torch.get_num_threads(),
             "overrides": ov[:-1]}), flush=True)
     trainer._finish()
+    trainer.release()
 
 
 def launch(nproc: int, args, sync: tuple[str, int] = ("", 0)) -> subprocess.Popen:

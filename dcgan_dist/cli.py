@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import gc
 import os
 import sys
 import time
@@ -66,11 +65,7 @@ def train_main(argv: list[str] | None = None) -> None:
 
         trainer = Trainer(cfg, overwrite=args.overwrite)
         complete = trainer.train()
-        # Free the DDP modules (and the process group they hold) while the interpreter is fully alive: gloo
-        # state left to interpreter teardown can abort a rank that has finished ("terminate called without an
-        # active exception", SIGABRT after "done:"), seen once in a 2-rank CPU test run.
-        del trainer
-        gc.collect()
+        trainer.release()  # DDP's state freed before interpreter teardown, where gloo can abort a finished rank
         if not complete:
             sys.exit(EXIT_PREEMPTED)
 

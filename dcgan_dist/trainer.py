@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import json
 import math
 import os
@@ -481,6 +482,16 @@ class Trainer:
     def _finish(self) -> None:
         self.tracker.close()
         self.accelerator.end_training()
+
+    def release(self) -> None:
+        """Drop the DDP-wrapped G and D (and accelerate's references to them) and collect, once done with them.
+
+        DDP keeps its last all-reduce state; left to interpreter teardown, gloo can abort a rank that has
+        finished ("terminate called without an active exception", SIGABRT). Freed here, it goes while the
+        interpreter is alive. The EMA generator and the optimizers stay usable."""
+        self.accelerator.free_memory()
+        self.G = self.D = None
+        gc.collect()
 
     def sample_generator(self) -> torch.nn.Module:
         """The EMA generator if on (its BatchNorm statistics recomputed for its own weights), else G.

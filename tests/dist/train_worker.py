@@ -92,3 +92,4 @@ elif mode == "step":
 
         check_consistency(trainer.G, "G"), check_consistency(trainer.D, "D")
     acc.end_training()
+trainer.release()  # as dcgan-train does: DDP's state must not be left to interpreter teardown
