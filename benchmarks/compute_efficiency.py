@@ -165,7 +165,7 @@ def main():
             breakdown = {k: v / s for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
             convs = sorted((e for e in p.key_averages(group_by_input_shape=True) if "conv" in e.key),
                            key=lambda e: -e.self_cpu_time_total)[:10]  # the slowest convolution calls, by shapes
-        trainer._finish()
+        trainer.close()
 
     peak_n = {dt: max(args.mm, key=lambda n: statistics.median(mm[n, dt])) for dt in dtypes}
     peak = {dt: statistics.median(mm[peak_n[dt], dt]) for dt in dtypes}

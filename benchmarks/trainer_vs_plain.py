@@ -5,8 +5,8 @@
 
 One process, CPU, fp32, `--threads` torch threads for both (default 1: the host is shared).
 "trainer" is a real `Trainer` built from `load_config(None, overrides)` (printed below) and timed
-through `trainer.train_step(real, z)`. "plain" is the seed's loop (SEED.md section 3, its section-4
-script) written inline with the same `Generator`/`Discriminator` classes and init, Adam(2e-4,
+through `trainer.train_step(real, z)`. "plain" is the reference recipe's loop (docs/DCGAN.md, "The reference
+recipe") written inline with the same `Generator`/`Discriminator` classes and init, Adam(2e-4,
 (0.5, 0.999)) and BCE-with-logits (real targets 0.9, fake 0.0, G against 0.9):
 
     opt_D.zero_grad(); fake = G(z)
@@ -122,7 +122,7 @@ def main():
             if args.profile:
                 for name, run in variants.items():
                     profile(f"{name} {size}x{size}", run)
-            trainer._finish()
+            trainer.close()
             rows.append((size, ov, times, cpu))
 
     print(f"\ntorch {torch.__version__}, CPU, fp32, {args.threads} thread(s) each, {os.cpu_count()} cores, "

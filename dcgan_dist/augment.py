@@ -17,16 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-POLICIES = ("translation", "cutout", "color")
-
-
-def parse(policy: str) -> tuple[str, ...]:
-    """"translation,cutout" -> ("translation", "cutout"); unknown names raise ValueError."""
-    names = tuple(p.strip() for p in policy.split(",") if p.strip())
-    unknown = [p for p in names if p not in POLICIES]
-    if unknown:
-        raise ValueError(f"unknown augmentation {unknown[0]!r}")
-    return names
+from dcgan_dist.catalog import AUGMENT_POLICIES as POLICIES  # noqa: F401  (the names, in one table)
+from dcgan_dist.catalog import parse_augment as parse  # noqa: F401
 
 
 def augment(x: torch.Tensor, policy: tuple[str, ...], generator: torch.Generator | None = None) -> torch.Tensor:

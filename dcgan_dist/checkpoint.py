@@ -1,8 +1,11 @@
-"""safetensors checkpoints: written atomically, verified by sha256, found through `checkpoints/latest`.
+"""The checkpoint format on disk: safetensors files and meta.json, written atomically, verified by sha256
+and against the model kwargs in meta.json, found through `checkpoints/latest`.
 
 A checkpoint directory holds only `*.safetensors` files and `meta.json` (no pickle anywhere):
     checkpoints/step-00001000/{generator,discriminator,generator_ema}.safetensors + meta.json
     checkpoints/latest   text file naming the newest complete checkpoint directory
+What a training checkpoint holds, and how it is saved and restored: `train_state`. Which generator
+weights a reader gets (EMA or raw): `choose_generator`, here.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from dcgan_dist.catalog import IMAGE_SIZES
 from dcgan_dist.errors import RunError, UserError
+from dcgan_dist.models import Discriminator, Generator
 
 FORMAT_VERSION = 1
 
@@ -76,7 +80,6 @@ def write_dir(final: Path, state: dict[str, dict[str, torch.Tensor]], meta: dict
             path = tmp / f"{stem}.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
             hashes[path.name] = _fsync_and_hash(path)
-            _test_delay()
         meta = {"format_version": FORMAT_VERSION, **meta, "files": hashes}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         _fsync_and_hash(tmp / "meta.json")
@@ -91,13 +94,6 @@ def write_dir(final: Path, state: dict[str, dict[str, torch.Tensor]], meta: dict
     _fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _test_delay() -> None:
-    # Test hook: widens the window in which a kill lands inside a checkpoint write.
-    delay = os.environ.get("DCGAN_TEST_CHECKPOINT_DELAY")
-    if delay:
-        time.sleep(float(delay))
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -136,7 +132,8 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def read_meta(ckpt_dir: Path, verify: bool = True) -> dict:
-    """meta.json of a checkpoint; with `verify`, every file's sha256 is checked first."""
+    """meta.json of a checkpoint; with `verify`, every file's sha256 is checked first, and the model kwargs
+    in meta.json against the tensors' names, shapes and dtypes (before any model is built)."""
     meta_path = ckpt_dir / "meta.json"
     try:
         if meta_path.stat().st_size > MAX_META_BYTES:
@@ -161,7 +158,57 @@ def read_meta(ckpt_dir: Path, verify: bool = True) -> dict:
                 raise UserError(f"{path} is missing: the checkpoint is incomplete")
             if _hash(path) != digest:
                 raise UserError(f"{path} does not match its sha256 in meta.json: the file is damaged")
+        for stem, key in MODEL_FILES.items():
+            if f"{stem}.safetensors" in files:
+                check_model_file(ckpt_dir / f"{stem}.safetensors", meta, key)
     return meta
+
+
+# file stem -> the meta.json key of the kwargs that build its model
+MODEL_FILES = {"generator": "generator", "generator_ema": "generator", "discriminator": "discriminator"}
+_MODEL_ARGS = {  # the kwargs meta.json may hold for each model, and what each must be
+    "generator": {"latent_dim": int, "channels": int, "image_size": int, "width": int, "norm": str, "arch": str},
+    "discriminator": {"channels": int, "image_size": int, "width": int, "norm": str, "arch": str},
+}
+
+
+def check_model_file(path: Path, meta: dict, key: str) -> None:
+    """Refuse (UserError) a model file whose tensors do not match what meta.json's `key` kwargs build.
+
+    The model is built on the meta device (shapes only, no memory), and the file's header is read without
+    its data, so an edited meta.json (say a width of 100000) costs nothing before it is refused."""
+    kwargs, where = meta.get(key), f"{path.parent / 'meta.json'}"
+    args = _MODEL_ARGS[key]
+    if not isinstance(kwargs, dict) or not set(kwargs) <= set(args) or not all(
+            type(kwargs[k]) is args[k] for k in kwargs):
+        raise UserError(f"{where}: {key} = {kwargs!r} is not the kwargs of a {key} "
+                        f"({', '.join(f'{k}: {t.__name__}' for k, t in args.items())}); use another checkpoint")
+    bad = [f"{k}={v!r}" for k, v in kwargs.items() if (
+        (k == "image_size" and v not in IMAGE_SIZES) or (k == "channels" and v not in (1, 3)) or
+        (k in ("latent_dim", "width") and v < 1) or (k == "norm" and v not in ("batch", "none")) or
+        (k == "arch" and v not in ("dcgan", "mlp")))]
+    if bad:
+        raise UserError(f"{where}: {key} has {', '.join(bad)}, which no dcgan_dist model has; use another checkpoint")
+    with torch.device("meta"):
+        expected = (Generator if key == "generator" else Discriminator)(**kwargs).state_dict()
+    try:
+        with safe_open(path, framework="pt") as f:
+            found = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    for name, tensor in expected.items():
+        want = (tuple(tensor.shape), _SAFETENSORS_DTYPES.get(tensor.dtype))
+        if found.get(name) != want:
+            got = "missing" if name not in found else f"{list(found[name][0])} {found[name][1]}"
+            raise UserError(f"{path} does not match meta.json's {key} {kwargs}: tensor {name} is {got} in the "
+                            f"file, {list(want[0])} {want[1]} by meta.json; use another checkpoint")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise UserError(f"{path} holds tensor {extra[0]}, which meta.json's {key} {kwargs} has not; "
+                        "use another checkpoint")
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def load_tensors(ckpt_dir: Path, stem: str) -> dict[str, torch.Tensor]:
@@ -186,63 +233,26 @@ def find_resumable(ckpt_root: Path, warn) -> tuple[Path, dict] | None:
     return None
 
 
-# --- state that is not a plain state_dict -------------------------------------------------------
+def choose_generator(arg: str, ema: bool = True) -> tuple[Path, str, dict]:
+    """Which generator weights a reader gets: (checkpoint dir, file stem, verified meta).
+
+    `arg` is a checkpoint dir, a run dir (its latest) or a `*.safetensors` beside its meta.json. The EMA
+    weights when the checkpoint has them and `ema`, else the raw generator; a named file is taken as named.
+    """
+    ckpt_dir, stem = resolve(arg)
+    meta = read_meta(ckpt_dir)
+    if stem == "generator" and ema and (ckpt_dir / "generator_ema.safetensors").is_file():
+        stem = "generator_ema"
+    if stem not in MODEL_FILES or MODEL_FILES[stem] != "generator":
+        raise UserError(f"{ckpt_dir / stem}.safetensors is not a generator; pass generator.safetensors, "
+                        "generator_ema.safetensors, or the checkpoint directory")
+    check_model_file(ckpt_dir / f"{stem}.safetensors", meta, "generator")  # even if meta.json does not list it
+    return ckpt_dir, stem, meta
 
 
-def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict -> (tensors for safetensors, JSON-able rest: param groups, scalars)."""
-    tensors, scalars = {}, {}
-    for idx, per_param in state["state"].items():
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {}
-    for flat, value in [*tensors.items(), *rest["scalars"].items()]:
-        idx, key = flat.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": rest["param_groups"]}
-
-
-def rng_state(noise: torch.Generator) -> dict[str, torch.Tensor]:
-    """This process's random state as tensors: torch CPU, CUDA, numpy, python, and the noise stream."""
-    import random
-
-    import numpy as np
-
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss = random.getstate()
-    out = {
-        "torch": torch.get_rng_state(),
-        "noise": noise.get_state(),
-        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-        "numpy_rest": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
-        "python": torch.tensor(py_state, dtype=torch.int64),
-        "python_rest": torch.tensor([version, gauss is not None, gauss or 0.0], dtype=torch.float64),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state()
-    return out
-
-
-def set_rng_state(state: dict[str, torch.Tensor], noise: torch.Generator) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    noise.set_state(state["noise"])
-    pos, has_gauss, cached = state["numpy_rest"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
-    version, has, gauss = state["python_rest"].tolist()
-    random.setstate((int(version), tuple(state["python"].tolist()), gauss if has else None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def is_ema(stem: str, meta: dict) -> bool:
+    """Whether the weights of `stem` are an EMA generator (an export says so in its meta.json)."""
+    return stem == "generator_ema" or bool(meta.get("ema"))
 
 
 def resolve(arg: str) -> tuple[Path, str]:

@@ -63,9 +63,8 @@ def train_main(argv: list[str] | None = None) -> None:
             return
         from dcgan_dist.trainer import Trainer
 
-        trainer = Trainer(cfg, overwrite=args.overwrite)
-        complete = trainer.train()
-        trainer.release()  # DDP's state freed before interpreter teardown, where gloo can abort a finished rank
+        with Trainer(cfg, overwrite=args.overwrite) as trainer:  # closed before the interpreter's teardown
+            complete = trainer.train()
         if not complete:
             sys.exit(EXIT_PREEMPTED)
 
@@ -94,19 +93,17 @@ def sample_main(argv: list[str] | None = None) -> None:
         if out.suffix not in (".npz", ".png"):
             raise UserError(f"--out {out}: use a .npz (uint8 NHWC array) or .png (grid) file name")
         if args.interpolate:
-            from dcgan_dist.evaluation import interpolate_latents
-
             if args.steps < 2 or out.suffix != ".png":
                 raise UserError("--interpolate writes a strip of --steps >= 2 images to a .png --out")
-            generator, _ = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+            generator, _, _ = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
             # seed s gives the same z as `dcgan-sample --num 1 --seed s`
             z_a, z_b = (sampling.fixed_noise(1, generator.latent_dim, s)[0] for s in args.interpolate)
-            sampling.save_grid(sampling.generate(generator, interpolate_latents(z_a, z_b, args.steps)), out,
+            sampling.save_grid(sampling.generate(generator, sampling.interpolate_latents(z_a, z_b, args.steps)), out,
                                nrow=args.steps)
             print(f"wrote a {args.steps}-image interpolation from seed {args.interpolate[0]} to "
                   f"{args.interpolate[1]} to {out}")
             return
-        generator, _ = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+        generator, _, _ = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
         z = sampling.fixed_noise(args.num, generator.latent_dim, args.seed)
         sampling.save_samples(sampling.generate(generator, z), out)
         print(f"wrote {args.num} samples to {out}")
@@ -128,14 +125,11 @@ def export_main(argv: list[str] | None = None) -> None:
         out = Path(args.out_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"{out} already exists and is not an empty directory; choose a new OUT_DIR")
-        src, _ = checkpoint.resolve(args.checkpoint)
-        meta = checkpoint.read_meta(src)
-        stem = "generator"
-        if not args.no_ema and (src / "generator_ema.safetensors").is_file():
-            stem = "generator_ema"
+        src, stem, meta = checkpoint.choose_generator(args.checkpoint, ema=not args.no_ema)
         tensors = checkpoint.load_tensors(src, stem)
         checkpoint.write_dir(out, {"generator": tensors},
-                             {"step": meta["step"], "generator": meta["generator"], "ema": stem == "generator_ema"})
+                             {"step": meta["step"], "generator": meta["generator"],
+                              "ema": checkpoint.is_ema(stem, meta)})
         print(f"exported {src / stem}.safetensors (step {meta['step']}) to {out / 'generator.safetensors'}")
 
     _run(export)
@@ -165,18 +159,16 @@ def eval_main(argv: list[str] | None = None) -> None:
     def evaluate() -> None:
         import json
 
-        from dcgan_dist import checkpoint, evaluation, sampling
+        from dcgan_dist import evaluation, sampling
         from dcgan_dist.errors import UserError
 
         if args.num < 8:
             raise UserError(f"--num {args.num}: use at least 8 images (5000 is the usual)")
-        generator, meta = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+        generator, meta, ema = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
         data_cfg = meta.get("config", {}).get("data", {})
         data, root = args.data or data_cfg.get("name"), args.data_root or data_cfg.get("root", "data")
         if not data:
             raise UserError(f"{args.checkpoint}: its meta.json names no dataset (an exported generator?); pass --data")
-        ckpt_dir, stem = checkpoint.resolve(args.checkpoint)  # the same choice load_generator made
-        ema = stem == "generator_ema" or (not args.no_ema and (ckpt_dir / "generator_ema.safetensors").is_file())
         spaces, notes = evaluation.feature_spaces(
             data, root, args.cache_dir or data_cfg.get("cache_dir") or "", args.classifier,
             inception=True if (args.inception or args.inception_weights) else None,
@@ -239,15 +231,15 @@ def _train_classifier_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     def train() -> None:
-        from dcgan_dist import evaluation
+        from dcgan_dist import evaluation, features
         from dcgan_dist.errors import UserError
 
         if args.image_size < 8 or args.epochs < 1:
             raise UserError("--image-size must be at least 8 and --epochs at least 1")
-        out = Path(args.out) if args.out else evaluation.classifier_path(
+        out = Path(args.out) if args.out else features.classifier_path(
             args.cache_dir or Path(args.data_root) / "cache", args.data, args.image_size)
         model, info = evaluation.fit_classifier(args.data, args.data_root, args.image_size, args.epochs)
-        evaluation.save_classifier(model, out, info)
+        features.save_classifier(model, out, info)
         print(f"classifier for {args.data} at {args.image_size}x{args.image_size}: held-out accuracy "
               f"{info['accuracy']:.2%} ({info['num_heldout']} images); saved to {out}")
 

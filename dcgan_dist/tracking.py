@@ -11,12 +11,15 @@ import json
 import math
 import netrc
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from dcgan_dist.config import save_config
 from dcgan_dist.errors import UserError
 
 
@@ -59,6 +62,32 @@ def git_commit() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() or None
+
+
+def prepare_run_dir(cfg, step: int, overwrite: bool) -> None:
+    """Rank 0, before logging: `--overwrite` clears a previous run; config.yaml is written; metrics.jsonl keeps
+    only the lines up to `step` (the checkpoint resumed from), since the steps after it are logged again."""
+    run_dir = cfg.run_dir
+    if overwrite:
+        for name in ("checkpoints", "samples", "wandb", "tensorboard"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        metrics.write_text("".join(ln + "\n" for ln in keep))
+
+
+def run_config(cfg, world_size: int) -> dict:
+    """What the trackers record about a run: the resolved config, the launch and the versions."""
+    import accelerate
+    import torch
+
+    return {**asdict(cfg), "world_size": world_size, "global_batch": cfg.train.batch_size * world_size,
+            "precision": cfg.train.mixed_precision, "torch": torch.__version__,
+            "accelerate": accelerate.__version__, "git_commit": git_commit()}
 
 
 class Tracker:

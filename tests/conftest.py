@@ -24,10 +24,13 @@ def env(**extra: str | None) -> dict[str, str]:
     return {k: v for k, v in e.items() if v is not None}
 
 
-def run_train(*args: str, cwd: Path = REPO, timeout: float = 300,
-              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python launch/train.py ARGS` in one process."""
-    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], cwd=cwd,
+FAULTY_TRAIN = "tests/faults/faulty_train.py"  # dcgan-train with test-side faults (FAULT_* variables)
+
+
+def run_train(*args: str, cwd: Path = REPO, timeout: float = 300, extra_env: dict[str, str] | None = None,
+              script: str = "launch/train.py") -> subprocess.CompletedProcess:
+    """`python launch/train.py ARGS` (or another entry `script`) in one process."""
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd,
                           env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout)
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, assert_ok, env, run_train
-from dcgan_dist import checkpoint
+from dcgan_dist import checkpoint, train_state
 from dcgan_dist.errors import UserError
 
 
@@ -46,7 +46,7 @@ def test_checkpoint_holds_everything_to_continue(run):
         "optimizer_D.safetensors", "optimizer_G.safetensors", "rng.safetensors"]
     meta = json.loads((ckpt / "meta.json").read_text())
     assert (meta["step"], meta["world_size"], meta["batch_size"]) == (6, 1, 16)
-    assert meta["data"] == {"epoch": 0, "position": 6} and meta["epoch"] == 0
+    assert meta["data"] == {"epoch": 0, "position": 6, "world_size": 1, "batch_size": 16} and meta["epoch"] == 0
     assert set(meta["files"]) == {p.name for p in ckpt.iterdir()} - {"meta.json"}
     assert meta["optimizer_G"]["param_groups"][0]["lr"] == 2e-4
     opt = load_file(ckpt / "optimizer_G.safetensors")
@@ -63,9 +63,9 @@ def test_optimizer_and_rng_round_trip():
     opt = torch.optim.Adam([p], lr=1e-3)
     p.grad = torch.ones(3)
     opt.step()
-    tensors, rest = checkpoint.flatten_optimizer(opt.state_dict())
+    tensors, rest = train_state.flatten_optimizer(opt.state_dict())
     json.dumps(rest)  # the non-tensor part is JSON
-    again = checkpoint.unflatten_optimizer(tensors, json.loads(json.dumps(rest)))
+    again = train_state.unflatten_optimizer(tensors, json.loads(json.dumps(rest)))
     fresh = torch.optim.Adam([torch.nn.Parameter(torch.randn(3))], lr=1e-3)
     fresh.load_state_dict(again)
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
@@ -73,10 +73,10 @@ def test_optimizer_and_rng_round_trip():
     noise = torch.Generator().manual_seed(3)
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     np.random.randn()  # leaves a cached gaussian behind: part of numpy's state
-    state = checkpoint.rng_state(noise)
+    state = train_state.rng_state(noise)
     expect = (torch.rand(2), np.random.randn(3), random.random(), torch.randn(2, generator=noise))
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
-    checkpoint.set_rng_state(state, noise)
+    train_state.set_rng_state(state, noise)
     got = (torch.rand(2), np.random.randn(3), random.random(), torch.randn(2, generator=noise))
     assert torch.equal(got[0], expect[0]) and np.array_equal(got[1], expect[1]) and got[2] == expect[2]
     assert torch.equal(got[3], expect[3])
@@ -121,7 +121,7 @@ def _damage(kind, ckpt):
 MESSAGES = {"truncated": r"generator.safetensors does not match its sha256",
             "flipped": r"generator.safetensors does not match its sha256",
             "missing": r"generator.safetensors is missing",
-            "shape": r"generator.safetensors does not fit the model",
+            "shape": r"generator.safetensors does not match meta.json's generator",
             "newer": r"meta.json has format_version 2; .*upgrade dcgan_dist",
             "pickle": r"cannot read .*generator.safetensors"}
 

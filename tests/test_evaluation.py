@@ -12,6 +12,9 @@ from safetensors.torch import save_file
 
 from conftest import REPO, accelerate_launch, assert_ok, env, run_train
 from dcgan_dist import evaluation as E
+from dcgan_dist import metrics as M
+from dcgan_dist import sampling
+from dcgan_dist.data import load_dataset
 from dcgan_dist.errors import UserError
 
 
@@ -38,73 +41,73 @@ def reference_frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_frechet_distance_is_zero_for_identical_sets():
     a = random_features(300, 16, 0)
-    assert abs(E.frechet_distance(a, a)) < 1e-9
-    assert abs(E.frechet_distance(a.float(), a.float())) < 1e-4  # float32 features are promoted to float64
+    assert abs(M.frechet_distance(a, a)) < 1e-9
+    assert abs(M.frechet_distance(a.float(), a.float())) < 1e-4  # float32 features are promoted to float64
 
 
 @pytest.mark.parametrize("n,d", [(400, 8), (1000, 64), (50, 64)])  # (50, 64): singular covariances
 def test_frechet_distance_matches_a_float64_reference(n, d):
     a, b = random_features(n, d, 1), random_features(n + 7, d, 2, shift=0.3, mix_seed=1)  # other covariance
-    ours, ref = E.frechet_distance(a, b), reference_frechet(a.numpy(), b.numpy())
+    ours, ref = M.frechet_distance(a, b), reference_frechet(a.numpy(), b.numpy())
     assert ours == pytest.approx(ref, rel=1e-7, abs=1e-8)
-    assert E.frechet_distance(b, a) == pytest.approx(ours, rel=1e-9)
+    assert M.frechet_distance(b, a) == pytest.approx(ours, rel=1e-9)
     # equal covariances: only the squared mean difference remains
-    assert E.frechet_distance(a, a + 0.5) == pytest.approx(0.25 * d, abs=1e-6)  # sqrt of ~0 eigenvalues: 1e-7
+    assert M.frechet_distance(a, a + 0.5) == pytest.approx(0.25 * d, abs=1e-6)  # sqrt of ~0 eigenvalues: 1e-7
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
     a, b = random_features(600, 16, 3), random_features(600, 16, 4)
-    same, shifted = E.kid(a, b, subsets=20, subset_size=300), E.kid(a, b + 1.0, subsets=20, subset_size=300)
+    same, shifted = M.kid(a, b, subsets=20, subset_size=300), M.kid(a, b + 1.0, subsets=20, subset_size=300)
     assert abs(same) < 0.02 and shifted > 0.5
 
 
 def test_class_histogram_coverage_and_kl():
     uniform = torch.full((10,), 0.1, dtype=torch.float64)
-    assert E.coverage(uniform) == 10 and E.class_kl(uniform, uniform) == pytest.approx(0.0, abs=1e-12)
+    assert M.coverage(uniform) == 10 and M.class_kl(uniform, uniform) == pytest.approx(0.0, abs=1e-12)
     one = torch.zeros(10, dtype=torch.float64)
     one[3] = 1
-    assert E.coverage(one) == 1 and E.class_kl(one, uniform) == pytest.approx(np.log(10))
+    assert M.coverage(one) == 1 and M.class_kl(one, uniform) == pytest.approx(np.log(10))
     # 2% is the coverage threshold: 0.019 is out, 0.02 is in
     hist = torch.tensor([0.019, 0.02] + [0.961 / 8] * 8, dtype=torch.float64)
-    assert E.coverage(hist) == 9
+    assert M.coverage(hist) == 9
     half = torch.tensor([0.5, 0.5] + [0.0] * 8, dtype=torch.float64)
-    assert E.class_kl(half, uniform) == pytest.approx(np.log(5))  # sum 0.5 log(0.5 / 0.1)
+    assert M.class_kl(half, uniform) == pytest.approx(np.log(5))  # sum 0.5 log(0.5 / 0.1)
     probs = torch.eye(10)[torch.tensor([0, 0, 1, 9])]
-    assert E.class_histogram(probs, 10).tolist() == [0.5, 0.25] + [0.0] * 7 + [0.25]
+    assert M.class_histogram(probs, 10).tolist() == [0.5, 0.25] + [0.0] * 7 + [0.25]
 
 
 def test_inception_score_and_confidence_on_constructed_predictions():
     confident_all_classes = torch.eye(10).repeat(5, 1)  # every class, one-hot
-    assert E.inception_score(confident_all_classes) == pytest.approx(10, rel=1e-6)
-    assert E.inception_score(torch.eye(10)[[4] * 50]) == pytest.approx(1, rel=1e-6)  # one class
-    assert E.inception_score(torch.full((50, 10), 0.1)) == pytest.approx(1, rel=1e-6)  # no confidence
-    assert E.mean_confidence(torch.tensor([[0.9, 0.1], [0.4, 0.6]])) == pytest.approx(0.75)
+    assert M.inception_score(confident_all_classes) == pytest.approx(10, rel=1e-6)
+    assert M.inception_score(torch.eye(10)[[4] * 50]) == pytest.approx(1, rel=1e-6)  # one class
+    assert M.inception_score(torch.full((50, 10), 0.1)) == pytest.approx(1, rel=1e-6)  # no confidence
+    assert M.mean_confidence(torch.tensor([[0.9, 0.1], [0.4, 0.6]])) == pytest.approx(0.75)
 
 
 def test_precision_recall_on_constructed_point_sets():
     g = torch.Generator().manual_seed(0)
     real = torch.randn(500, 2, generator=g)
-    p, r = E.precision_recall(real, real.clone())
+    p, r = M.precision_recall(real, real.clone())
     assert p == 1.0 and r == 1.0
-    p, r = E.precision_recall(real, torch.randn(500, 2, generator=g))  # same distribution
+    p, r = M.precision_recall(real, torch.randn(500, 2, generator=g))  # same distribution
     assert p > 0.9 and r > 0.9
     collapsed = 0.05 * torch.randn(500, 2, generator=g)  # all fakes near the centre: precise, no recall
-    p, r = E.precision_recall(real, collapsed)
+    p, r = M.precision_recall(real, collapsed)
     assert p > 0.95 and r < 0.2
-    p, r = E.precision_recall(real, torch.randn(500, 2, generator=g) + 20)  # far away: neither
+    p, r = M.precision_recall(real, torch.randn(500, 2, generator=g) + 20)  # far away: neither
     assert p == 0.0 and r == 0.0
 
 
 def test_interpolation_is_a_great_circle_with_the_ends_included():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
-    path = E.interpolate_latents(a, b, 5)
+    path = sampling.interpolate_latents(a, b, 5)
     assert path.shape == (5, 64) and torch.allclose(path[0], a, atol=1e-6) and torch.allclose(path[-1], b, atol=1e-6)
     assert path.norm(dim=1).min() > 0.9 * min(a.norm(), b.norm())  # no collapse towards 0 in the middle
 
 
 def test_split_is_fixed_and_stratified():
-    labels = E.load_labels("mnist5k")
+    _, labels = load_dataset("mnist5k", "unused", 28, 1)  # the labels come from the data layer
     assert labels.shape == (5000,) and torch.bincount(labels).tolist() == [500] * 10
     train, test = E.split_indices(labels)
     assert len(test) == 1000 and torch.bincount(labels[test]).tolist() == [100] * 10

@@ -4,10 +4,9 @@ from torch import nn
 
 from dcgan_dist.config import load_config
 from dcgan_dist.models import Discriminator, Generator, init_weights
-from dcgan_dist.trainer import model_kwargs
 
 
-# A literal transcription of the seed's networks (SEED.md section 3), Sigmoid included.
+# A literal transcription of the reference recipe's networks (docs/DCGAN.md#the-reference-recipe), Sigmoid included.
 class SeedGenerator(nn.Module):
     def __init__(self, latent_dim):
         super().__init__()
@@ -39,7 +38,7 @@ def shapes(module):
 
 def test_mnist_config_is_the_seed_networks():
     cfg = load_config("configs/mnist.yaml")
-    g_kw, d_kw = model_kwargs(cfg)
+    g_kw, d_kw = cfg.model_kwargs()
     seed_d = shapes(SeedDiscriminator())
     assert shapes(Generator(**g_kw)) == shapes(SeedGenerator(100))
     assert shapes(Discriminator(**d_kw)) == seed_d  # the Sigmoid has no parameters: D returns its logit

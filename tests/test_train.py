@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_ok, env, run_train
+from conftest import FAULTY_TRAIN, REPO, assert_ok, env, run_train
 from dcgan_dist.models import Generator
 
 
@@ -37,7 +37,7 @@ def test_smoke_run_writes_the_run_directory(tmp_path, smoke_args):
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == 12 and meta["world_size"] == 1 and meta["format_version"] == 1
     assert meta["config"] == yaml.safe_load((run / "config.yaml").read_text())
-    # DESIGN's promise: the weights rebuild with plain safetensors + the kwargs in meta.json
+    # the checkpoint contract (README): the weights rebuild with plain safetensors + the kwargs in meta.json
     g = Generator(**meta["generator"])
     g.load_state_dict(load_file(ckpt / "generator.safetensors"))
     assert g(torch.randn(2, g.latent_dim)).shape == (2, 1, 32, 32)
@@ -83,7 +83,7 @@ def test_variants_train(tmp_path, smoke_args, extra):
                                    ["train.mixed_precision=bf16", "train.channels_last=true"],
                                    ["train.mixed_precision=bf16", "train.compile=true"]])
 def test_trains_on_cuda_and_skips_a_nonfinite_step(tmp_path, smoke_args, extra):
-    proc = run_train(*smoke_args, "train.steps=8", *extra, extra_env={"DCGAN_TEST_NONFINITE": "3"})
+    proc = run_train(*smoke_args, "train.steps=8", *extra, extra_env={"FAULT_NONFINITE": "3"}, script=FAULTY_TRAIN)
     assert_ok(proc)
     assert "(cuda)" in proc.stdout
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -141,14 +141,14 @@ def test_ema_update_rule_with_warmup(tmp_path):
                                              "model.ema.decay=0.9", "model.ema.warmup_steps=4"])
     trainer = Trainer(cfg, overwrite=True)
     real, z = torch.rand(16, 1, 32, 32) * 2 - 1, torch.randn(16, 16)
-    G = trainer.accelerator.unwrap_model(trainer.G)
-    assert all(torch.equal(a, b) for a, b in zip(trainer.G_ema.parameters(), G.parameters()))  # starts as G
+    G, G_ema = trainer.accelerator.unwrap_model(trainer.G), trainer.ema.module
+    assert all(torch.equal(a, b) for a, b in zip(G_ema.parameters(), G.parameters()))  # starts as G
     for t in range(1, 7):
-        before = [p.detach().clone() for p in trainer.G_ema.parameters()]
+        before = [p.detach().clone() for p in G_ema.parameters()]
         trainer.train_step(real, z)
         trainer.step += 1
         d = 0.9 * min(1.0, t / 4)
-        for old, ema, g in zip(before, trainer.G_ema.parameters(), G.parameters()):
+        for old, ema, g in zip(before, G_ema.parameters(), G.parameters()):
             torch.testing.assert_close(ema, d * old + (1 - d) * g, rtol=0, atol=1e-6)
-        assert all(torch.equal(a, b) for a, b in zip(trainer.G_ema.buffers(), G.buffers()))
-    trainer._finish()
+        assert all(torch.equal(a, b) for a, b in zip(G_ema.buffers(), G.buffers()))
+    trainer.close()

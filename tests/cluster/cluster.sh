@@ -8,7 +8,7 @@
 # Two "nodes" are two network namespaces, node1 (10.77.0.11) and node2 (10.77.0.12), on a bridge
 # with the controller at 10.77.0.1; each slurmd also gets its own UTS namespace, hence its own
 # hostname (gloo advertises the hostname; a shared one resolves to 127.0.0.1 and ranks on different
-# nodes cannot meet). Recipe and pitfalls: ../shared/notes/test-cluster.md.
+# nodes cannot meet). The pitfalls met on the way are commented where each is handled below.
 #
 # Nothing outside $STATE is written except two marked lines in /etc/hosts (removed by `down`); the
 # system's /etc/slurm/slurm.conf is left alone: clients find ours through SLURM_CONF.

@@ -14,7 +14,7 @@ from dcgan_dist.sampling import load_generator
 
 ckpt, classifier, num, seed, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 acc = Accelerator(cpu=True)
-generator, _ = load_generator(ckpt)
+generator, _, _ = load_generator(ckpt)
 model, meta = load_classifier(classifier)
 space = classifier_space(model, meta, *labelled_data(meta["data"], "data", meta["image_size"]))
 metrics = evaluate(generator, num, [space], seed=seed, batch_size=16, accelerator=acc)

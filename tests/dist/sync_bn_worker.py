@@ -55,7 +55,7 @@ def build_layers() -> nn.ModuleDict:
 
 
 def wrap_ddp(module: nn.Module) -> DDP:
-    """DDP as the trainer runs it: no broadcast of rank 0's buffers at every forward (see DESIGN.md)."""
+    """DDP as the trainer runs it: no broadcast of rank 0's buffers at every forward (README: "Distributed training: what holds")."""
     if "forward_sync_buffers" in inspect.signature(DDP).parameters:  # torch >= 2.14 renamed the flag
         return DDP(module, forward_sync_buffers=False)
     return DDP(module, broadcast_buffers=False)

@@ -24,8 +24,8 @@ acc, rank, world = trainer.accelerator, trainer.accelerator.process_index, train
 def save_params(tag: str) -> None:
     state = {f"G.{k}": v for k, v in acc.unwrap_model(trainer.G).state_dict().items()}
     state |= {f"D.{k}": v for k, v in acc.unwrap_model(trainer.D).state_dict().items()}
-    if trainer.G_ema is not None:
-        state |= {f"EMA.{k}": v for k, v in trainer.G_ema.state_dict().items()}
+    if trainer.ema is not None:
+        state |= {f"EMA.{k}": v for k, v in trainer.ema.module.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, out / f"{tag}-rank{rank}.safetensors")
 
 
@@ -49,7 +49,7 @@ if mode == "train":
         trainer.D.register_comm_hook(None, counting_hook("D"))
     indices = []
 
-    class Recording:  # the trainer's batch stream, noting each rank's indices and their epoch
+    class Recording:  # the batch source's index order, noting each rank's indices and their epoch
         def __init__(self, inner):
             self.inner = inner
 
@@ -61,7 +61,7 @@ if mode == "train":
             indices.append([self.inner.epoch, idx.tolist()])
             return idx
 
-    trainer.batches = Recording(trainer.batches)
+    trainer.data.order = Recording(trainer.data.order)
     per_step = []  # this rank's STATS of every step, as train_step returned them
     step_fn = trainer.train_step
 
@@ -74,7 +74,7 @@ if mode == "train":
     trainer.train()
     (out / f"record-rank{rank}.json").write_text(json.dumps({
         "world": world, "indices": indices, "reductions": reductions, "per_step": per_step,
-        "batches_per_epoch": trainer.batches.batches_per_epoch, "num_items": trainer.batches.num_items,
+        "batches_per_epoch": trainer.data.batches_per_epoch, "num_items": trainer.data.num_items,
     }))
     save_params("final")
 elif mode == "step":
@@ -91,5 +91,4 @@ elif mode == "step":
         from dcgan_dist.sync_bn import check_consistency
 
         check_consistency(trainer.G, "G"), check_consistency(trainer.D, "D")
-    acc.end_training()
-trainer.release()  # as dcgan-train does: DDP's state must not be left to interpreter teardown
+trainer.close()  # as dcgan-train does: DDP's state must not be left to interpreter teardown

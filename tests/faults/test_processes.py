@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import (
+    FAULTY_TRAIN,
     REPO,
     accelerate_launch,
     assert_ok,
@@ -62,14 +63,14 @@ def test_sigkill_of_one_rank_ends_the_job_then_resume_continues(tmp_path, ranks,
 
 
 def test_sigkill_at_random_instants_never_loses_latest(tmp_path, fault_row):
-    """20 kills, many inside a checkpoint write (a test hook slows each file write down)."""
+    """20 kills, many inside a checkpoint write (faulty_train.py slows each file write down)."""
     run, rng = tmp_path / "run", random.Random()
     args = ["--config", "configs/smoke.yaml", f"run.dir={run}", "train.steps=100000", "train.checkpoint_every=1",
             "train.keep_last=2", "log.every=1000", "log.sample_every=0"]
-    slow_env = env(DCGAN_TEST_CHECKPOINT_DELAY="0.03")
+    slow_env = env(FAULT_CHECKPOINT_DELAY="0.03")
     resumed_from, exits = [], []
     for trial in range(20):
-        proc = subprocess.Popen([sys.executable, "launch/train.py", *args], cwd=REPO, env=slow_env,
+        proc = subprocess.Popen([sys.executable, FAULTY_TRAIN, *args], cwd=REPO, env=slow_env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         before = checkpoint.latest_checkpoint(run / "checkpoints")
         deadline = time.time() + 90

@@ -39,7 +39,7 @@ def test_the_unsafe_patterns_catch_what_they_should():
 
 
 def _checkpoint(root: Path) -> Path:
-    ckpt = checkpoint.write_dir(root / "step-00000001", {"generator": {}}, {"step": 1})
+    ckpt = checkpoint.write_dir(root / "step-00000001", {"rng": {}}, {"step": 1})
     (root / "latest").write_text("step-00000001\n")
     return ckpt
 

@@ -12,10 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, accelerate_launch, assert_ok, env, launch_background, run_train, snapshot, wait_for_step
+from conftest import (
+    FAULTY_TRAIN,
+    REPO,
+    accelerate_launch,
+    assert_ok,
+    env,
+    launch_background,
+    run_train,
+    snapshot,
+    wait_for_step,
+)
 from dcgan_dist import checkpoint
 from dcgan_dist.config import load_config
-from dcgan_dist.trainer import Trainer
 
 SMOKE = ["--config", "configs/smoke.yaml", "log.sample_every=0"]
 
@@ -28,9 +37,12 @@ def _records(run):
 
 
 def test_a_skipped_step_leaves_the_weights_and_the_optimizer_alone(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCGAN_TEST_NONFINITE", "3")  # D's loss is NaN at step 3
+    sys.path.insert(0, str(REPO / "tests" / "faults"))
+    from faulty_train import FaultyTrainer
+
+    monkeypatch.setenv("FAULT_NONFINITE", "3")  # D's loss is NaN at step 3
     cfg = load_config("configs/smoke.yaml", [f"run.dir={tmp_path / 'run'}", "log.wandb.mode=disabled"])
-    trainer = Trainer(cfg, overwrite=True)
+    trainer = FaultyTrainer(cfg, overwrite=True)
     real, z = torch.rand(16, 1, 32, 32) * 2 - 1, torch.randn(16, 16)
     for _ in range(2):
         assert trainer.train_step(real, z)[-1] == 0
@@ -44,16 +56,16 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_alone(tmp_path, mon
     assert [float(s["step"]) for s in trainer.opt_D.state.values()] == adam_steps  # nor its Adam state
     assert not all(torch.equal(a, b) for a, b in zip(G, trainer.G.parameters()))  # G's step went through
     assert all(torch.isfinite(p).all() for p in trainer.G.parameters())
-    trainer._finish()
+    trainer.close()
 
 
 @pytest.mark.slow
 def test_nonfinite_with_stop_ends_every_rank_naming_the_step_and_last_checkpoint(tmp_path, fault_row):
     run = tmp_path / "run"
     start = time.monotonic()
-    proc = accelerate_launch(2, "launch/train.py", *SMOKE, f"run.dir={run}", "train.steps=12",
+    proc = accelerate_launch(2, FAULTY_TRAIN, *SMOKE, f"run.dir={run}", "train.steps=12",
                              "train.checkpoint_every=4", "train.on_nonfinite=stop",
-                             extra_env={"DCGAN_TEST_NONFINITE": "6@1"})  # rank 1 only
+                             extra_env={"FAULT_NONFINITE": "6@1"})  # rank 1 only
     exit_s = time.monotonic() - start
     assert proc.returncode != 0
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
@@ -71,9 +83,9 @@ def test_nonfinite_with_stop_ends_every_rank_naming_the_step_and_last_checkpoint
 @pytest.mark.slow
 def test_nonfinite_with_skip_skips_on_every_rank_and_counts(tmp_path, fault_row):
     run = tmp_path / "run"
-    proc = accelerate_launch(2, "launch/train.py", *SMOKE, f"run.dir={run}", "train.steps=12",
+    proc = accelerate_launch(2, FAULTY_TRAIN, *SMOKE, f"run.dir={run}", "train.steps=12",
                              "train.on_nonfinite=skip", "train.max_consecutive_skips=2",
-                             extra_env={"DCGAN_TEST_NONFINITE": "5,6@1"})
+                             extra_env={"FAULT_NONFINITE": "5,6@1"})
     assert_ok(proc)
     records = _records(run)
     assert [r["train/nonfinite_steps"] for r in records] == [0, 2, 2]  # logged at steps 4, 8, 12
@@ -88,7 +100,7 @@ def test_too_many_consecutive_skips_stop_the_run(tmp_path, fault_row):
     run = tmp_path / "run"
     start = time.monotonic()
     proc = run_train(*SMOKE, f"run.dir={run}", "train.steps=12", "train.max_consecutive_skips=2",
-                     "train.checkpoint_every=4", extra_env={"DCGAN_TEST_NONFINITE": "5,6,7"})
+                     "train.checkpoint_every=4", extra_env={"FAULT_NONFINITE": "5,6,7"}, script=FAULTY_TRAIN)
     exit_s = time.monotonic() - start
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert ("3 steps in a row with a non-finite loss or gradients, up to step 7 (more than "

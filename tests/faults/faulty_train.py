@@ -1,0 +1,36 @@
+"""`dcgan-train` with faults injected from the test side (the package reads no test variable).
+
+usage: python tests/faults/faulty_train.py [dcgan-train arguments]   (or under `accelerate launch`)
+  FAULT_NONFINITE="STEP,STEP[@RANK]"  D's fake loss is NaN at these 1-based steps (on RANK only, default all)
+  FAULT_CHECKPOINT_DELAY=SECONDS      every checkpoint file write sleeps this long after writing (widens the
+                                      window in which a kill lands inside a checkpoint write)
+"""
+
+import os
+import time
+
+from dcgan_dist import checkpoint, cli, trainer
+
+
+class FaultyTrainer(trainer.Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        steps_at, _, rank = os.environ.get("FAULT_NONFINITE", "").partition("@")
+        nan_at = {int(x) for x in steps_at.split(",") if x} if rank in ("", str(self.rank)) else set()
+        d_fake = self.loss.d_fake
+        self.loss.d_fake = lambda logits: d_fake(logits) * (float("nan") if self.step + 1 in nan_at else 1.0)
+
+
+delay = float(os.environ.get("FAULT_CHECKPOINT_DELAY", "0"))
+if delay:
+    save_file = checkpoint.save_file
+
+    def slow_save_file(*args, **kwargs):
+        save_file(*args, **kwargs)
+        time.sleep(delay)
+
+    checkpoint.save_file = slow_save_file
+
+trainer.Trainer = FaultyTrainer  # what cli.train_main builds
+if __name__ == "__main__":
+    cli.train_main()
