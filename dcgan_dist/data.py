@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dcgan_dist.batches import InMemoryBatches
 from dcgan_dist.catalog import DATASETS
 from dcgan_dist.errors import UserError
 
@@ -49,6 +50,18 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
         keep = keep.sort().values  # a fixed random subset: mnist5k is sorted by class
         images, labels = images[keep], None if labels is None else labels[keep]
     return _resize(images, image_size), labels
+
+
+def batch_source(cfg, rank: int, world_size: int, pin_memory: bool = False, warn=print) -> InMemoryBatches:
+    """The batch source of a config for this rank (today: the whole dataset in memory, every rank a copy).
+
+    Under several ranks call it on the main process first: it may decode and cache an image folder."""
+    d = cfg.data
+    images, labels = load_dataset(d.name, d.root, cfg.model.image_size, cfg.image_channels, download=d.download,
+                                  cache_dir=d.cache_dir, num_images=d.num_images, skip_bad_files=d.skip_bad_files,
+                                  warn=warn)
+    return InMemoryBatches(images, labels, cfg.train.batch_size, rank, world_size, cfg.train.seed,
+                           num_classes=DATASETS[d.name].num_classes, pin_memory=pin_memory)
 
 
 def load_images(name: str, root: str, image_size: int, channels: int, **kwargs) -> torch.Tensor:

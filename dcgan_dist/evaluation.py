@@ -225,14 +225,12 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
 
 class DuringTraining:
     """train.eval_every: the metrics of train.eval_num samples, the same seeded noise every time, generated in
-    shares by all ranks; and which evaluation is the best so far (train.keep_best)."""
+    shares by all ranks; and whether they beat the best so far by train.keep_best."""
 
     def __init__(self, cfg, accelerator, log):
         d, t = cfg.data, cfg.train
         self.accelerator, self.num, self.seed, self.keep_best = accelerator, t.eval_num, t.seed, t.keep_best
-        self.best: dict | None = None  # {"metric", "value", "step"}: saved in checkpoints
-        # Rank 0 may train the classifier (once) and write it; the others then read it.
-        with accelerator.main_process_first():
+        with accelerator.main_process_first():  # rank 0 may train the classifier (once); the others read it
             self.spaces, notes = feature_spaces(d.name, d.root, d.cache_dir, image_size=cfg.model.image_size,
                                                 channels=cfg.image_channels, num_images=d.num_images, log=log)
         names = [s.name for s in self.spaces]
@@ -242,13 +240,12 @@ class DuringTraining:
             raise UserError(f"train.keep_best = {t.keep_best!r}: no {t.keep_best.split('/')[0]} metrics for "
                             f"{d.name} (available: {', '.join(names)}); " + "; ".join(notes))
 
-    def __call__(self, generator: nn.Module, step: int) -> tuple[dict[str, float], bool]:
-        """(metrics, whether they are the best so far by train.keep_best). Collective: every rank calls it."""
-        metrics = evaluate(generator, self.num, self.spaces, seed=self.seed, accelerator=self.accelerator)
-        if not self.keep_best:
-            return metrics, False
-        value = metrics[self.keep_best]
-        improved = math.isfinite(value) and (self.best is None or is_better(self.keep_best, value, self.best["value"]))
-        if improved:
-            self.best = {"metric": self.keep_best, "value": value, "step": step}
-        return metrics, improved
+    def __call__(self, generator: nn.Module) -> dict[str, float]:
+        """{"<space>/<metric>": value}, the same on every rank. Collective: every rank calls it."""
+        return evaluate(generator, self.num, self.spaces, seed=self.seed, accelerator=self.accelerator)
+
+    def improves(self, metrics: dict[str, float], best: dict | None) -> bool:
+        """Whether `metrics` beat `best` ({"metric", "value", "step"} or None) by train.keep_best."""
+        value = metrics.get(self.keep_best, math.nan)
+        return bool(self.keep_best) and math.isfinite(value) and (
+            best is None or is_better(self.keep_best, value, best["value"]))

@@ -26,10 +26,9 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from tqdm.auto import tqdm
 
 from dcgan_dist import augment, checkpoint, networks, sampling, tracking, train_state
-from dcgan_dist.batches import InMemoryBatches
-from dcgan_dist.catalog import DATASETS, parse_augment
+from dcgan_dist.catalog import parse_augment
 from dcgan_dist.config import Config, validate_world
-from dcgan_dist.data import load_dataset, to_model_range
+from dcgan_dist.data import batch_source, to_model_range
 from dcgan_dist.errors import RunError
 from dcgan_dist.evaluation import DuringTraining
 from dcgan_dist.losses import AdversarialLoss
@@ -70,13 +69,8 @@ class Trainer:
         self.run_dir, self.ckpt_root, self.closed = cfg.run_dir, cfg.run_dir / "checkpoints", False
         resume = None if overwrite else train_state.find_resume(cfg, self._print)  # every rank reads; no writes yet
 
-        d = cfg.data
         with acc.main_process_first():  # rank 0 fills the decode cache, the others read it
-            images, labels = load_dataset(d.name, d.root, cfg.model.image_size, cfg.image_channels,
-                                          download=d.download, cache_dir=d.cache_dir, num_images=d.num_images,
-                                          skip_bad_files=d.skip_bad_files, warn=self._print)
-        self.data = InMemoryBatches(images, labels, cfg.train.batch_size, self.rank, self.world, cfg.train.seed,
-                                    num_classes=DATASETS[d.name].num_classes, pin_memory=cuda)
+            self.data = batch_source(cfg, self.rank, self.world, pin_memory=cuda, warn=self._print)
         self.evaluator = DuringTraining(cfg, acc, self._print) if cfg.train.eval_every else None
 
         nets = networks.build(cfg, self.device)
@@ -95,9 +89,7 @@ class Trainer:
         self.step = restored.get("step", 0)
         self.stats = IntervalStats(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips,
                                    restored.get("nonfinite_steps", 0))
-        self.best = restored.get("best")  # kept across runs that evaluate and runs that do not
-        if self.evaluator is not None:
-            self.evaluator.best = self.best
+        self.best = restored.get("best")  # train.keep_best: {metric, value, step} of checkpoints/best
 
         # Preemption: a signal only sets a flag; ranks agree on it at the next step boundary (one small
         # all-reduce on the CPU, over gloo, so no device sync is added to the step).
@@ -288,13 +280,14 @@ class Trainer:
 
     def _evaluate(self) -> None:
         start = time.perf_counter()
-        metrics, improved = self.evaluator(self.sampling_generator(), self.step)  # the same on every rank
+        metrics = self.evaluator(self.sampling_generator())  # the same on every rank
         self.tracker.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()},
                           "eval/seconds": time.perf_counter() - start})
         shown = [k for k in metrics if k.split("/")[1] in ("fd", "fd_floor", "coverage", "confidence")]
         self._print(f"eval at step {self.step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown))
-        if improved:
-            self.best = self.evaluator.best
+        if self.evaluator.improves(metrics, self.best):
+            self.best = {"metric": self.cfg.train.keep_best, "value": metrics[self.cfg.train.keep_best],
+                         "step": self.step}
             self.save_checkpoint(best=True)
             self._print(f"best {self.best['metric']} so far: checkpoint {self.ckpt_root / 'best'} (step {self.step})")
 
@@ -316,11 +309,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Finish the trackers and accelerate, then drop the DDP-wrapped G and D and collect. Idempotent.
-
-        DDP keeps its last all-reduce state; left to interpreter teardown, gloo can abort a rank that has
-        finished ("terminate called without an active exception", SIGABRT). Freed here, it goes while the
-        interpreter is alive. The EMA generator and the optimizers stay usable."""
+        """Finish the trackers and accelerate, then free the DDP-wrapped G and D while the interpreter is alive
+        (left to its teardown, gloo can abort a finished rank: "terminate called without an active exception").
+        Idempotent; the EMA generator, un-wrapped G and D and the optimizers stay usable."""
         if self.closed:
             return
         self.closed = True

@@ -264,7 +264,7 @@ def test_two_rank_evaluate_equals_one_process(tmp_path, classifier, mnist_run):
     assert two["world"] == 2
     from dcgan_dist.sampling import load_generator
 
-    generator, _ = load_generator(str(mnist_run))
+    generator, _, _ = load_generator(str(mnist_run))
     model, meta = E.load_classifier(classifier)
     space = E.classifier_space(model, meta, *E.labelled_data("mnist5k", "data", 32))
     one = E.evaluate(generator, num, [space], seed=seed, batch_size=16)  # as the worker
@@ -294,7 +294,7 @@ def test_eval_during_two_rank_training_equals_one_process_and_keeps_the_best(tmp
     model, meta = E.load_classifier(classifier)
     space = E.classifier_space(model, meta, *E.labelled_data("mnist5k", "data", 32))
     for record in evals:
-        generator, _ = load_generator(str(run / "checkpoints" / f"step-{record['step']:08d}"))
+        generator, _, _ = load_generator(str(run / "checkpoints" / f"step-{record['step']:08d}"))
         one = E.evaluate(generator, 101, [space], seed=0)
         for key, value in one.items():
             assert record[f"eval/{key}"] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -157,3 +157,17 @@ def test_the_repository_cites_only_what_it_holds():
         if name.endswith(".md"):
             for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", (REPO / name).read_text()):
                 assert (REPO / name).parent.joinpath(target).exists(), f"{name} links to missing {target}"
+
+
+def test_modules_import_only_those_above_them_in_the_architecture_table():
+    """docs/ARCHITECTURE.md's table is the layering: a module may import only the modules listed above it."""
+    table = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    order = re.findall(r"^\| `(\w+)\.py` \|", table, flags=re.M)
+    assert set(order) == {p.stem for p in (REPO / "dcgan_dist").glob("*.py")} - {"__init__"}, order
+    for i, name in enumerate(order[:-1]):  # cli (last) imports everything, inside each command
+        text = (REPO / "dcgan_dist" / f"{name}.py").read_text()
+        imported = set(re.findall(r"from dcgan_dist\.(\w+) import", text))
+        imported |= {m for group in re.findall(r"^\s*from dcgan_dist import (\([^)]*\)|[^\n#]+)", text, flags=re.M)
+                     for m in re.findall(r"\w+", re.sub(r"\s+as\s+\w+", "", group))}
+        above = set(order[:i])
+        assert imported <= above, f"{name}.py imports {sorted(imported - above)}, listed below it"
