@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcgan_dist.catalog import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRIC_SPACES
 from dcgan_dist.config import save_config
 from dcgan_dist.errors import UserError
 
@@ -91,7 +92,13 @@ def run_config(cfg, world_size: int) -> dict:
 
 
 class Tracker:
-    """metrics.jsonl plus the accelerate trackers; every method is a no-op off the main process."""
+    """metrics.jsonl plus the accelerate trackers; every method is a no-op off the main process.
+
+    W&B gets no `step=`: it drops a log call whose step is below the run's current step, which is what the
+    steps re-run after resuming from a crash are. Each call takes W&B's next internal step instead, and the
+    training step is the `step` metric, the x-axis of every panel. The run id is kept in `wandb/run_id`
+    from the start, so a job that crashes before its first checkpoint is continued in the same run.
+    """
 
     def __init__(self, accelerator, cfg, run_dir: Path, run_config: dict, resume_id: str | None):
         self.acc, self.main = accelerator, accelerator.is_main_process
@@ -101,6 +108,9 @@ class Tracker:
             return
         w = cfg.log.wandb
         mode = wandb_mode(w.mode)
+        id_file = run_dir / "wandb" / "run_id"  # removed with the run's wandb/ by --overwrite
+        if resume_id is None and id_file.is_file():
+            resume_id = id_file.read_text().strip() or None
         init = {"wandb": {"mode": mode, "dir": str(run_dir), "name": w.name or cfg.run.name, "entity": w.entity or None,
                           "group": w.group or None, "tags": list(w.tags) or None, "resume": "allow",
                           **({"id": resume_id} if resume_id else {})}}
@@ -112,7 +122,13 @@ class Tracker:
         if "wandb" in [t.name for t in accelerator.trackers]:
             self.wandb_run = accelerator.get_tracker("wandb", unwrap=True)
             self.wandb_run.define_metric("step")
+            for space in METRIC_SPACES:  # the run summary keeps each evaluation metric's best value
+                for name in LOWER_IS_BETTER + HIGHER_IS_BETTER:
+                    self.wandb_run.define_metric(f"eval/{space}/{name}", step_metric="step",
+                                                 summary="min" if name in LOWER_IS_BETTER else "max")
             self.wandb_run.define_metric("*", step_metric="step")  # `step` is the x-axis of every panel
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(self.wandb_run.id + "\n")
             if mode == "offline" and w.mode == "auto":
                 print(f"W&B: no credentials, logging offline to {run_dir / 'wandb'}; upload later with "
                       f"`wandb sync {run_dir / 'wandb'}/offline-run-*`", flush=True)
@@ -125,20 +141,28 @@ class Tracker:
         if not self.main:
             return
         self.metrics.log(record)
-        if self.acc.trackers:
+        for tracker in self.acc.trackers:
+            if tracker.name != "wandb":  # TensorBoard: the training step is its step
+                tracker.log(record, step=record["step"])
+        if self.wandb_run is not None:
             try:
-                self.acc.log(record, step=record["step"])
+                self.wandb_run.log(record)  # no step= (see the class docstring); record["step"] is the x-axis
             except Exception as e:  # W&B failing mid-run: keep training, keep the local log
                 self._drop_wandb(f"W&B logging failed ({type(e).__name__}: {e})")
 
     def log_image(self, key: str, grid: np.ndarray, step: int) -> None:
         """`grid`: uint8 [H, W, C]."""
+        if not self.main:
+            return
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(key, grid, global_step=step, dataformats="HWC")
         if self.wandb_run is None:
             return
         import wandb
 
         try:
-            self.wandb_run.log({key: wandb.Image(grid), "step": step}, step=step)
+            self.wandb_run.log({key: wandb.Image(grid), "step": step})
         except Exception as e:  # as in log()
             self._drop_wandb(f"W&B image logging failed ({type(e).__name__}: {e})")
 

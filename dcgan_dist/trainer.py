@@ -232,7 +232,8 @@ class Trainer:
                             "continue with train.resume=auto")
                 return False
         bar.close()
-        self.save_samples()
+        if not (cfg.log.sample_every and steps % cfg.log.sample_every == 0):  # else this grid is saved already
+            self.save_samples()
         last = self.save_checkpoint()
         self._print(f"done: samples in {self.run_dir / 'samples'}, checkpoint {last}")
         return True

@@ -44,21 +44,25 @@ def read_wandb(path):
     return records
 
 
-def history(run_dir):
-    """{step: {key: value}} from every offline W&B run under run_dir, and the run ids."""
+def history_rows(path):
+    """The history rows of one `.wandb` file, in order, as {key: value}."""
+    return [{("/".join(i.nested_key) if i.nested_key else i.key): json.loads(i.value_json) for i in rec.history.item}
+            for rec in read_wandb(path) if rec.WhichOneof("record_type") == "history"]
+
+
+def history(run_dir, allow_repeats=False):
+    """{training step: {key: value}} from every offline W&B run under run_dir (in order), and the run ids.
+
+    The training step is the `step` metric (W&B's own `_step` just counts log calls)."""
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     rows, ids = {}, []
     for f in files:
-        for rec in read_wandb(f):
-            if rec.WhichOneof("record_type") == "run":
-                ids.append(rec.run.run_id)
-            if rec.WhichOneof("record_type") == "history":
-                row = {("/".join(i.nested_key) if i.nested_key else i.key): json.loads(i.value_json)
-                       for i in rec.history.item}
-                step = row.get("_step")
-                assert step not in rows or set(rows[step]) & set(row) <= {"_step", "_runtime", "_timestamp", "step"}, \
-                    f"step {step} logged twice"
-                rows.setdefault(step, {}).update(row)
+        ids += [rec.run.run_id for rec in read_wandb(f) if rec.WhichOneof("record_type") == "run"]
+        for row in history_rows(f):
+            step = row.get("step")
+            assert allow_repeats or step not in rows or \
+                set(rows[step]) & set(row) <= {"_step", "_runtime", "_timestamp", "step"}, f"step {step} logged twice"
+            rows.setdefault(step, {}).update(row)
     return rows, ids
 
 
@@ -80,8 +84,8 @@ def test_two_ranks_offline_wandb_one_run_every_scalar_and_reduced_losses(tmp_pat
     # the image grids: in the history (as wandb.Image entries) and as PNG media files
     assert [s for s, r in sorted(rows.items()) if "samples/fixed_noise/_type" in r] == [4, 8]
     assert [s for s, r in rows.items() if "samples/real/_type" in r] == [0]
-    media = sorted(p.name.rsplit("_", 1)[0] for p in runs[0].glob("files/media/images/samples/*.png"))
-    assert media == ["fixed_noise_4", "fixed_noise_8", "real_0"], media
+    media = sorted(p.name.split("_")[0] for p in runs[0].glob("files/media/images/samples/*.png"))
+    assert media == ["fixed", "fixed", "real"], media  # named by W&B's own step counter
 
     # loss/D in metrics.jsonl (and W&B) is the mean over both ranks and the interval's steps
     per_rank = [json.loads((tmp_path / f"record-rank{r}.json").read_text())["per_step"] for r in range(2)]
@@ -117,6 +121,45 @@ def test_sigterm_and_resume_continue_the_same_wandb_run(tmp_path):
     assert set(ids) == {meta["wandb_run_id"]}  # the resumed job continues the same run
     steps = sorted(s for s, r in rows.items() if "loss/D" in r)
     assert steps == list(range(1, stopped + 6))  # continuous, no duplicates (history() refuses those)
+
+
+def _kill_after(args, run, lines, e):
+    proc = subprocess.Popen(args, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= lines):
+        assert proc.poll() is None, proc.stdout.read()
+    proc.kill()  # a crash: no checkpoint, no W&B finish
+    proc.communicate(timeout=60)
+    return len((run / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_a_crash_and_resume_continue_the_same_wandb_run_and_relog_the_lost_steps(tmp_path):
+    """W&B drops a log call whose step is below the run's current one; the steps re-run after a crash must not
+    be given as W&B's step. And a crash before the first checkpoint must not start a second W&B run."""
+    run = tmp_path / "run"
+    args = [sys.executable, "launch/train.py", "--config", "configs/smoke.yaml", f"run.dir={run}", "log.every=1",
+            "log.sample_every=0", "log.wandb.mode=offline"]
+    e = env(WANDB_MODE=None)
+    _kill_after([*args, "train.steps=400", "train.checkpoint_every=0"], run, 3, e)  # before any checkpoint
+    assert not (run / "checkpoints" / "latest").exists()
+    _kill_after([*args, "train.steps=400", "train.checkpoint_every=4"], run, 7, e)  # from step 0 again
+    logged = len((run / "metrics.jsonl").read_text().splitlines())
+    assert logged >= 7
+    proc = subprocess.run([*args, f"train.steps={logged + 2}", "train.checkpoint_every=4"], cwd=REPO, env=e,
+                          capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    resumed_from = int(proc.stdout.split("at step ")[1].split(" ")[0])
+    assert resumed_from < logged  # steps after the checkpoint are trained and logged again
+    runs = sorted((run / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
+    assert len(runs) == 3
+    ids = {p.name.rsplit("-", 1)[1] for p in runs}  # offline-run-<time>-<run id>
+    assert len(ids) == 1 and ids == {(run / "wandb" / "run_id").read_text().strip()}, runs  # one W&B run
+    last = [r for r in history_rows(next(runs[-1].glob("run-*.wandb"))) if "loss/D" in r]
+    assert [r["step"] for r in last] == list(range(resumed_from + 1, logged + 3))  # the re-run steps included
+    assert [r["_step"] for r in last] != [r["step"] for r in last]  # W&B's own counter, not the training step
+    metrics = {r.metric.name: r.metric for r in read_wandb(next(runs[-1].glob("run-*.wandb")))
+               if r.WhichOneof("record_type") == "metric"}
+    assert metrics["eval/classifier/fd"].summary.min and metrics["eval/classifier/confidence"].summary.max
 
 
 def test_online_without_credentials_warns_once_and_trains(tmp_path):
@@ -162,3 +205,5 @@ def test_tensorboard_gets_the_same_scalars(tmp_path, smoke_args):
     scalars = acc.Scalars("loss/D")
     assert [e.step for e in scalars] == [r["step"] for r in logged]
     assert [e.value for e in scalars] == pytest.approx([r["loss/D"] for r in logged], rel=1e-6)
+    assert [e.step for e in acc.Images("samples/fixed_noise")] == [6, 8]  # the grids reach its Images tab
+    assert [e.step for e in acc.Images("samples/real")] == [0]
