@@ -18,6 +18,8 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 EXIT_RUN_ERROR = 1
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue with train.resume=auto
+# What gloo and NCCL say when the rank at the other end of a collective is gone
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
 
 def _run(fn: Callable[[], None]) -> None:
@@ -31,6 +33,14 @@ def _run(fn: Callable[[], None]) -> None:
         else:  # the other ranks hit the same error: let rank 0 print before the launcher tears the job down
             time.sleep(3)
         sys.exit(EXIT_USER_ERROR if isinstance(e, UserError) else EXIT_RUN_ERROR)
+    except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not any(m in str(e) for m in PEER_LOST):
+            raise
+        # Another rank failed first and printed why (or its traceback); this one only lost the connection.
+        print(f"error: rank {rank} stopped: another rank of the job failed first (its error is above)",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_RUN_ERROR)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

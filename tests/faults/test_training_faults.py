@@ -132,6 +132,13 @@ def test_disk_full_during_a_checkpoint_loses_nothing(tmp_path, fault_row):
         assert f"the last checkpoint is {run / 'checkpoints' / 'step-00000004'}" in proc.stderr
         assert snapshot(run / "checkpoints") == before  # latest, step 4, no half-written directory
         checkpoint.read_meta(checkpoint.latest_checkpoint(run / "checkpoints"))
+        # 2 ranks: rank 0 writes and fails; rank 1, waiting for it, says so in one line, not a traceback
+        proc = accelerate_launch(2, "launch/train.py", *args, "train.steps=8")
+        assert proc.returncode != 0 and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+        assert len(errors) == 2 and "error: cannot write checkpoint" in errors[0], proc.stderr[-3000:]
+        assert errors[1] == "error: rank 1 stopped: another rank of the job failed first (its error is above)"
+        assert snapshot(run / "checkpoints") == before
         filler.unlink()  # space again: the run continues from step 4
         proc = run_train(*args, "train.steps=8")
         assert_ok(proc)
