@@ -111,6 +111,7 @@ class WandbConfig:
     group: str = ""
     tags: list[str] = field(default_factory=list)
     mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
+    log_checkpoints: bool = False  # upload the final and the best generator (safetensors + meta.json) as artifacts
 
 
 @dataclass

@@ -103,7 +103,7 @@ class Tracker:
     def __init__(self, accelerator, cfg, run_dir: Path, run_config: dict, resume_id: str | None):
         self.acc, self.main = accelerator, accelerator.is_main_process
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if self.main else None
-        self.wandb_run = None
+        self.wandb_run, self.log_checkpoints = None, cfg.log.wandb.log_checkpoints
         if not self.main or not accelerator.log_with:
             return
         w = cfg.log.wandb
@@ -165,6 +165,31 @@ class Tracker:
             self.wandb_run.log({key: wandb.Image(grid), "step": step})
         except Exception as e:  # as in log()
             self._drop_wandb(f"W&B image logging failed ({type(e).__name__}: {e})")
+
+    def mark_preempting(self) -> None:
+        """A stop signal arrived: W&B marks the run preempting (it is resumed by the requeued job)."""
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.mark_preempting()
+            except Exception as e:  # as in log()
+                self._drop_wandb(f"W&B mark_preempting failed ({type(e).__name__}: {e})")
+
+    def log_generator(self, ckpt_dir: Path, alias: str) -> None:
+        """log.wandb.log_checkpoints: the checkpoint's generator (EMA if saved, else raw) and meta.json as a
+        W&B model artifact, with `alias` ("final" or "best") and the step."""
+        if self.wandb_run is None or not self.log_checkpoints:
+            return
+        import wandb
+
+        stem = "generator_ema" if (ckpt_dir / "generator_ema.safetensors").is_file() else "generator"
+        try:
+            artifact = wandb.Artifact(f"generator-{self.wandb_run.id}", type="model",
+                                      metadata={"checkpoint": ckpt_dir.name, "weights": stem})
+            artifact.add_file(str(ckpt_dir / f"{stem}.safetensors"), name=f"{stem}.safetensors")
+            artifact.add_file(str(ckpt_dir / "meta.json"), name="meta.json")
+            self.wandb_run.log_artifact(artifact, aliases=[alias, ckpt_dir.name])
+        except Exception as e:  # as in log()
+            self._drop_wandb(f"W&B artifact upload failed ({type(e).__name__}: {e})")
 
     def _drop_wandb(self, why: str) -> None:
         print(f"warning: {why}; continuing with metrics.jsonl only", file=sys.stderr, flush=True)

@@ -216,9 +216,10 @@ class Trainer:
                     bar.set_postfix_str(format_line(self.step, steps, record).split("  ", 1)[1])
                     if not cfg.log.progress:
                         print(format_line(self.step, steps, record), flush=True)
-            if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
+            # once a stop signal has arrived nothing new starts: the launcher's grace period is for the checkpoint
+            if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and not stop:
                 self.save_samples()
-            if t.eval_every and self.step % t.eval_every == 0:
+            if t.eval_every and self.step % t.eval_every == 0 and not stop:
                 self._evaluate()
             if t.check_consistency_every and self.step % t.check_consistency_every == 0:
                 check_consistency(self.G, "G"), check_consistency(self.D, "D")  # collectives: every rank
@@ -227,6 +228,7 @@ class Trainer:
             if logged:  # the next interval's clock starts after this one's samples and checkpoint
                 t_last = time.perf_counter()
             if stop:
+                self.tracker.mark_preempting()
                 bar.close()
                 self._print(f"stopped by signal at step {self.step}: checkpoint {self.ckpt_root / 'latest'} written; "
                             "continue with train.resume=auto")
@@ -235,6 +237,7 @@ class Trainer:
         if not (cfg.log.sample_every and steps % cfg.log.sample_every == 0):  # else this grid is saved already
             self.save_samples()
         last = self.save_checkpoint()
+        self.tracker.log_generator(last, "final")
         self._print(f"done: samples in {self.run_dir / 'samples'}, checkpoint {last}")
         return True
 
@@ -289,7 +292,7 @@ class Trainer:
         if self.evaluator.improves(metrics, self.best):
             self.best = {"metric": self.cfg.train.keep_best, "value": metrics[self.cfg.train.keep_best],
                          "step": self.step}
-            self.save_checkpoint(best=True)
+            self.tracker.log_generator(self.save_checkpoint(best=True), "best")
             self._print(f"best {self.best['metric']} so far: checkpoint {self.ckpt_root / 'best'} (step {self.step})")
 
     def save_samples(self) -> None:

@@ -118,6 +118,8 @@ def test_sigterm_and_resume_continue_the_same_wandb_run(tmp_path):
     assert_ok(proc)
     rows, ids = history(run)
     assert len(list((run / "wandb").glob("offline-run-*"))) == 2
+    first = min((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert "preempting" in {r.WhichOneof("record_type") for r in read_wandb(first)}  # run.mark_preempting()
     assert set(ids) == {meta["wandb_run_id"]}  # the resumed job continues the same run
     steps = sorted(s for s, r in rows.items() if "loss/D" in r)
     assert steps == list(range(1, stopped + 6))  # continuous, no duplicates (history() refuses those)
@@ -160,6 +162,17 @@ def test_a_crash_and_resume_continue_the_same_wandb_run_and_relog_the_lost_steps
     metrics = {r.metric.name: r.metric for r in read_wandb(next(runs[-1].glob("run-*.wandb")))
                if r.WhichOneof("record_type") == "metric"}
     assert metrics["eval/classifier/fd"].summary.min and metrics["eval/classifier/confidence"].summary.max
+
+
+def test_log_checkpoints_uploads_the_final_generator_as_an_artifact(tmp_path, smoke_args):
+    proc = run_train(*smoke_args, "train.steps=4", "model.ema.decay=0.9", "log.wandb.mode=offline",
+                     "log.wandb.log_checkpoints=true", extra_env={"WANDB_MODE": None})
+    assert_ok(proc)
+    records = read_wandb(next((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")))
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert len(artifacts) == 1 and artifacts[0].type == "model", artifacts
+    assert {"final", "step-00000004"} <= set(artifacts[0].aliases)
+    assert sorted(e.path for e in artifacts[0].manifest.contents) == ["generator_ema.safetensors", "meta.json"]
 
 
 def test_online_without_credentials_warns_once_and_trains(tmp_path):
