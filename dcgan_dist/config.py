@@ -337,30 +337,25 @@ def validate(cfg: Config) -> None:
     _check(1 <= lg.num_samples <= 1024, "log.num_samples", lg.num_samples, "use 1..1024")
 
 
-def validate_world(cfg: Config, world_size: int, cuda: bool) -> Config:
-    """Checks that depend on the launch; returns the config with the per-rank batch resolved."""
+def validate_world(cfg: Config, world_size: int, device: str = "cpu", bf16: bool = False) -> Config:
+    """Checks that depend on the launch; returns the config with the per-rank batch resolved.
+
+    `device`: "cuda", "xpu", "mps" or "cpu" (devices.accelerator_type); `bf16`: whether bf16 runs natively there
+    (devices.native_bf16), which decides train.mixed_precision=auto."""
     t = cfg.train
+    if world_size > 1 and device == "mps":
+        raise UserError(f"{world_size} processes on Apple MPS, which has no distributed backend: launch one "
+                        "process (accelerate launch --num_processes 1, or dcgan-train)")
     if t.global_batch_size is not None:
         _check(t.global_batch_size % world_size == 0, "train.global_batch_size", t.global_batch_size,
                f"it must be divisible by the world size {world_size}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=t.global_batch_size // world_size))
-    _check(cuda or t.mixed_precision != "fp16", "train.mixed_precision", t.mixed_precision,
-           "fp16 needs CUDA; use bf16 (or no) on CPU")
+    _check(device == "cuda" or t.mixed_precision != "fp16", "train.mixed_precision", t.mixed_precision,
+           f"fp16 (with its gradient scaler) needs CUDA; use bf16 (or no) on {device}")
     if t.mixed_precision == "auto":
-        precision = "bf16" if native_bf16(cuda) else "no"
+        precision = "bf16" if bf16 else "no"
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=precision))
     return cfg
-
-
-def native_bf16(cuda: bool) -> bool:
-    """Whether bf16 runs in hardware here: a CUDA GPU with bf16 units (Ampere and later), or a CPU with
-    AVX512-BF16 or AMX (where bf16 convolutions run ~1.7-3x faster than fp32; emulated they run slower)."""
-    import torch
-
-    if cuda:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe is not None and probe() for probe in probes)  # private probes: absent -> no
 
 
 def save_config(cfg: Config, path: Path) -> None:

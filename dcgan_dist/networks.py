@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dcgan_dist import devices
 from dcgan_dist.config import Config
 from dcgan_dist.ema import EMA
 from dcgan_dist.models import Discriminator, Generator, init_weights
@@ -52,6 +53,7 @@ def build(cfg: Config, device: torch.device) -> Networks:
     # Fused Adam: one kernel per step (4x faster than the default on a CPU too), and it skips a step with
     # inf/NaN gradients on the device, without a host sync. Under fp16 the GradScaler does that instead.
     fused = cfg.train.mixed_precision != "fp16" or None
+    assert not fused or devices.fused_adam(device.type), f"torch has no fused Adam for {device.type}"
     opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), fused=fused)
     opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), fused=fused)
     if cfg.train.compile:  # in place: the modules, their state_dict keys and DDP's view of them are unchanged

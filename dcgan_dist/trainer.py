@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from dcgan_dist import augment, checkpoint, networks, sampling, tracking, train_state
+from dcgan_dist import augment, checkpoint, devices, networks, sampling, tracking, train_state
 from dcgan_dist.catalog import parse_augment
 from dcgan_dist.config import Config, validate_world
 from dcgan_dist.data import batch_source, to_model_range
@@ -51,16 +51,16 @@ def _flag_signal(trainer_ref: weakref.ref, signum: int, _frame) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, overwrite: bool = False):
-        cuda = torch.cuda.is_available()
-        cfg = validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), cuda)
+        device = devices.accelerator_type()
+        cfg = validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, devices.native_bf16(device))
         # accelerate always passes broadcast_buffers, which torch 2.14 deprecates; False is still what we mean
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
         # broadcast_buffers=False: DDP would otherwise re-broadcast BN buffers at each D forward, which breaks
         # two D forwards before one backward ("modified by an inplace operation"). cpu=True when there is no
-        # CUDA, or multi-process CPU launches come up as independent single processes. The collective
+        # accelerator, or multi-process CPU launches come up as independent single processes. The collective
         # timeout turns a rank that died or diverged into an error instead of a hang.
         self.accelerator = acc = Accelerator(
-            cpu=not cuda, mixed_precision=cfg.train.mixed_precision, log_with=tracking.log_with(cfg) or None,
+            cpu=device == "cpu", mixed_precision=cfg.train.mixed_precision, log_with=tracking.log_with(cfg) or None,
             project_config=ProjectConfiguration(project_dir=str(cfg.run_dir),
                                                 logging_dir=str(cfg.run_dir / "tensorboard")),
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
@@ -70,7 +70,7 @@ class Trainer:
         resume = None if overwrite else train_state.find_resume(cfg, self._print)  # every rank reads; no writes yet
 
         with acc.main_process_first():  # rank 0 fills the decode cache, the others read it
-            self.data = batch_source(cfg, self.rank, self.world, pin_memory=cuda, warn=self._print)
+            self.data = batch_source(cfg, self.rank, self.world, pin_memory=device == "cuda", warn=self._print)
         self.evaluator = DuringTraining(cfg, acc, self._print) if cfg.train.eval_every else None
 
         nets = networks.build(cfg, self.device)

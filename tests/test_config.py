@@ -5,7 +5,8 @@ import torch
 import yaml
 
 from conftest import run_train
-from dcgan_dist.config import Config, load_config, native_bf16, validate_world
+from dcgan_dist import devices
+from dcgan_dist.config import Config, load_config, validate_world
 from dcgan_dist.errors import UserError
 
 
@@ -31,17 +32,40 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_global_batch_is_split_over_ranks():
     cfg = load_config(None, ["train.global_batch_size=256"])
-    assert validate_world(cfg, 4, cuda=False).train.batch_size == 64
+    assert validate_world(cfg, 4).train.batch_size == 64
     with pytest.raises(UserError, match=r"train.global_batch_size = 256 .* divisible by the world size 3"):
-        validate_world(cfg, 3, cuda=False)
-    with pytest.raises(UserError, match="train.mixed_precision = 'fp16'.*bf16"):
-        validate_world(load_config(None, ["train.mixed_precision=fp16"]), 1, cuda=False)
+        validate_world(cfg, 3)
+    with pytest.raises(UserError, match="train.mixed_precision = 'fp16'.*needs CUDA.*bf16"):
+        validate_world(load_config(None, ["train.mixed_precision=fp16"]), 1, device="cpu")
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
-    cfg = validate_world(load_config(None, ["train.mixed_precision=auto"]), 1, cuda=False)
+    auto = load_config(None, ["train.mixed_precision=auto"])
     has = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert cfg.train.mixed_precision == ("bf16" if has else "no") and native_bf16(False) == has
+    assert devices.native_bf16("cpu") == has and not devices.native_bf16("mps")
+    for device, bf16 in (("cpu", has), ("cuda", True), ("cuda", False), ("xpu", True), ("mps", False)):
+        cfg = validate_world(auto, 1, device, bf16)
+        assert cfg.train.mixed_precision == ("bf16" if bf16 else "no"), (device, bf16)
+
+
+def test_device_choice_follows_what_is_present(monkeypatch):
+    """The decision logic, with the probes patched (no GPU, XPU or Mac here)."""
+    present = {"cuda": False, "xpu": False, "mps": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: present["cuda"])
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: present["xpu"])
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: present["mps"])
+    assert devices.accelerator_type() == "cpu"
+    for name, expected in (("mps", "mps"), ("xpu", "xpu"), ("cuda", "cuda")):  # CUDA first, then XPU, then MPS
+        present[name] = True
+        assert devices.accelerator_type() == expected
+    assert all(devices.fused_adam(d) for d in ("cpu", "cuda", "xpu", "mps"))
+
+
+def test_mps_runs_one_process_and_says_so():
+    cfg = load_config(None, [])
+    assert validate_world(cfg, 1, "mps").train.batch_size == cfg.train.batch_size
+    with pytest.raises(UserError, match="2 processes on Apple MPS, which has no distributed backend.*--num_proc"):
+        validate_world(cfg, 2, "mps")
 
 
 # Bad configs, overrides and flags: tests/faults/test_bad_input.py (the bad-input matrix).
