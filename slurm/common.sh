@@ -11,6 +11,8 @@
 #                        gloo) --ntasks-per-node for the one-node script, else 1.
 #   DCGAN_MASTER_PORT    rendezvous port; default derived from the job id so jobs sharing a node differ.
 #   DCGAN_TRAIN_SCRIPT   the script handed to accelerate; default launch/train.py.
+#   DCGAN_MAX_REQUEUES   how many times a preempted job requeues itself (default 20); past that it stops and
+#                        says how to continue (a job preempted in a loop would otherwise requeue forever).
 
 die() { echo "error: $*" >&2; exit 2; }
 
@@ -46,6 +48,11 @@ case " $* " in *" run.dir="* | *" run.name="*) ;; *) RUN_ARGS+=("run.dir=runs/sl
 RUN_ARGS+=("train.resume=auto")
 
 MASTER_PORT=${DCGAN_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+MAX_REQUEUES=${DCGAN_MAX_REQUEUES:-20}
+case "$MAX_REQUEUES" in '' | *[!0-9]*) die "DCGAN_MAX_REQUEUES=$MAX_REQUEUES: use a whole number (0 = never requeue)" ;; esac
+# An array task is requeued by <array id>_<task id>: `scontrol requeue` of the array's own id requeues every task.
+REQUEUE_ID=$SLURM_JOB_ID
+[ -z "${SLURM_ARRAY_JOB_ID:-}" ] || REQUEUE_ID=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
 DCGAN_LAUNCH_PREFIX=${DCGAN_LAUNCH_PREFIX:-}
 
 # Preemption. SLURM sends SIGUSR1 to this shell (--signal=B:USR1@grace) before the time limit;
@@ -75,8 +82,14 @@ run_launcher() {
     # accelerate/torchrun report any worker failure as 1, so after our SIGTERM any failure means
     # "not finished"; 75 itself only reaches us from a launcher that passes statuses through.
     if [ "$GOT_TERM" = 0 ] && { [ "$status" = 75 ] || { [ "$GOT_USR1" = 1 ] && [ "$status" != 0 ]; }; }; then
-        echo "[slurm] training interrupted (status $status): requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID"
+        if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+            echo "[slurm] training interrupted (status $status); job $REQUEUE_ID was requeued ${SLURM_RESTART_COUNT:-0}" \
+                "time(s), the cap (DCGAN_MAX_REQUEUES=$MAX_REQUEUES): not requeueing. Its checkpoint is kept:" \
+                "submit again with the same run.dir to continue (train.resume=auto)"
+        else
+            echo "[slurm] training interrupted (status $status): requeueing job $REQUEUE_ID"
+            scontrol requeue "$REQUEUE_ID"
+        fi
     fi
     echo "[slurm] launcher exited with status $status"
     exit "$status"

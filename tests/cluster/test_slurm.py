@@ -183,6 +183,42 @@ def test_usr1_before_time_limit_stops_workers_and_requeues(slurm_env, tmp_path):
     assert len(probe_lines(job.output)) == 4, job.output  # two ranks, twice
 
 
+def test_requeue_cap_stops_requeueing_and_says_how_to_continue(slurm_env, tmp_path):
+    job_id = submit(slurm_env, tmp_path, "slurm/train.sbatch", "configs/smoke.yaml",
+                    extra_env={"DCGAN_TRAIN_SCRIPT": PROBE, "DCGAN_PROBE_HOLD": "120", "DCGAN_MAX_REQUEUES": "0"})
+    deadline = time.monotonic() + 120
+    while not probe_lines(output_of(tmp_path, job_id)):
+        assert time.monotonic() < deadline, output_of(tmp_path, job_id)
+        time.sleep(1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_env, check=True, timeout=10)
+    job = wait_job(slurm_env, tmp_path, job_id)
+    assert job.restarts == 0 and job.state != "COMPLETED", job.output
+    assert "the cap (DCGAN_MAX_REQUEUES=0): not requeueing" in job.output and "requeueing job" not in job.output
+
+
+def test_an_array_task_requeues_alone(slurm_env, tmp_path):
+    """`scontrol requeue <array id>` would requeue every task; a preempted task requeues itself only."""
+    array_id = submit(slurm_env, tmp_path, "slurm/train.sbatch", "configs/smoke.yaml", sbatch_opts=["--array=0-1"],
+                      extra_env={"DCGAN_TRAIN_SCRIPT": PROBE, "DCGAN_PROBE_HOLD": "120"})
+    tasks = [f"{array_id}_{i}" for i in (0, 1)]
+    logs = lambda: [p.read_text() for p in tmp_path.glob("job-*.out")]  # noqa: E731  (one log per task)
+    deadline = time.monotonic() + 120
+    while sum(len(probe_lines(text)) for text in logs()) < 2:  # both tasks up and holding
+        assert time.monotonic() < deadline, logs()
+        time.sleep(1)
+    # task 0's own job id is the array's id: the one whose `scontrol requeue $SLURM_JOB_ID` took every task along
+    subprocess.run(["scancel", "--batch", "--signal=USR1", tasks[0]], env=slurm_env, check=True, timeout=10)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while _job_fields(tasks[0], slurm_env).get("JobState") not in FINAL_STATES:
+        assert time.monotonic() < deadline, logs()
+        time.sleep(1)
+    done, other = _job_fields(tasks[0], slurm_env), _job_fields(tasks[1], slurm_env)
+    assert (done["JobState"], done.get("Restarts")) == ("COMPLETED", "1"), logs()
+    assert other["JobState"] == "RUNNING" and other.get("Restarts", "0") == "0", other  # untouched
+    assert any(f"requeueing job {tasks[0]}" in text for text in logs()), logs()
+    subprocess.run(["scancel", tasks[1]], env=slurm_env, check=True, timeout=10)
+
+
 # --- the trainer itself ---
 
 
