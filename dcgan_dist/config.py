@@ -351,7 +351,7 @@ def validate_world(cfg: Config, world_size: int, device: str = "cpu", bf16: bool
                f"it must be divisible by the world size {world_size}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=t.global_batch_size // world_size))
     _check(device == "cuda" or t.mixed_precision != "fp16", "train.mixed_precision", t.mixed_precision,
-           f"fp16 (with its gradient scaler) needs CUDA; use bf16 (or no) on {device}")
+           f"fp16 needs CUDA (with its gradient scaler); use bf16 (or no) on {device}")
     if t.mixed_precision == "auto":
         precision = "bf16" if bf16 else "no"
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=precision))

@@ -35,7 +35,7 @@ def test_global_batch_is_split_over_ranks():
     assert validate_world(cfg, 4).train.batch_size == 64
     with pytest.raises(UserError, match=r"train.global_batch_size = 256 .* divisible by the world size 3"):
         validate_world(cfg, 3)
-    with pytest.raises(UserError, match="train.mixed_precision = 'fp16'.*needs CUDA.*bf16"):
+    with pytest.raises(UserError, match="train.mixed_precision = 'fp16'.*fp16 needs CUDA.*bf16"):
         validate_world(load_config(None, ["train.mixed_precision=fp16"]), 1, device="cpu")
 
 
