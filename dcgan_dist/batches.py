@@ -4,7 +4,8 @@ sees how the images are stored.
 A batch source gives `next(source)` -> (images uint8 [B, C, S, S], labels int64 [B] or None), tells the
 trainer `num_items`, `channels`, `image_size`, `num_classes`, `epoch` and `batches_per_epoch`, and saves
 and restores its position with `state_dict()` / `load_state_dict()` for an exact resume.
-`InMemoryBatches` holds the whole dataset in one tensor; other storage is another class with the same face.
+`InMemoryBatches` holds the whole dataset in one tensor; `MemmapBatches` reads a prepared store (`store.py`)
+through its memory-mapped shards. Both share `_IndexedBatches`: the order, the saved position, pinning.
 """
 
 from __future__ import annotations
@@ -55,21 +56,17 @@ class ShardedBatches:
         self.epoch, self.position, self._perm = state["epoch"], state["position"], None
 
 
-class InMemoryBatches:
-    """This rank's share of each global batch of one in-memory uint8 tensor [N, C, S, S] (and its labels).
+class _IndexedBatches:
+    """What every batch source shares: `ShardedBatches`' order, the position saved and restored, pinning.
 
-    The order is `ShardedBatches`'; `pin_memory` pins each batch, so its copy to a CUDA device can run
-    asynchronously with the step.
+    A subclass fetches the rows of global indices (`_fetch`) and the first images (`first`).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, num_classes: int = 0, pin_memory: bool = False):
-        assert images.dtype == torch.uint8 and images.dim() == 4, (images.dtype, images.shape)
-        assert labels is None or labels.shape == (len(images),), "one label per image"
-        self.images, self.labels, self.pin_memory = images, labels, pin_memory
-        self.order = ShardedBatches(len(images), batch_size, rank, world_size, seed)
-        self.num_items, self.channels, self.image_size = len(images), images.shape[1], images.shape[-1]
-        self.num_classes = num_classes if labels is not None else 0
+    def __init__(self, num_items: int, channels: int, image_size: int, num_classes: int, batch_size: int,
+                 rank: int, world_size: int, seed: int, pin_memory: bool):
+        self.order = ShardedBatches(num_items, batch_size, rank, world_size, seed)
+        self.num_items, self.channels, self.image_size = num_items, channels, image_size
+        self.num_classes, self.pin_memory = num_classes, pin_memory
 
     @property
     def epoch(self) -> int:
@@ -83,17 +80,17 @@ class InMemoryBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = next(self.order)
-        # index_select: the same rows as images[idx], several times faster (benchmarks/input_pipeline.py)
-        images = self.images.index_select(0, idx)
-        labels = None if self.labels is None else self.labels.index_select(0, idx)
+        images, labels = self._fetch(next(self.order))
         if self.pin_memory:
             images, labels = images.pin_memory(), None if labels is None else labels.pin_memory()
         return images, labels
 
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
     def first(self, n: int) -> torch.Tensor:
         """The first `n` images (a grid of what the data looks like)."""
-        return self.images[:n]
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, int]:
         o = self.order
@@ -110,3 +107,50 @@ class InMemoryBatches:
         position = min(seen // (o.world_size * o.batch_size), o.batches_per_epoch)
         o.load_state_dict({"epoch": state["epoch"], "position": position})
         return False
+
+
+class InMemoryBatches(_IndexedBatches):
+    """This rank's share of each global batch of one in-memory uint8 tensor [N, C, S, S] (and its labels).
+
+    The order is `ShardedBatches`'; `pin_memory` pins each batch, so its copy to a CUDA device can run
+    asynchronously with the step.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, num_classes: int = 0, pin_memory: bool = False):
+        assert images.dtype == torch.uint8 and images.dim() == 4, (images.dtype, images.shape)
+        assert labels is None or labels.shape == (len(images),), "one label per image"
+        super().__init__(len(images), images.shape[1], images.shape[-1], num_classes if labels is not None else 0,
+                         batch_size, rank, world_size, seed, pin_memory)
+        self.images, self.labels = images, labels
+
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # index_select: the same rows as images[idx], several times faster (benchmarks/input_pipeline.py)
+        images = self.images.index_select(0, idx)
+        return images, None if self.labels is None else self.labels.index_select(0, idx)
+
+    def first(self, n: int) -> torch.Tensor:
+        return self.images[:n]
+
+
+class MemmapBatches(_IndexedBatches):
+    """`InMemoryBatches` over a prepared store (`store.open_store`): the same batches, in the same order, but
+    each one gathered from the memory-mapped shards, so no rank holds the dataset.
+
+    `subset`: the global store indices in use (data.num_images), sorted; None = every image.
+    """
+
+    def __init__(self, store, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 subset: torch.Tensor | None = None, pin_memory: bool = False):
+        num_items = store.count if subset is None else len(subset)
+        super().__init__(num_items, store.channels, store.image_size, store.num_classes, batch_size, rank,
+                         world_size, seed, pin_memory)
+        self.store, self.subset = store, subset
+
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = idx if self.subset is None else self.subset[idx]
+        return self.store.gather(rows), self.store.gather_labels(rows)
+
+    def first(self, n: int) -> torch.Tensor:
+        rows = torch.arange(min(n, self.num_items))
+        return self.store.gather(rows if self.subset is None else self.subset[rows])

@@ -1,4 +1,5 @@
-"""The commands: `dcgan-train` (also `accelerate launch launch/train.py`), `dcgan-sample`, `dcgan-export`.
+"""The commands: `dcgan-train` (also `accelerate launch launch/train.py`), `dcgan-sample`, `dcgan-export`,
+`dcgan-eval`, `dcgan-prepare`.
 
 Exit status: 0 done; 2 a user mistake (`UserError`, printed as one line); 1 the run cannot go on
 (`RunError`: diverged, disk full; one line, what was saved is intact); 75 stopped by a signal after
@@ -143,6 +144,58 @@ def export_main(argv: list[str] | None = None) -> None:
         print(f"exported {src / stem}.safetensors (step {meta['step']}) to {out / 'generator.safetensors'}")
 
     _run(export)
+
+
+def prepare_main(argv: list[str] | None = None) -> None:
+    parser = _Parser(prog="dcgan-prepare", description="Decode, resize and centre-crop a dataset once into a store "
+                     "of memory-mapped uint8 shards; train on it with data.name=store data.root=STORE. "
+                     "`dcgan-prepare --verify STORE` checks a store's files against their sha256.")
+    parser.add_argument("source", nargs="?", help="an image folder (recursive; when every image sits in a "
+                        "first-level sub-folder, those are the classes) or a built-in dataset: mnist5k, mnist, "
+                        "fashion_mnist, cifar10, synthetic (a folder of such a name: write ./NAME)")
+    parser.add_argument("--size", type=int, help="image size S: the shorter side is resized to S, then centre-cropped")
+    parser.add_argument("--out", help="the store directory to write (STORE)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3 (default: the dataset's own; 3 for a "
+                        "folder)")
+    parser.add_argument("--workers", type=int, help="decoding processes for a folder (default: one per CPU)")
+    parser.add_argument("--root", default="data", help="where the built-in datasets live (default data)")
+    parser.add_argument("--skip-bad-files", action="store_true", help="skip (and count) files that cannot be "
+                        "decoded instead of stopping")
+    parser.add_argument("--shard-size", type=int, default=None, help="images per shard file (default 4096)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    parser.add_argument("--verify", metavar="STORE", help="check every file of STORE against its sha256, then exit")
+    args = parser.parse_args(argv)
+    if args.verify and (args.source or args.out):
+        parser.error("--verify STORE takes no SOURCE or --out")
+    if not args.verify and not (args.source and args.out and args.size):
+        parser.error("give SOURCE, --size and --out (or --verify STORE)")
+
+    def prepare() -> None:
+        from dcgan_dist import store
+        from dcgan_dist.catalog import IMAGE_SIZES
+        from dcgan_dist.errors import UserError
+
+        if args.verify:
+            s = store.verify_store(args.verify)
+            labels = f"{s.num_classes} classes" if s.labels is not None else "no labels"
+            print(f"store {args.verify}: {s.count} images, {s.channels}x{s.image_size}x{s.image_size}, "
+                  f"{len(s.manifest['shards'])} shard(s), {labels}; every sha256 matches")
+            return
+        if args.size not in IMAGE_SIZES:
+            raise UserError(f"--size {args.size}: training takes {', '.join(map(str, IMAGE_SIZES))}; use one of them")
+        if args.workers is not None and args.workers < 1:
+            raise UserError(f"--workers {args.workers}: use 1 or more processes")
+        if args.shard_size is not None and args.shard_size < 1:
+            raise UserError(f"--shard-size {args.shard_size}: use 1 or more images per shard")
+        from dcgan_dist.data import prepare_store
+
+        # the bar only on a terminal: a log file gets the summary line (with images/s) instead
+        prepare_store(args.source, args.out, args.size, args.channels, args.workers, args.root,
+                      skip_bad_files=args.skip_bad_files, overwrite=args.overwrite,
+                      shard_size=args.shard_size or store.SHARD_SIZE, progress=sys.stderr.isatty())
+        print(f"train on it: dcgan-train --config CONFIG data.name=store data.root={args.out}")
+
+    _run(prepare)
 
 
 def eval_main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ values raise `UserError` naming the key, the value and what is accepted, before 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -36,8 +37,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist5k"  # one of catalog.DATASETS
-    root: str = "data"  # where torchvision datasets / image folders live
+    name: str = "mnist5k"  # one of catalog.DATASETS; store: a store prepared by dcgan-prepare, at data.root
+    root: str = "data"  # where torchvision datasets / image folders live; the store directory for data.name=store
     download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into data.root
     cache_dir: str = ""  # decoded+resized uint8 cache; empty -> <data.root>/cache
     num_images: int | None = None  # use a fixed random subset of this many images (None = all)
@@ -54,7 +55,7 @@ class EmaConfig:
 class ModelConfig:
     arch: str = "dcgan"  # dcgan | mlp (the original fully connected GAN)
     image_size: int = 64  # one of catalog.IMAGE_SIZES
-    channels: int = 0  # image channels; 0 = the dataset's own (1 for MNIST, 3 for colour)
+    channels: int = 0  # image channels; 0 = the dataset's own (1 for MNIST, a store's own, else 3)
     latent_dim: int = 100  # size of z
     g_width: int = 64  # G's channel width unit (DCGAN: 64 -> 512,256,128,64 at 64x64)
     d_width: int = 64  # D's channel width unit
@@ -140,6 +141,8 @@ class Config:
 
     @property
     def image_channels(self) -> int:
+        if self.data.name == "store" and not self.model.channels:
+            return store_manifest(self.data.root)["channels"]
         info = DATASETS.get(self.data.name)
         return self.model.channels or (info.channels if info else None) or 3
 
@@ -152,6 +155,23 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def store_manifest(root: str) -> dict:
+    """manifest.json of the store at `root` (data.name=store), read as plain JSON: this module imports no torch,
+    so not `store.py`, which checks the shards when training opens the store."""
+    path = Path(root) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"data.root = {root!r} is not a prepared store (no {path}; or one still being prepared); "
+                        f"prepare it: dcgan-prepare SOURCE --size S --out {root}") from None
+    except (OSError, ValueError) as e:
+        manifest = f"unreadable: {e}"
+    if not isinstance(manifest, dict) or not {"channels", "image_size"} <= manifest.keys():
+        raise UserError(f"{path} is damaged ({str(manifest)[:80]}); prepare the store again (dcgan-prepare ... "
+                        "--overwrite)")
+    return manifest
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -280,6 +300,14 @@ def validate(cfg: Config) -> None:
     fixed = DATASETS[d.name].channels
     _check(fixed is None or m.channels in (0, fixed), "model.channels", m.channels,
            f"data.name={d.name} has {fixed} channel(s); set model.channels={fixed} or 0")
+    if d.name == "store":  # the store fixes both; refused here, before anything heavy starts
+        manifest = store_manifest(d.root)
+        size, channels = manifest["image_size"], manifest["channels"]
+        _check(m.image_size == size, "model.image_size", m.image_size, f"the store at data.root={d.root} holds "
+               f"{size}x{size} images: set model.image_size={size}, or prepare a store with --size {m.image_size}")
+        _check(m.channels in (0, channels), "model.channels", m.channels, f"the store at data.root={d.root} holds "
+               f"{channels}-channel images: set model.channels={channels} (or 0), or prepare one with --channels "
+               f"{m.channels}")
     _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "use a positive size such as 100")
     _check(m.g_width >= 1, "model.g_width", m.g_width, "use a positive width such as 64")
     _check(m.d_width >= 1, "model.d_width", m.d_width, "use a positive width such as 64")

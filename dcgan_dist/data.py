@@ -1,4 +1,5 @@
-"""Datasets -> one uint8 tensor [N, C, S, S] decoded and resized once, with its labels where it has them.
+"""Datasets -> one uint8 tensor [N, C, S, S] decoded and resized once, with its labels where it has them;
+or a prepared store (`store.py`, data.name=store), which training reads through its memory-mapped shards.
 
 Images stay uint8 on the host (4x smaller than float) and are normalised to [-1, 1] on the device, per
 batch. Which datasets exist, their channels and labels: `catalog.DATASETS`. How batches are drawn: `batches`.
@@ -19,11 +20,13 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dcgan_dist.batches import InMemoryBatches
+from dcgan_dist import store
+from dcgan_dist.batches import InMemoryBatches, MemmapBatches
 from dcgan_dist.catalog import DATASETS
 from dcgan_dist.errors import UserError
+from dcgan_dist.store import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+BUILT_IN = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "synthetic")  # what dcgan-prepare takes by name
 
 
 def load_dataset(name: str, root: str, image_size: int, channels: int, download: bool = False,
@@ -31,37 +34,78 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
                  warn=print) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The whole training split: (uint8 images [N, channels, image_size, image_size], int64 labels [N] or None).
 
-    Labels come with the datasets the catalog lists as labelled, in the images' order.
+    Labels come with the datasets the catalog lists as labelled, in the images' order. A store (`root`) is read
+    whole here, for evaluation's reference images; training reads it through `batch_source`, never whole.
     """
-    if name not in _LOADERS:
+    if name not in _LOADERS and name != "store":
         raise UserError(f"data.name = {name!r} is not a dataset; use one of {', '.join(DATASETS)}")
-    if name == "imagefolder":
+    if name == "store":
+        opened = store.open_store(root, image_size, channels)
+        everything = torch.arange(opened.count)
+        images, labels = opened.gather(everything), opened.gather_labels(everything)
+    elif name == "imagefolder":
         images, labels = _imagefolder(Path(root), image_size, channels, Path(cache_dir or Path(root) / "cache"),
                                       skip_bad_files, warn)
     elif name == "synthetic":
         images, labels = synthetic_shapes(num_images or 512, image_size, channels), None
     else:
         images, labels = _LOADERS[name](root, download)
-    assert (labels is not None) == bool(DATASETS[name].num_classes), name  # the catalog says which have labels
+    # the catalog says which have labels (a store's manifest says for it)
+    assert name == "store" or (labels is not None) == bool(DATASETS[name].num_classes), name
     if num_images is not None:
-        if num_images > len(images):
-            raise UserError(f"data.num_images = {num_images} but {name} holds only {len(images)} images")
-        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:num_images]
-        keep = keep.sort().values  # a fixed random subset: mnist5k is sorted by class
+        keep = subset(len(images), num_images, name)
         images, labels = images[keep], None if labels is None else labels[keep]
     return _resize(images, image_size), labels
 
 
-def batch_source(cfg, rank: int, world_size: int, pin_memory: bool = False, warn=print) -> InMemoryBatches:
-    """The batch source of a config for this rank (today: the whole dataset in memory, every rank a copy).
+def subset(count: int, num_images: int, name: str) -> torch.Tensor:
+    """data.num_images: the sorted indices of a fixed random subset of `count` images (the same for a dataset
+    read into memory and for a store prepared from it)."""
+    if num_images > count:
+        raise UserError(f"data.num_images = {num_images} but {name} holds only {count} images")
+    keep = torch.randperm(count, generator=torch.Generator().manual_seed(0))[:num_images]
+    return keep.sort().values  # a fixed random subset: mnist5k is sorted by class
+
+
+def batch_source(cfg, rank: int, world_size: int, pin_memory: bool = False,
+                 warn=print) -> InMemoryBatches | MemmapBatches:
+    """The batch source of a config for this rank: a store's memory-mapped shards (data.name=store), else the
+    whole dataset in memory, every rank a copy.
 
     Under several ranks call it on the main process first: it may decode and cache an image folder."""
     d = cfg.data
+    if d.name == "store":
+        opened = store.open_store(d.root, cfg.model.image_size, cfg.image_channels)
+        keep = None if d.num_images is None else subset(opened.count, d.num_images, f"store {d.root}")
+        return MemmapBatches(opened, cfg.train.batch_size, rank, world_size, cfg.train.seed, subset=keep,
+                             pin_memory=pin_memory)
     images, labels = load_dataset(d.name, d.root, cfg.model.image_size, cfg.image_channels, download=d.download,
                                   cache_dir=d.cache_dir, num_images=d.num_images, skip_bad_files=d.skip_bad_files,
                                   warn=warn)
     return InMemoryBatches(images, labels, cfg.train.batch_size, rank, world_size, cfg.train.seed,
                            num_classes=DATASETS[d.name].num_classes, pin_memory=pin_memory)
+
+
+def prepare_store(source: str, out: str | Path, size: int, channels: int | None = None, workers: int | None = None,
+                  root: str = "data", skip_bad_files: bool = False, overwrite: bool = False,
+                  shard_size: int = store.SHARD_SIZE, progress: bool = True, log=print) -> store.Store:
+    """`dcgan-prepare`: a built-in dataset (`BUILT_IN`, read under `root` as for training) or an image folder
+    -> the store `out` (see `store.py`). `channels` None: the dataset's own, 3 for a folder."""
+    out = Path(out)
+    if source in BUILT_IN:
+        fixed = DATASETS[source].channels
+        if channels is not None and fixed is not None and channels != fixed:
+            raise UserError(f"{source} has {fixed} channel(s), not {channels}; drop --channels or pass {fixed}")
+        channels = channels or fixed or 3
+        store.check_out(out, overwrite, None)  # before loading: refuse early
+        images, labels = load_dataset(source, root, size, channels)
+        return store.prepare_arrays(images.numpy(), None if labels is None else labels.numpy(),
+                                    DATASETS[source].num_classes, out, source, {"root": root}, overwrite=overwrite,
+                                    shard_size=shard_size, progress=progress, log=log)
+    if not Path(source).is_dir():
+        raise UserError(f"source {source!r} is neither a folder nor a built-in dataset ({', '.join(BUILT_IN)})")
+    return store.prepare_folder(Path(source), out, size, channels or 3, source, workers, skip_bad_files=skip_bad_files,
+                                overwrite=overwrite, shard_size=shard_size, progress=progress, log=log)
 
 
 def load_images(name: str, root: str, image_size: int, channels: int, **kwargs) -> torch.Tensor:
@@ -105,7 +149,7 @@ def _imagefolder(root: Path, size: int, channels: int, cache_dir: Path, skip_bad
                  warn=print) -> tuple[torch.Tensor, None]:
     if not root.is_dir():
         raise UserError(f"data.root = {str(root)!r} is not a directory; point it at a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and cache_dir not in p.parents)
+    files = store.list_images(root, exclude=cache_dir)
     if not files:
         raise UserError(f"data.root = {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     # The cache key covers the file list, sizes and times, so an edited folder is decoded again.
@@ -122,7 +166,7 @@ def _imagefolder(root: Path, size: int, channels: int, cache_dir: Path, skip_bad
     decoded, bad = [], []
     for p in files:
         try:
-            decoded.append(_decode(p, size, channels))
+            decoded.append(torch.from_numpy(store.decode_image(p, size, channels)))  # [C, S, S]
         except UserError as e:
             if not skip_bad_files:
                 raise UserError(f"{e}; or set data.skip_bad_files=true to skip such files") from None
@@ -146,26 +190,6 @@ def _stat(path: Path) -> os.stat_result:
     except FileNotFoundError:
         raise UserError(f"image {path} vanished while data.root was being read; is something else changing "
                         "the folder? Run again once it is stable") from None
-
-
-def _decode(path: Path, size: int, channels: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            w, h = im.size
-            scale = size / min(w, h)  # resize the shorter side to `size`, then centre-crop
-            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-            arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    except FileNotFoundError:
-        raise UserError(f"image {path} vanished while data.root was being read; is something else changing "
-                        "the folder? Run again once it is stable") from None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UserError(f"cannot decode image {path}: {e}; remove or replace the file") from None
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # [C, S, S]
 
 
 def _resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
@@ -198,4 +222,4 @@ _LOADERS = {  # name -> loader of (images, labels); imagefolder and synthetic ta
     **{name: functools.partial(_torchvision, name) for name in ("mnist", "fashion_mnist", "cifar10")},
     "imagefolder": None, "synthetic": None,
 }
-assert set(_LOADERS) == set(DATASETS), "every dataset of the catalog has a loader here"
+assert set(_LOADERS) | {"store"} == set(DATASETS), "every dataset of the catalog has a loader here (a store: store.py)"

@@ -1,0 +1,503 @@
+"""The prepared image store: a dataset decoded, resized and cropped once into raw uint8 shards that training
+memory-maps, so no rank decodes images or holds the whole dataset in memory.
+
+    STORE/manifest.json       format_version, count, channels, image_size, shard_size, shards [{file, count,
+                              sha256}], labels {file, sha256} or null, num_classes, class_names, source, resize,
+                              skipped; written last, so a directory without it is not (yet) a store
+    STORE/shard-00000.u8 ...  raw uint8 [count, C, S, S], C-contiguous, no header (np.memmap reads it as is);
+                              every shard holds shard_size images but the last
+    STORE/labels.i64          raw int64 [count], when the source has labels
+
+Writing goes to the hidden sibling `.STORE.tmp-prepare/`, renamed to STORE once the manifest is in it, so
+STORE is either absent or complete. A killed preparation, run again with the same arguments, keeps the shards
+it finished (each checked against the sha256 of its sidecar) and decodes only the rest; the order is the
+sorted file list and shards have a fixed size, so the result is byte-identical to an uninterrupted run.
+
+No torch at import: the decoding workers import this module (the reader imports torch when it gathers).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dcgan_dist.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+ImageArray = np.ndarray  # uint8 [C, S, S]
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LABELS = "labels.i64"
+SHARD_SIZE = 4096  # images per shard (the last one may hold fewer)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+FOLDER_RESIZE = ("shorter side to S (PIL bilinear), centre crop S x S; JPEGs of at least 2S first decoded at a "
+                 "reduced scale no smaller than S (PIL draft); uint8")
+ARRAY_RESIZE = ("as data.load_dataset: the whole image to S x S (torch bilinear, antialias) where its size "
+                "differs; uint8")
+_CHUNK = 64  # images per decoding task: small enough to keep workers busy, large enough to amortise the pipe
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.u8"
+
+
+def temp_dir(out: str | Path) -> Path:
+    """Where a preparation of `out` writes until it is complete (a hidden sibling)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.tmp-prepare"
+
+
+# --- decoding ------------------------------------------------------------------------------------------
+
+
+def list_images(root: Path, exclude: Path | None = None) -> list[Path]:
+    """Every image file under `root`, recursively, sorted (the order of a store); none under `exclude`."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and (exclude is None or exclude not in p.parents))
+
+
+def decode_image(path: Path, size: int, channels: int, draft: bool = False) -> np.ndarray:
+    """One image file -> uint8 [C, S, S]: the shorter side resized to `size` (bilinear), then centre-cropped.
+
+    `draft`: a JPEG at least twice `size` is decoded at a reduced scale (1/2, 1/4 or 1/8, never below `size`),
+    several times faster for large photos; its pixels then differ slightly from a full decode.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode = "L" if channels == 1 else "RGB"
+            if draft and im.format == "JPEG" and min(im.size[0] // size, im.size[1] // size) >= 2:
+                im.draft(mode, (size, size))
+            im = im.convert(mode)
+            w, h = im.size
+            scale = size / min(w, h)  # resize the shorter side to `size`, then centre-crop
+            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except FileNotFoundError:
+        raise UserError(f"image {path} vanished while it was being read; is something else changing "
+                        "the folder? Run again once it is stable") from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"cannot decode image {path}: {e}; remove or replace the file") from None
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return arr.transpose(2, 0, 1).copy()  # [C, S, S], C-contiguous and writable (PIL's array is read-only)
+
+
+def _decode_chunk(paths: list[str], size: int, channels: int) -> list[ImageArray | str]:
+    """A worker's task: each image decoded, or the one-line reason it cannot be (the parent decides)."""
+    out: list[ImageArray | str] = []
+    for p in paths:
+        try:
+            out.append(decode_image(Path(p), size, channels, draft=True))
+        except UserError as e:
+            out.append(str(e))
+    return out
+
+
+def folder_classes(root: Path, files: list[Path]) -> tuple[list[int] | None, list[str] | None]:
+    """(label per file, class names) when every image sits in a first-level sub-folder of `root` (the sorted
+    sub-folder names are the classes); (None, None) otherwise."""
+    parts = [p.relative_to(root).parts for p in files]
+    if not parts or any(len(q) != 2 for q in parts):
+        return None, None
+    names = sorted({q[0] for q in parts})
+    index = {name: i for i, name in enumerate(names)}
+    return [index[q[0]] for q in parts], names
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+
+class Store:
+    """A store opened for reading. Each shard is memory-mapped once; `gather` copies only the rows asked for."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self.count, self.channels = manifest["count"], manifest["channels"]
+        self.image_size, self.shard_size = manifest["image_size"], manifest["shard_size"]
+        self.class_names, self.source = manifest["class_names"], manifest["source"]
+        shape = (self.channels, self.image_size, self.image_size)
+        self._shards = [np.memmap(path / s["file"], dtype=np.uint8, mode="r", shape=(s["count"], *shape))
+                        for s in manifest["shards"]]
+        labels = manifest["labels"]
+        self.labels = None if labels is None else np.memmap(path / labels["file"], dtype=np.int64, mode="r",
+                                                            shape=(self.count,))  # [N]
+        self.num_classes = manifest["num_classes"] if labels is not None else 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def gather(self, indices) -> torch.Tensor:
+        """Images of global `indices` (any int sequence, numpy array or CPU tensor) -> uint8 tensor [B, C, S, S]."""
+        import torch  # here, not at the top: the decoding workers import this module
+
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(idx), self.channels, self.image_size, self.image_size), dtype=np.uint8)
+        shard, offset = np.divmod(idx, self.shard_size)
+        for k in np.unique(shard):  # one fancy-indexed copy per shard touched
+            rows = shard == k
+            out[rows] = self._shards[k][offset[rows]]
+        return torch.from_numpy(out)
+
+    def gather_labels(self, indices) -> torch.Tensor | None:
+        """int64 labels [B] of global `indices`, or None for an unlabelled store."""
+        import torch
+
+        if self.labels is None:
+            return None
+        return torch.from_numpy(np.asarray(self.labels[np.asarray(indices, dtype=np.int64)]))
+
+
+def open_store(path: str | Path, image_size: int | None = None, channels: int | None = None) -> Store:
+    """Open a complete store, refusing (UserError) one that is incomplete, damaged, newer than this code, or
+    whose image size / channels differ from what the caller asks (None: any)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if image_size is not None and manifest["image_size"] != image_size:
+        s = manifest["image_size"]
+        raise UserError(f"store {path} holds {s}x{s} images but model.image_size = {image_size}; set "
+                        f"model.image_size={s}, or prepare a store with --size {image_size}")
+    if channels is not None and manifest["channels"] != channels:
+        c = manifest["channels"]
+        raise UserError(f"store {path} holds {c}-channel images but the config asks for {channels} (model.channels); "
+                        f"set model.channels={c} (or 0), or prepare a store with --channels {channels}")
+    item = manifest["channels"] * manifest["image_size"] ** 2
+    files = [(s["file"], s["count"] * item) for s in manifest["shards"]]
+    if manifest["labels"] is not None:
+        files.append((manifest["labels"]["file"], manifest["count"] * 8))
+    for name, expected in files:
+        f = path / name
+        if not f.is_file():
+            raise UserError(f"store {path}: {name} is missing; prepare the store again (dcgan-prepare ... --overwrite)")
+        if f.stat().st_size != expected:
+            raise UserError(f"store {path}: {name} holds {f.stat().st_size} bytes, manifest.json says {expected}; "
+                            "the store is damaged: prepare it again (dcgan-prepare ... --overwrite)")
+    return Store(path, manifest)
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json of a store, checked for its version and shape (not the shards: `open_store`)."""
+    if not (path / MANIFEST).is_file():
+        if temp_dir(path).is_dir() or path.name.endswith(".tmp-prepare"):
+            raise UserError(f"store {path} is not complete (a preparation is running or was killed); run the same "
+                            "dcgan-prepare command again to finish it")
+        if not path.is_dir():
+            raise UserError(f"store {path} does not exist; prepare one: dcgan-prepare SOURCE --size S --out {path}")
+        raise UserError(f"{path} has no {MANIFEST}: not a prepared store (or one still being written); prepare it: "
+                        f"dcgan-prepare SOURCE --size S --out {path}")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        version = manifest["format_version"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path / MANIFEST} is damaged ({e}); prepare the store again") from None
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"store {path} has format_version {version!r}; this dcgan_dist reads up to "
+                        f"{FORMAT_VERSION}: upgrade dcgan_dist, or prepare the store again with this one")
+    if not _well_formed(manifest):
+        raise UserError(f"{path / MANIFEST} is damaged (keys, shard names or counts do not fit together); prepare "
+                        "the store again (dcgan-prepare ... --overwrite)")
+    return manifest
+
+
+def _well_formed(m: dict) -> bool:
+    """The manifest's fields fit together: what `Store.gather` relies on (every shard but the last holds
+    shard_size images) and plain file names only (nothing outside the store is ever opened)."""
+    try:
+        shards, size = m["shards"], m["shard_size"]
+        counts = [s["count"] for s in shards]
+        return (all(isinstance(m[k], int) and m[k] >= 0 for k in ("count", "channels", "image_size", "num_classes"))
+                and isinstance(size, int) and all(isinstance(c, int) for c in counts)
+                and [s["file"] for s in shards] == [shard_name(k) for k in range(len(shards))]
+                and all(isinstance(s["sha256"], str) for s in [*shards, m["labels"] or {"sha256": ""}])
+                and bool(counts) and all(c == size for c in counts[:-1]) and 1 <= counts[-1] <= size
+                and sum(counts) == m["count"] and (m["labels"] is None or m["labels"]["file"] == LABELS)
+                and "class_names" in m and "source" in m)
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def verify_store(path: str | Path) -> Store:
+    """Open a store and check every file against its sha256 in the manifest; a damaged one is named."""
+    store = open_store(path)
+    m = store.manifest
+    files = [(s["file"], s["sha256"]) for s in m["shards"]]
+    if m["labels"] is not None:
+        files.append((m["labels"]["file"], m["labels"]["sha256"]))
+    for name, digest in files:
+        if _sha256(store.path / name) != digest:
+            raise UserError(f"store {store.path}: {name} is damaged (its sha256 differs from manifest.json); "
+                            "prepare the store again (dcgan-prepare ... --overwrite)")
+    return store
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: str, workers: int | None = None,
+                   skip_bad_files: bool = False, overwrite: bool = False, shard_size: int = SHARD_SIZE,
+                   progress: bool = True, log=print) -> Store:
+    """Decode every image under `folder` (sorted, recursive) into the store `out`; `workers` processes decode
+    (None: one per CPU). First-level sub-folders holding every image are the classes. `source` is recorded in
+    the manifest as given. Nothing is written into `folder`."""
+    if not folder.is_dir():
+        raise UserError(f"source {source!r} is not a folder nor a built-in dataset")
+    check_out(out, overwrite, folder)
+    files = list_images(folder)
+    if not files:
+        raise UserError(f"source {source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    labels, class_names = folder_classes(folder, files)
+    listing = hashlib.sha256()  # the plan covers names, sizes and times: an edited folder is decoded afresh
+    for p in files:
+        st = p.stat()
+        listing.update(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    plan = {"source": source, "size": size, "channels": channels, "shard_size": shard_size,
+            "skip_bad_files": skip_bad_files, "files": listing.hexdigest()}
+    info = {"class_names": class_names, "num_classes": len(class_names or []), "resize": FOLDER_RESIZE}
+    workers = min(workers or os.cpu_count() or 1, len(files))
+    # spawn, not fork: the parent may hold torch's threads; the workers import only this module, numpy and PIL
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        decoded = functools.partial(_decoded_folder, files, size, channels, pool, workers, skip_bad_files)
+        names = [str(p.relative_to(folder)) for p in files]
+        store = _write(out, plan, len(files), decoded, labels, names, info, shard_size, progress, log)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if store.manifest["skipped"]:
+        skipped = store.manifest["skipped"]
+        log(f"warning: skipped {len(skipped)} of {len(files)} image(s) that cannot be decoded (--skip-bad-files): "
+            + ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
+    return store
+
+
+def _decoded_folder(files: list[Path], size: int, channels: int, pool, workers: int, skip_bad_files: bool,
+                    start: int) -> Iterator[tuple[int, ImageArray | None]]:
+    """(index, uint8 [C, S, S], or None for a skipped file) of files[start:], in order, decoded by `pool`'s
+    workers in chunks (or here, one at a time, without a pool)."""
+    n = max(1, min(_CHUNK, len(files) // (4 * workers))) if pool else 1  # a small job still keeps every worker busy
+    chunks = [[str(p) for p in files[i:i + n]] for i in range(start, len(files), n)]
+    decode = functools.partial(_decode_chunk, size=size, channels=channels)
+    results = pool.imap(decode, chunks) if pool else map(decode, chunks)  # imap keeps the order
+    i = start
+    for chunk in results:
+        for item in chunk:
+            if isinstance(item, str):  # the reason a file cannot be decoded
+                if not skip_bad_files:
+                    raise UserError(f"{item}; or pass --skip-bad-files to skip such files")
+                item = None
+            yield i, item
+            i += 1
+
+
+def prepare_arrays(images: np.ndarray, labels: np.ndarray | None, num_classes: int, out: Path, source: str,
+                   plan: dict, overwrite: bool = False, shard_size: int = SHARD_SIZE, progress: bool = True,
+                   log=print) -> Store:
+    """Write decoded uint8 images [N, C, S, S] (and int64 labels [N]) as the store `out`. `plan` names what
+    they are (source, root, ...): a killed run resumes only under the same plan."""
+    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[2] == images.shape[3], images.shape
+    check_out(out, overwrite, None)
+    n, c, s, _ = images.shape
+    plan = {**plan, "source": source, "size": s, "channels": c, "shard_size": shard_size, "count": n,
+            "images": hashlib.sha256(np.ascontiguousarray(images)).hexdigest()}
+    info = {"class_names": None, "num_classes": num_classes if labels is not None else 0, "resize": ARRAY_RESIZE}
+    decoded = lambda start: ((i, images[i]) for i in range(start, n))
+    return _write(out, plan, n, decoded, None if labels is None else labels.tolist(), None, info, shard_size,
+                  progress, log)
+
+
+def check_out(out: Path, overwrite: bool, source: Path | None) -> None:
+    """Refuse an --out that would overwrite a store (unless `overwrite`), something else, or write into `source`."""
+    if source is not None:
+        src, dst = source.resolve(), out.resolve()
+        if dst == src or src in dst.parents:
+            raise UserError(f"--out {out} is inside the source folder {source}; nothing is written into a source: "
+                            "choose an --out outside it")
+    if (out / MANIFEST).is_file():
+        if not overwrite:
+            raise UserError(f"store {out} already exists; pass --overwrite to replace it, or choose another --out")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not a store; choose a new (or empty) directory")
+
+
+def _write(out: Path, plan: dict, num_sources: int, decoded: Callable[[int], Iterable[tuple[int, ImageArray | None]]],
+           labels: list[int] | None, names: list[str] | None, info: dict, shard_size: int, progress: bool,
+           log) -> Store:
+    """The one writer: shards into the temporary directory (resuming its finished ones), then labels, the
+    manifest, and the rename. `decoded(start)` yields (source index, uint8 [C, S, S] or None if skipped) from
+    source `start` on, in order; `labels` and `names` (for the manifest's skipped list) are per source."""
+    assert shard_size >= 1
+    tmp = temp_dir(out)
+    done = _resume(tmp, plan, log)
+    start = done[-1]["end"] if done else 0
+    began, written = time.monotonic(), 0
+    bar = _progress_bar(num_sources, start, progress)
+    shard, pending = None, []  # the shard being written; skipped sources before its first image
+    try:
+        for i, image in decoded(start):
+            bar.update(1)
+            if image is None:  # recorded with the shard whose range holds it, so a resume keeps the list whole
+                (shard.skipped if shard else pending).append(i)
+                continue
+            if shard is None:
+                shard, pending = _ShardWriter(tmp, len(done), skipped=pending), []
+            shard.add(image)
+            written += 1
+            if shard.count == shard_size:
+                done.append(shard.finish(end=i + 1))
+                shard = None
+        if shard is not None:
+            done.append(shard.finish(end=num_sources))
+            shard = None
+    finally:
+        bar.close()
+        if shard is not None:
+            shard.abandon()
+    if not done:
+        raise UserError(f"source {plan['source']!r}: none of its {num_sources} images can be decoded")
+    skipped = sorted({i for s in done for i in s["skipped"]} | set(pending))  # pending: after the last shard
+    store = _finish(tmp, out, plan, done, skipped, labels, [names[i] for i in skipped] if names else [], info)
+    elapsed = time.monotonic() - began
+    log(f"prepared {store.count} images ({store.channels}x{store.image_size}x{store.image_size}, "
+        f"{len(done)} shard(s)) in {out}: {written} processed in {elapsed:.1f} s ({written / max(elapsed, 1e-9):.0f} "
+        f"images/s)" + (f", {store.count - written} kept from an interrupted run" if written < store.count else ""))
+    return store
+
+
+def _resume(tmp: Path, plan: dict, log) -> list[dict]:
+    """The finished shards of an earlier run under the same plan (checked against their sidecars' sha256),
+    in order; anything else in `tmp` is removed. A different plan starts afresh."""
+    plan_text = json.dumps({"format_version": FORMAT_VERSION, **plan}, sort_keys=True)
+    if tmp.is_dir() and (tmp / "plan.json").is_file() and (tmp / "plan.json").read_text() == plan_text:
+        done = []
+        for k in range(len(list(tmp.glob("shard-*.u8.json")))):
+            sidecar = _read_sidecar(tmp, k)
+            if sidecar is None or _sha256(tmp / shard_name(k)) != sidecar["sha256"]:
+                break
+            done.append(sidecar)
+        keep = {shard_name(k) for k in range(len(done))} | {shard_name(k) + ".json" for k in range(len(done))}
+        for p in tmp.iterdir():
+            if p.name != "plan.json" and p.name not in keep:
+                p.unlink()
+        if done:
+            log(f"resuming an interrupted preparation: {len(done)} finished shard(s) kept in {tmp}")
+        return done
+    if tmp.exists():
+        log(f"note: {tmp} holds a preparation with other arguments (or sources); starting afresh")
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    _write_synced(tmp / "plan.json", plan_text.encode())
+    return []
+
+
+def _read_sidecar(tmp: Path, k: int) -> dict | None:
+    try:
+        return json.loads((tmp / (shard_name(k) + ".json")).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class _ShardWriter:
+    """One shard file being written, hashed as it goes; finished = fsynced, then its sidecar written."""
+
+    def __init__(self, tmp: Path, k: int, skipped: list[int]):
+        self.tmp, self.k, self.skipped, self.count = tmp, k, skipped, 0
+        self.path = tmp / shard_name(k)
+        self.file, self.hash = open(self.path, "wb"), hashlib.sha256()
+
+    def add(self, image: np.ndarray) -> None:  # [C, S, S]
+        data = np.ascontiguousarray(image).tobytes()
+        self.file.write(data)
+        self.hash.update(data)
+        self.count += 1
+
+    def finish(self, end: int) -> dict:
+        """Close and fsync the shard, then record it: sources [.., end) are in it or in `skipped`."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        sidecar = {"file": self.path.name, "count": self.count, "sha256": self.hash.hexdigest(), "end": end,
+                   "skipped": self.skipped}
+        _write_synced(self.tmp / (self.path.name + ".json"), json.dumps(sidecar).encode())
+        return sidecar
+
+    def abandon(self) -> None:
+        self.file.close()  # the next run rewrites it: it has no sidecar
+
+
+def _finish(tmp: Path, out: Path, plan: dict, done: list[dict], skipped: list[int], labels: list[int] | None,
+            skipped_names: list[str], info: dict) -> Store:
+    """Labels, then the manifest (last), then the rename of `tmp` to `out`; returns the store opened."""
+    count = sum(shard["count"] for shard in done)
+    labels_entry = None
+    if labels is not None:
+        gone = set(skipped)
+        kept = np.asarray([y for i, y in enumerate(labels) if i not in gone], dtype=np.int64)  # [count]
+        assert len(kept) == count, (len(kept), count)
+        _write_synced(tmp / LABELS, kept.tobytes())
+        labels_entry = {"file": LABELS, "sha256": hashlib.sha256(kept.tobytes()).hexdigest()}
+    manifest = {"format_version": FORMAT_VERSION, "count": count, "channels": plan["channels"],
+                "image_size": plan["size"], "shard_size": plan["shard_size"],
+                "shards": [{"file": s["file"], "count": s["count"], "sha256": s["sha256"]} for s in done],
+                "labels": labels_entry, **info, "source": plan["source"], "skipped": skipped_names}
+    _write_synced(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    for p in [*tmp.glob("shard-*.u8.json"), tmp / "plan.json"]:  # the manifest now holds what they said
+        p.unlink()
+    _fsync_dir(tmp)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    old = out.parent / f".{out.name}.tmp-old"
+    if out.exists():  # --overwrite: set the old store aside, swap, then remove it
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+    os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return open_store(out)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc="dcgan-prepare", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write a whole file atomically and durably: a temporary file, fsynced, renamed over `path`."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,300 @@
+"""The prepared store: byte-identical and resumable preparation, what a reader refuses, batches identical to the
+in-memory path, and a run trained from a store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, assert_ok, env, run_train, snapshot
+from dcgan_dist import checkpoint, store
+from dcgan_dist.batches import InMemoryBatches, MemmapBatches
+from dcgan_dist.config import load_config
+from dcgan_dist.data import batch_source, load_dataset, prepare_store
+from dcgan_dist.errors import UserError
+
+SIZES = [(40, 60), (70, 45), (100, 130), (33, 33)]  # (h, w); 100x130 JPEGs take the draft path at 32
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def make_folder(root, per_class=6):
+    """Two class sub-folders of random images, PNG and JPEG alternating, of assorted shapes."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cats", "dogs")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = SIZES[i % len(SIZES)]
+            ext = "jpg" if (i + c) % 2 else "png"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name / f"{i:02d}.{ext}")
+    return root
+
+
+def prepare(src, out, **kw):
+    kw = {"size": 32, "workers": 1, "shard_size": 5, "progress": False, "log": quiet, **kw}
+    return prepare_store(str(src), out, **kw)
+
+
+def cli(*args, script=None):
+    entry = [str(REPO / script)] if script else ["-c", "from dcgan_dist.cli import prepare_main; prepare_main()"]
+    return subprocess.run([sys.executable, *entry, *args], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def one_line_error(proc, text):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert text in proc.stderr, proc.stderr
+
+
+# --- preparation ---------------------------------------------------------------------------------------
+
+
+def test_one_and_two_workers_give_byte_identical_stores_with_labels(tmp_path):
+    src = make_folder(tmp_path / "src")
+    one = prepare(src, tmp_path / "one", workers=1)
+    prepare(src, tmp_path / "two", workers=2)
+    assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        "labels.i64", "manifest.json", "shard-00000.u8", "shard-00001.u8", "shard-00002.u8"]
+    m = one.manifest
+    assert (m["count"], m["channels"], m["image_size"], m["shard_size"]) == (12, 3, 32, 5)
+    assert [s["count"] for s in m["shards"]] == [5, 5, 2] and m["source"] == str(src) and m["skipped"] == []
+    assert m["class_names"] == ["cats", "dogs"] and one.num_classes == 2
+    assert one.labels.tolist() == [0] * 6 + [1] * 6
+    raw = np.memmap(tmp_path / "one" / "shard-00001.u8", dtype=np.uint8, mode="r", shape=(5, 3, 32, 32))
+    assert np.array_equal(raw, one.gather(range(5, 10)).numpy())  # raw [count, C, S, S], no header
+    # the PNGs are exactly what the in-memory image-folder path decodes
+    memory = load_dataset("imagefolder", str(src), 32, 3, cache_dir=str(tmp_path / "cache"))[0]
+    pngs = [i for i, p in enumerate(store.list_images(src)) if p.suffix == ".png"]
+    assert torch.equal(one.gather(pngs), memory[pngs])
+    assert not store.temp_dir(tmp_path / "one").exists()
+
+
+def test_source_is_read_only_and_unchanged(tmp_path):
+    src = make_folder(tmp_path / "src")
+    before = snapshot(src)
+    subprocess.run(["chmod", "-R", "a-w", str(src)], check=True)
+    try:
+        prepare(src, tmp_path / "store", workers=2)
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(src)], check=True)
+    assert snapshot(src) == before
+    with pytest.raises(UserError, match="inside the source folder"):
+        prepare(src, src / "store")
+    assert snapshot(src) == before
+
+
+def test_a_killed_preparation_resumes_to_a_byte_identical_store(tmp_path):
+    src = make_folder(tmp_path / "src", per_class=10)
+    prepare(src, tmp_path / "whole", shard_size=4)
+    out = tmp_path / "resumed"
+    args = [str(src), "--size", "32", "--out", str(out), "--shard-size", "4"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests/faults/slow_prepare.py"), *args, "--workers", "1"],
+                            cwd=REPO, env=env(FAULT_DECODE_DELAY="0.2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    first = store.temp_dir(out) / "shard-00000.u8.json"
+    deadline = time.time() + 120
+    while not first.exists():  # a sidecar is written after its shard is fsynced: the shard is finished
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # 16 images (>= 3 s of decoding) are still to come
+    proc.wait()
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    inode = (store.temp_dir(out) / "shard-00000.u8").stat().st_ino
+    with pytest.raises(UserError, match="not complete"):  # a store still being written is refused
+        store.open_store(out)
+
+    done = cli(*args, "--workers", "2")
+    assert_ok(done)
+    assert "resuming an interrupted preparation" in done.stdout and "kept from an interrupted run" in done.stdout
+    assert snapshot(out) == snapshot(tmp_path / "whole")
+    assert (out / "shard-00000.u8").stat().st_ino == inode  # kept, not decoded again
+    assert not store.temp_dir(out).exists()
+
+
+def test_an_interrupted_preparation_with_skipped_files_resumes_identically(tmp_path, monkeypatch):
+    src = make_folder(tmp_path / "src", per_class=5)
+    (src / "cats" / "01b.png").write_bytes(b"not an image")  # the middle of shard 0
+    (src / "dogs" / "zz.jpg").write_bytes(b"nor this")  # after the last image
+    whole = prepare(src, tmp_path / "whole", shard_size=3, skip_bad_files=True)
+    assert whole.count == 10 and whole.manifest["skipped"] == ["cats/01b.png", "dogs/zz.jpg"]
+    assert whole.labels.tolist() == [0] * 5 + [1] * 5
+
+    decode, calls = store.decode_image, []
+
+    def dies_at_the_eighth(*args, **kwargs):  # an interrupt: the shards finished so far stay
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(store, "decode_image", dies_at_the_eighth)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, tmp_path / "resumed", shard_size=3, skip_bad_files=True)
+    monkeypatch.setattr(store, "decode_image", decode)
+    assert sorted(p.name for p in store.temp_dir(tmp_path / "resumed").glob("*.json")) == [
+        "plan.json", "shard-00000.u8.json", "shard-00001.u8.json"]
+    prepare(src, tmp_path / "resumed", shard_size=3, skip_bad_files=True)
+    assert snapshot(tmp_path / "resumed") == snapshot(tmp_path / "whole")
+    # other arguments: the temporary directory of another plan is not reused
+    monkeypatch.setattr(store, "decode_image", dies_at_the_eighth)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, tmp_path / "other", shard_size=3, skip_bad_files=True)
+    monkeypatch.setattr(store, "decode_image", decode)
+    prepare(src, tmp_path / "other", shard_size=4, skip_bad_files=True)
+    assert [s["count"] for s in store.open_store(tmp_path / "other").manifest["shards"]] == [4, 4, 2]
+
+
+def test_bad_files_stop_the_command_or_are_skipped(tmp_path):
+    src = make_folder(tmp_path / "src", per_class=2)
+    (src / "dogs" / "bad.jpg").write_bytes(b"not an image")
+    one_line_error(cli(str(src), "--size", "32", "--out", str(tmp_path / "s"), "--workers", "2"),
+                   f"cannot decode image {src / 'dogs' / 'bad.jpg'}")
+    assert not (tmp_path / "s").exists()
+    proc = cli(str(src), "--size", "32", "--out", str(tmp_path / "s"), "--skip-bad-files")
+    assert_ok(proc)
+    assert "skipped 1 of 5" in proc.stdout and "data.name=store data.root=" in proc.stdout
+    assert store.open_store(tmp_path / "s").manifest["skipped"] == ["dogs/bad.jpg"]
+
+
+def test_an_existing_store_and_bad_arguments_are_refused(tmp_path):
+    src = make_folder(tmp_path / "src", per_class=2)
+    out = tmp_path / "s"
+    prepare(src, out, channels=1)
+    one_line_error(cli(str(src), "--size", "32", "--out", str(out)), "already exists; pass --overwrite")
+    prepare(src, out, overwrite=True)
+    assert store.open_store(out).channels == 3 and not (tmp_path / ".s.tmp-old").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not a store"):
+        prepare(src, tmp_path / "other", overwrite=True)
+    with pytest.raises(UserError, match="neither a folder nor a built-in dataset"):
+        prepare(tmp_path / "nothing", tmp_path / "t")
+    with pytest.raises(UserError, match=r"mnist5k has 1 channel\(s\), not 3"):
+        prepare("mnist5k", tmp_path / "t", channels=3)
+    one_line_error(cli(str(src), "--size", "30", "--out", str(tmp_path / "t")), "--size 30")
+    one_line_error(cli(str(src), "--out", str(tmp_path / "t")), "give SOURCE, --size and --out")
+    assert not (tmp_path / "t").exists()
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+
+def test_verify_names_a_damaged_shard_and_readers_refuse_broken_stores(tmp_path):
+    src = make_folder(tmp_path / "src")
+    path = tmp_path / "s"
+    prepare(src, path)
+    proc = cli("--verify", str(path))
+    assert_ok(proc)
+    assert "12 images, 3x32x32, 3 shard(s), 2 classes; every sha256 matches" in proc.stdout
+    shard = path / "shard-00001.u8"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    one_line_error(cli("--verify", str(path)), "shard-00001.u8 is damaged")
+    shard.write_bytes(bytes(data[:-1]))
+    with pytest.raises(UserError, match="shard-00001.u8 holds 15359 bytes, manifest.json says 15360"):
+        store.open_store(path)
+    shard.unlink()
+    with pytest.raises(UserError, match="shard-00001.u8 is missing"):
+        store.open_store(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    outside = [{**manifest["shards"][0], "file": "../../etc/passwd"}, *manifest["shards"][1:]]
+    (path / "manifest.json").write_text(json.dumps({**manifest, "shards": outside}))
+    with pytest.raises(UserError, match="manifest.json is damaged"):  # nothing outside the store is opened
+        store.open_store(path)
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(UserError, match="format_version 2; this dcgan_dist reads up to 1: upgrade"):
+        store.open_store(path)
+    (path / "manifest.json").unlink()  # shards but no manifest: not a store (or one still being written)
+    with pytest.raises(UserError, match="has no manifest.json"):
+        store.open_store(path)
+    with pytest.raises(UserError, match="is not a prepared store"):
+        load_config(None, ["data.name=store", f"data.root={path}"])
+
+
+def test_the_config_takes_the_store_channels_and_refuses_another_size(tmp_path):
+    path = tmp_path / "s"
+    prepare("synthetic", path, channels=1, shard_size=100)
+    cfg = load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=32"])
+    assert cfg.image_channels == 1 and cfg.model_kwargs()[0]["channels"] == 1  # model.channels=0: the store's
+    with pytest.raises(UserError, match=r"model.image_size = 64 .* holds 32x32 images: set model.image_size=32, "
+                                        r"or prepare a store with --size 64"):
+        load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=64"])
+    with pytest.raises(UserError, match="holds 1-channel images"):
+        load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=32", "model.channels=3"])
+    with pytest.raises(UserError, match="holds 32x32 images but model.image_size = 64"):
+        store.open_store(path, image_size=64)
+    with pytest.raises(UserError, match="holds 1-channel images but the config asks for 3"):
+        store.open_store(path, channels=3)
+
+
+# --- batches -------------------------------------------------------------------------------------------
+
+
+def test_memmap_batches_are_the_in_memory_batches(tmp_path):
+    """A store of mnist5k gives, per rank, the very batches (images and labels) mnist5k in memory gives, with
+    the same data.num_images subset, across an epoch boundary and after a resume from the saved position."""
+    path = tmp_path / "mnist"
+    prepare("mnist5k", path, shard_size=64)  # 79 shards: batches gather across several
+    common = ["model.image_size=32", "data.num_images=300", "train.batch_size=8", "train.seed=3"]
+    memory_cfg = load_config(None, ["data.name=mnist5k", *common])
+    store_cfg = load_config(None, ["data.name=store", f"data.root={path}", *common])
+    for rank in (0, 1):
+        a, b = batch_source(memory_cfg, rank, 2), batch_source(store_cfg, rank, 2)
+        assert isinstance(a, InMemoryBatches) and isinstance(b, MemmapBatches)
+        assert [(s.num_items, s.channels, s.image_size, s.num_classes, s.batches_per_epoch) for s in (a, b)] == [
+            (300, 1, 32, 10, 18)] * 2
+        assert torch.equal(a.first(16), b.first(16))
+        for _ in range(25):  # 18 batches an epoch
+            (xa, ya), (xb, yb) = next(a), next(b)
+            assert xb.dtype == torch.uint8 and yb.dtype == torch.int64
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        state = b.state_dict()
+        assert state == a.state_dict() and b.epoch == 1
+        c = batch_source(store_cfg, rank, 2)
+        assert c.load_state_dict(state)
+        for _ in range(15):
+            (xa, ya), (xc, yc) = next(a), next(c)
+            assert torch.equal(xa, xc) and torch.equal(ya, yc)
+        one = batch_source(store_cfg, 0, 1)  # another world size: the same share of the epoch
+        assert not one.load_state_dict(state) and one.state_dict()["position"] == 14
+
+
+def test_memmap_batches_without_labels_and_without_subset(tmp_path):
+    path = tmp_path / "s"
+    prepare("synthetic", path, channels=1, shard_size=50)
+    images = load_dataset("synthetic", "", 32, 1)[0]  # [512, 1, 32, 32]
+    a = InMemoryBatches(images, None, batch_size=16, rank=2, world_size=3, seed=1)
+    b = MemmapBatches(store.open_store(path, 32, 1), batch_size=16, rank=2, world_size=3, seed=1)
+    assert b.num_classes == 0 and b.num_items == 512
+    assert torch.equal(load_dataset("store", str(path), 32, 1)[0], images)  # evaluation's reference read of a store
+    for _ in range(12):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert torch.equal(xa, xb) and ya is None and yb is None
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+
+def test_trains_from_a_store(tmp_path):
+    path = tmp_path / "store"
+    assert_ok(cli("synthetic", "--size", "32", "--channels", "1", "--out", str(path)))
+    run = tmp_path / "run"
+    proc = run_train("--config", "configs/smoke.yaml", "data.name=store", f"data.root={path}", f"run.dir={run}")
+    assert_ok(proc)
+    meta = checkpoint.read_meta(checkpoint.latest_checkpoint(run / "checkpoints"))
+    assert meta["step"] == 12 and meta["generator"]["channels"] == 1
+    assert meta["config"]["data"]["name"] == "store"
