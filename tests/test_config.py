@@ -19,9 +19,18 @@ def test_defaults_and_typed_overrides():
     assert isinstance(load_config(None, ["optim.lr_d=1"]).optim.lr_d, float)  # an int is a fine float
 
 
-def test_every_recipe_loads():
+def test_every_recipe_loads(tmp_path):
+    from dcgan_dist.data import prepare_store
+
+    store = tmp_path / "store"  # for the recipes that train from a prepared store
+    prepare_store("synthetic", store, 64, 3, progress=False, log=lambda *_: None)
     for path in sorted(Path("configs").glob("*.yaml")):
-        load_config(str(path))
+        if yaml.safe_load(path.read_text())["data"]["name"] == "store":
+            with pytest.raises(UserError, match=r"is not a prepared store .* dcgan-prepare SOURCE --size S --out"):
+                load_config(str(path), ["data.root=" + str(tmp_path / "missing")])
+            load_config(str(path), [f"data.root={store}"])
+        else:
+            load_config(str(path))
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -78,3 +78,21 @@ def test_world_size_change_continues_with_a_warning(tmp_path):
     assert "warning: resuming 2 rank(s) x batch 16 as 1 x 16" in proc.stdout and "at step 6" in proc.stdout
     meta = json.loads((run / "checkpoints" / "step-00000009" / "meta.json").read_text())
     assert meta["world_size"] == 1 and meta["step"] == 9
+
+
+def test_n_plus_n_steps_equal_2n_steps_from_a_store(tmp_path):
+    """Training from a prepared, memory-mapped store: 2 ranks, fp32, EMA on, exact resume."""
+    from dcgan_dist.data import prepare_store
+
+    store = tmp_path / "store"
+    prepare_store("synthetic", store, 32, 1, shard_size=100, progress=False, log=lambda *_: None)  # 512 images
+    args = ["--config", "configs/smoke.yaml", "train.checkpoint_every=0", "data.name=store", f"data.root={store}",
+            "data.num_images=null", "model.ema.decay=0.8"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert_ok(accelerate_launch(2, "launch/train.py", *args, f"run.dir={whole}", "train.steps=12"))
+    assert_ok(accelerate_launch(2, "launch/train.py", *args, f"run.dir={split}", "train.steps=6"))
+    proc = accelerate_launch(2, "launch/train.py", *args, f"run.dir={split}", "train.steps=12")
+    assert_ok(proc)
+    assert "(512 images" in proc.stdout and "at step 6" in proc.stdout
+    names = WEIGHTS + ("generator_ema.safetensors",)
+    assert _weights(whole, 12, names) == _weights(split, 12, names)
