@@ -40,7 +40,7 @@ class DataConfig:
     name: str = "mnist5k"  # one of catalog.DATASETS; store: a store prepared by dcgan-prepare, at data.root
     root: str = "data"  # where torchvision datasets / image folders live; the store directory for data.name=store
     download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into data.root
-    cache_dir: str = ""  # decoded+resized uint8 cache; empty -> <data.root>/cache
+    cache_dir: str = ""  # imagefolder decode cache (empty: ~/.cache/dcgan_dist); classifiers (empty: <root>/cache)
     num_images: int | None = None  # use a fixed random subset of this many images (None = all)
     skip_bad_files: bool = False  # imagefolder: skip (and count) files that cannot be decoded instead of stopping
 

@@ -44,7 +44,7 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
         everything = torch.arange(opened.count)
         images, labels = opened.gather(everything), opened.gather_labels(everything)
     elif name == "imagefolder":
-        images, labels = _imagefolder(Path(root), image_size, channels, Path(cache_dir or Path(root) / "cache"),
+        images, labels = _imagefolder(Path(root), image_size, channels, Path(cache_dir or user_cache_dir()),
                                       skip_bad_files, warn)
     elif name == "synthetic":
         images, labels = synthetic_shapes(num_images or 512, image_size, channels), None
@@ -56,6 +56,12 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
         keep = subset(len(images), num_images, name)
         images, labels = images[keep], None if labels is None else labels[keep]
     return _resize(images, image_size), labels
+
+
+def user_cache_dir() -> Path:
+    """Where decode caches go by default: $XDG_CACHE_HOME/dcgan_dist (~/.cache/dcgan_dist). Never the dataset's
+    own folder, which on clusters is often shared and read-only."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan_dist"
 
 
 def subset(count: int, num_images: int, name: str) -> torch.Tensor:

@@ -180,13 +180,31 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, fault_row):
 
 
 def test_a_damaged_decode_cache_is_rebuilt(tmp_path):
-    root = _image_folder(tmp_path / "images", n=16)
-    assert_ok(run_train(*_folder_args(root, tmp_path / "a")))
-    (cache,) = (root / "cache").glob("*.safetensors")
+    root, xdg = _image_folder(tmp_path / "images", n=16), {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert_ok(run_train(*_folder_args(root, tmp_path / "a"), extra_env=xdg))
+    (cache,) = (tmp_path / "xdg" / "dcgan_dist").glob("*.safetensors")  # the user's cache, not the folder
     cache.write_bytes(cache.read_bytes()[:100])
-    proc = run_train(*_folder_args(root, tmp_path / "b"))
+    proc = run_train(*_folder_args(root, tmp_path / "b"), extra_env=xdg)
     assert_ok(proc)
     assert "warning: ignoring damaged decode cache" in proc.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_a_read_only_image_folder_trains_with_two_ranks(tmp_path):
+    """Shared datasets on clusters are read-only: nothing is written into the folder (as root, chmod would not
+    stop writes, so the folder is bind-mounted read-only)."""
+    src, ro = _image_folder(tmp_path / "images", n=32), tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        before = snapshot(src)
+        proc = accelerate_launch(2, "launch/train.py", *_folder_args(ro, tmp_path / "run"),
+                                 extra_env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+        assert_ok(proc)
+        assert snapshot(src) == before
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
 @pytest.mark.slow
