@@ -10,7 +10,6 @@ weights a reader gets (EMA or raw): `choose_generator`, here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from dcgan_dist.catalog import IMAGE_SIZES
 from dcgan_dist.errors import RunError, UserError
+from dcgan_dist.fileio import fsync_dir, sha256_file, write_atomic
 from dcgan_dist.models import Discriminator, Generator
 
 FORMAT_VERSION = 1
@@ -45,7 +45,7 @@ def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, dict[str, torch
     final = ckpt_root / step_dir_name(step)
     try:
         write_dir(final, state, {"step": step, **meta})
-        _write_atomic(ckpt_root / "latest", final.name + "\n")  # only after the directory is complete
+        write_atomic(ckpt_root / "latest", (final.name + "\n").encode())  # only after the directory is complete
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as a SafetensorError
         previous, detail = latest_checkpoint(ckpt_root), getattr(e, "strerror", None) or str(e)
         raise RunError(f"cannot write checkpoint {final}: {detail}; nothing was "
@@ -83,7 +83,7 @@ def write_dir(final: Path, state: dict[str, dict[str, torch.Tensor]], meta: dict
         meta = {"format_version": FORMAT_VERSION, **meta, "files": hashes}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         _fsync_and_hash(tmp / "meta.json")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except BaseException:  # a full disk, a signal: leave no half-written directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -91,7 +91,7 @@ def write_dir(final: Path, state: dict[str, dict[str, torch.Tensor]], meta: dict
     if final.exists():  # the same step saved again (or the next best): set the old one aside, then swap
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -271,33 +271,10 @@ def resolve(arg: str) -> tuple[Path, str]:
     return path, "generator"
 
 
-def _hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_hash = sha256_file  # the name tests and older callers use
 
 
 def _fsync_and_hash(path: Path) -> str:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    return _hash(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    return sha256_file(path)

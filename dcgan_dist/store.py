@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dcgan_dist.errors import UserError
+from dcgan_dist.fileio import fsync_dir, sha256_file, write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -237,7 +238,7 @@ def verify_store(path: str | Path) -> Store:
     if m["labels"] is not None:
         files.append((m["labels"]["file"], m["labels"]["sha256"]))
     for name, digest in files:
-        if _sha256(store.path / name) != digest:
+        if sha256_file(store.path / name) != digest:
             raise UserError(f"store {store.path}: {name} is damaged (its sha256 differs from manifest.json); "
                             "prepare the store again (dcgan-prepare ... --overwrite)")
     return store
@@ -385,7 +386,7 @@ def _resume(tmp: Path, plan: dict, log) -> list[dict]:
         done = []
         for k in range(len(list(tmp.glob("shard-*.u8.json")))):
             sidecar = _read_sidecar(tmp, k)
-            if sidecar is None or _sha256(tmp / shard_name(k)) != sidecar["sha256"]:
+            if sidecar is None or sha256_file(tmp / shard_name(k)) != sidecar["sha256"]:
                 break
             done.append(sidecar)
         keep = {shard_name(k) for k in range(len(done))} | {shard_name(k) + ".json" for k in range(len(done))}
@@ -399,7 +400,7 @@ def _resume(tmp: Path, plan: dict, log) -> list[dict]:
         log(f"note: {tmp} holds a preparation with other arguments (or sources); starting afresh")
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    _write_synced(tmp / "plan.json", plan_text.encode())
+    write_atomic(tmp / "plan.json", plan_text.encode())
     return []
 
 
@@ -431,7 +432,7 @@ class _ShardWriter:
         self.file.close()
         sidecar = {"file": self.path.name, "count": self.count, "sha256": self.hash.hexdigest(), "end": end,
                    "skipped": self.skipped}
-        _write_synced(self.tmp / (self.path.name + ".json"), json.dumps(sidecar).encode())
+        write_atomic(self.tmp / (self.path.name + ".json"), json.dumps(sidecar).encode())
         return sidecar
 
     def abandon(self) -> None:
@@ -447,16 +448,16 @@ def _finish(tmp: Path, out: Path, plan: dict, done: list[dict], skipped: list[in
         gone = set(skipped)
         kept = np.asarray([y for i, y in enumerate(labels) if i not in gone], dtype=np.int64)  # [count]
         assert len(kept) == count, (len(kept), count)
-        _write_synced(tmp / LABELS, kept.tobytes())
+        write_atomic(tmp / LABELS, kept.tobytes())
         labels_entry = {"file": LABELS, "sha256": hashlib.sha256(kept.tobytes()).hexdigest()}
     manifest = {"format_version": FORMAT_VERSION, "count": count, "channels": plan["channels"],
                 "image_size": plan["size"], "shard_size": plan["shard_size"],
                 "shards": [{"file": s["file"], "count": s["count"], "sha256": s["sha256"]} for s in done],
                 "labels": labels_entry, **info, "source": plan["source"], "skipped": skipped_names}
-    _write_synced(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     for p in [*tmp.glob("shard-*.u8.json"), tmp / "plan.json"]:  # the manifest now holds what they said
         p.unlink()
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     old = out.parent / f".{out.name}.tmp-old"
@@ -464,7 +465,7 @@ def _finish(tmp: Path, out: Path, plan: dict, done: list[dict], skipped: list[in
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out, old)
     os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
     return open_store(out)
 
@@ -474,30 +475,3 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, unit="img", desc="dcgan-prepare", disable=not enabled,
                 dynamic_ncols=True, smoothing=0.1)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """Write a whole file atomically and durably: a temporary file, fsynced, renamed over `path`."""
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
