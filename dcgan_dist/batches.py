@@ -137,19 +137,20 @@ class MemmapBatches(_IndexedBatches):
     """`InMemoryBatches` over a prepared store (`store.open_store`): the same batches, in the same order, but
     each one gathered from the memory-mapped shards, so no rank holds the dataset.
 
-    `subset`: the global store indices in use (data.num_images), sorted; None = every image.
+    `subset`: the global store indices in use (data.num_images), sorted; None = every image. `labels` False:
+    hand out no labels, as for a dataset the catalog lists as unlabelled.
     """
 
     def __init__(self, store, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 subset: torch.Tensor | None = None, pin_memory: bool = False):
+                 subset: torch.Tensor | None = None, pin_memory: bool = False, labels: bool = True):
         num_items = store.count if subset is None else len(subset)
-        super().__init__(num_items, store.channels, store.image_size, store.num_classes, batch_size, rank,
-                         world_size, seed, pin_memory)
-        self.store, self.subset = store, subset
+        super().__init__(num_items, store.channels, store.image_size, store.num_classes if labels else 0,
+                         batch_size, rank, world_size, seed, pin_memory)
+        self.store, self.subset, self.labels = store, subset, labels
 
     def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows = idx if self.subset is None else self.subset[idx]
-        return self.store.gather(rows), self.store.gather_labels(rows)
+        return self.store.gather(rows), self.store.gather_labels(rows) if self.labels else None
 
     def first(self, n: int) -> torch.Tensor:
         rows = torch.arange(min(n, self.num_items))

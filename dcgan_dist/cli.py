@@ -299,8 +299,10 @@ def _train_classifier_main(argv: list[str]) -> None:
 
         if args.image_size < 8 or args.epochs < 1:
             raise UserError("--image-size must be at least 8 and --epochs at least 1")
+        from dcgan_dist.data import user_cache_dir
+
         out = Path(args.out) if args.out else features.classifier_path(
-            args.cache_dir or Path(args.data_root) / "cache", args.data, args.image_size)
+            args.cache_dir or user_cache_dir(), args.data, args.image_size)
         model, info = evaluation.fit_classifier(args.data, args.data_root, args.image_size, args.epochs)
         features.save_classifier(model, out, info)
         print(f"classifier for {args.data} at {args.image_size}x{args.image_size}: held-out accuracy "

@@ -40,7 +40,8 @@ class DataConfig:
     name: str = "mnist5k"  # one of catalog.DATASETS; store: a store prepared by dcgan-prepare, at data.root
     root: str = "data"  # where torchvision datasets / image folders live; the store directory for data.name=store
     download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into data.root
-    cache_dir: str = ""  # imagefolder decode cache (empty: ~/.cache/dcgan_dist); classifiers (empty: <root>/cache)
+    cache_dir: str = ""  # stores prepared on first use, evaluation classifiers (empty: ~/.cache/dcgan_dist)
+    wait_minutes: float = 60.0  # the longest wait for another process preparing the same cached store/classifier
     num_images: int | None = None  # use a fixed random subset of this many images (None = all)
     skip_bad_files: bool = False  # imagefolder: skip (and count) files that cannot be decoded instead of stopping
 
@@ -293,6 +294,8 @@ def validate(cfg: Config) -> None:
            "use a non-empty name without '/' (or set run.dir)")
     _one_of("data.name", d.name, tuple(DATASETS))
     _check(d.num_images is None or d.num_images > 0, "data.num_images", d.num_images, "use a positive count or null")
+    _check(d.wait_minutes > 0 and math.isfinite(d.wait_minutes), "data.wait_minutes", d.wait_minutes,
+           "use a positive number of minutes such as 60")
     _one_of("model.arch", m.arch, ("dcgan", "mlp"))
     _one_of("model.image_size", m.image_size, IMAGE_SIZES)
     _one_of("model.norm", m.norm, ("batch", "none"))

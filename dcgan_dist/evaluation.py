@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dcgan_dist import fileio
 from dcgan_dist import metrics as M
 from dcgan_dist.catalog import DATASETS, LABELLED, is_better
-from dcgan_dist.data import load_dataset, load_images
+from dcgan_dist.data import load_dataset, load_images, user_cache_dir
 from dcgan_dist.errors import UserError
 from dcgan_dist.features import (
     INCEPTION_FILE,
@@ -181,28 +182,32 @@ def fit_classifier(data: str, root: str, image_size: int = 32, epochs: int = 6, 
 def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", classifier: str | Path | None = None,
                    classifier_size: int = 32, inception: bool | None = None, inception_weights: str | None = None,
                    image_size: int = 32, channels: int = 1, num_images: int | None = None, train_missing: bool = True,
-                   log=print) -> tuple[list[FeatureSpace], list[str]]:
+                   wait_minutes: float = 60.0, log=print) -> tuple[list[FeatureSpace], list[str]]:
     """The feature spaces available for dataset `data`, and one note per space that is not (why, how to get it).
 
     Classifier: `classifier` (a .safetensors path), else `<cache_dir>/classifier-<data>-<size>.safetensors`
-    (cache_dir defaults to `<root>/cache`), trained there when missing and `train_missing`. Inception:
+    (cache_dir defaults to `data.user_cache_dir()`), trained there when missing and `train_missing`. Inception:
     `inception=True` requires the weights (UserError without them), None uses them when present, False skips.
     The Inception reference is the dataset at the generator's `image_size`/`channels` (and `num_images`, as
-    trained), upsampled to 299 like the generated images. Under several ranks call it on the main process
-    first (it may train and write the classifier).
+    trained), upsampled to 299 like the generated images. Under several ranks call it on every rank
+    together: one trains a missing classifier, the others wait for its file.
     """
     spaces, notes = [], []
     weights = inception_weights_path(inception_weights)
     use_inception = inception or (inception is None and weights is not None)
     inception_model = build_inception(weights) if use_inception else None  # fails early when weights are missing
     if data in LABELLED or classifier:
-        path = Path(classifier) if classifier else classifier_path(cache_dir or Path(root) / "cache", data,
+        path = Path(classifier) if classifier else classifier_path(cache_dir or user_cache_dir(), data,
                                                                    classifier_size)
         if not path.is_file() and not classifier and train_missing:
-            log(f"no classifier for {data} at {path}: training one (once; dcgan-eval train-classifier does it ahead)")
-            model, info = fit_classifier(data, root, classifier_size, log=log)
-            save_classifier(model, path, info)
-            log(f"classifier held-out accuracy {info['accuracy']:.2%}, saved to {path}")
+            # one process trains it (a file lock, no collective); the others wait for it and read it
+            with fileio.exclusive(path.with_name(f".{path.name}.lock"), f"training {path}", wait_minutes, log):
+                if not path.is_file():
+                    log(f"no classifier for {data} at {path}: training one (once; dcgan-eval train-classifier "
+                        "does it ahead)")
+                    model, info = fit_classifier(data, root, classifier_size, log=log)
+                    save_classifier(model, path, info)
+                    log(f"classifier held-out accuracy {info['accuracy']:.2%}, saved to {path}")
         model, meta = load_classifier(path)
         if meta["data"] != data:
             raise UserError(f"classifier {path} was trained on {meta['data']}, not {data}; "
@@ -230,9 +235,9 @@ class DuringTraining:
     def __init__(self, cfg, accelerator, log):
         d, t = cfg.data, cfg.train
         self.accelerator, self.num, self.seed, self.keep_best = accelerator, t.eval_num, t.seed, t.keep_best
-        with accelerator.main_process_first():  # rank 0 may train the classifier (once); the others read it
-            self.spaces, notes = feature_spaces(d.name, d.root, d.cache_dir, image_size=cfg.model.image_size,
-                                                channels=cfg.image_channels, num_images=d.num_images, log=log)
+        self.spaces, notes = feature_spaces(d.name, d.root, d.cache_dir, image_size=cfg.model.image_size,
+                                            channels=cfg.image_channels, num_images=d.num_images,
+                                            wait_minutes=d.wait_minutes, log=log)
         names = [s.name for s in self.spaces]
         if not self.spaces:
             raise UserError(f"train.eval_every = {t.eval_every} has nothing to measure: " + "; ".join(notes))

@@ -108,6 +108,19 @@ def _decode_chunk(paths: list[str], size: int, channels: int) -> list[ImageArray
     return out
 
 
+def folder_listing(folder: Path, files: list[Path]) -> str:
+    """sha256 over the files' names, sizes and modification times: what says an edited folder is not the same."""
+    listing = hashlib.sha256()
+    for p in files:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise UserError(f"image {p} vanished while {folder} was being read; is something else changing the "
+                            "folder? Run again once it is stable") from None
+        listing.update(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return listing.hexdigest()
+
+
 def folder_classes(root: Path, files: list[Path]) -> tuple[list[int] | None, list[str] | None]:
     """(label per file, class names) when every image sits in a first-level sub-folder of `root` (the sorted
     sub-folder names are the classes); (None, None) otherwise."""
@@ -249,10 +262,11 @@ def verify_store(path: str | Path) -> Store:
 
 def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: str, workers: int | None = None,
                    skip_bad_files: bool = False, overwrite: bool = False, shard_size: int = SHARD_SIZE,
-                   progress: bool = True, log=print) -> Store:
+                   progress: bool = True, log=print, skip_option: str = "--skip-bad-files") -> Store:
     """Decode every image under `folder` (sorted, recursive) into the store `out`; `workers` processes decode
     (None: one per CPU). First-level sub-folders holding every image are the classes. `source` is recorded in
-    the manifest as given. Nothing is written into `folder`."""
+    the manifest as given; `skip_option` is what the messages name to skip bad files. Nothing is written into
+    `folder`."""
     if not folder.is_dir():
         raise UserError(f"source {source!r} is not a folder nor a built-in dataset")
     check_out(out, overwrite, folder)
@@ -260,18 +274,15 @@ def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: st
     if not files:
         raise UserError(f"source {source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     labels, class_names = folder_classes(folder, files)
-    listing = hashlib.sha256()  # the plan covers names, sizes and times: an edited folder is decoded afresh
-    for p in files:
-        st = p.stat()
-        listing.update(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     plan = {"source": source, "size": size, "channels": channels, "shard_size": shard_size,
-            "skip_bad_files": skip_bad_files, "files": listing.hexdigest()}
+            "skip_bad_files": skip_bad_files, "files": folder_listing(folder, files)}
     info = {"class_names": class_names, "num_classes": len(class_names or []), "resize": FOLDER_RESIZE}
     workers = min(workers or os.cpu_count() or 1, len(files))
     # spawn, not fork: the parent may hold torch's threads; the workers import only this module, numpy and PIL
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
-        decoded = functools.partial(_decoded_folder, files, size, channels, pool, workers, skip_bad_files)
+        decoded = functools.partial(_decoded_folder, files, size, channels, pool, workers, skip_bad_files,
+                                    skip_option)
         names = [str(p.relative_to(folder)) for p in files]
         store = _write(out, plan, len(files), decoded, labels, names, info, shard_size, progress, log)
     finally:
@@ -280,13 +291,13 @@ def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: st
             pool.join()
     if store.manifest["skipped"]:
         skipped = store.manifest["skipped"]
-        log(f"warning: skipped {len(skipped)} of {len(files)} image(s) that cannot be decoded (--skip-bad-files): "
-            + ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
+        log(f"warning: skipped {len(skipped)} of {len(files)} image(s) that cannot be decoded ({skip_option}): "
+            + ", ".join(str(folder / name) for name in skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
     return store
 
 
 def _decoded_folder(files: list[Path], size: int, channels: int, pool, workers: int, skip_bad_files: bool,
-                    start: int) -> Iterator[tuple[int, ImageArray | None]]:
+                    skip_option: str, start: int) -> Iterator[tuple[int, ImageArray | None]]:
     """(index, uint8 [C, S, S], or None for a skipped file) of files[start:], in order, decoded by `pool`'s
     workers in chunks (or here, one at a time, without a pool)."""
     n = max(1, min(_CHUNK, len(files) // (4 * workers))) if pool else 1  # a small job still keeps every worker busy
@@ -298,7 +309,8 @@ def _decoded_folder(files: list[Path], size: int, channels: int, pool, workers: 
         for item in chunk:
             if isinstance(item, str):  # the reason a file cannot be decoded
                 if not skip_bad_files:
-                    raise UserError(f"{item}; or pass --skip-bad-files to skip such files")
+                    how = f"pass {skip_option}" if skip_option.startswith("-") else f"set {skip_option}=true"
+                    raise UserError(f"{item}; or {how} to skip such files")
                 item = None
             yield i, item
             i += 1

@@ -69,8 +69,8 @@ class Trainer:
         self.run_dir, self.ckpt_root, self.closed = cfg.run_dir, cfg.run_dir / "checkpoints", False
         resume = None if overwrite else train_state.find_resume(cfg, self._print)  # every rank reads; no writes yet
 
-        with acc.main_process_first():  # rank 0 fills the decode cache, the others read it
-            self.data = batch_source(cfg, self.rank, self.world, pin_memory=device == "cuda", warn=self._print)
+        # no collective: one process prepares a missing cached store while the others wait on its file lock
+        self.data = batch_source(cfg, self.rank, self.world, pin_memory=device == "cuda", warn=self._print)
         self.evaluator = DuringTraining(cfg, acc, self._print) if cfg.train.eval_every else None
 
         nets = networks.build(cfg, self.device)

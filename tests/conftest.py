@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +18,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The user's cache (stores prepared on first use, classifiers) is one fresh directory per test session, shared by
+# the tests and every process they start: nothing from an earlier session or the user's own cache is reused.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dcgan-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 def env(**extra: str | None) -> dict[str, str]:

@@ -67,8 +67,8 @@ def test_imagefolder_decodes_crops_and_caches(tmp_path):
         Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / "a" / f"{i}.png")
     images = load_images("imagefolder", str(root), 32, 3, cache_dir=str(tmp_path / "cache"))
     assert images.shape == (5, 3, 32, 32)
-    caches = list((tmp_path / "cache").glob("*.safetensors"))
-    assert len(caches) == 1
+    (cached,) = (tmp_path / "cache" / "stores").glob("imagefolder-*")  # prepared once into a store in the cache
+    assert (cached / "manifest.json").is_file() and not list(root.rglob("*.u8"))
     assert torch.equal(load_images("imagefolder", str(root), 32, 3, cache_dir=str(tmp_path / "cache")), images)
     (root / "a" / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(UserError, match=r"cannot decode image .*bad\.jpg"):

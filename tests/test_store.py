@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, assert_ok, env, run_train, snapshot
+from conftest import REPO, accelerate_launch, assert_ok, env, run_train, snapshot
 from dcgan_dist import checkpoint, store
 from dcgan_dist.batches import InMemoryBatches, MemmapBatches
 from dcgan_dist.config import load_config
@@ -250,11 +250,14 @@ def test_memmap_batches_are_the_in_memory_batches(tmp_path):
     path = tmp_path / "mnist"
     prepare("mnist5k", path, shard_size=64)  # 79 shards: batches gather across several
     common = ["model.image_size=32", "data.num_images=300", "train.batch_size=8", "train.seed=3"]
-    memory_cfg = load_config(None, ["data.name=mnist5k", *common])
+    cached_cfg = load_config(None, ["data.name=mnist5k", f"data.cache_dir={tmp_path / 'cache'}", *common])
     store_cfg = load_config(None, ["data.name=store", f"data.root={path}", *common])
+    images, labels = load_dataset("mnist5k", "data", 32, 1, num_images=300)
     for rank in (0, 1):
-        a, b = batch_source(memory_cfg, rank, 2), batch_source(store_cfg, rank, 2)
-        assert isinstance(a, InMemoryBatches) and isinstance(b, MemmapBatches)
+        a = InMemoryBatches(images, labels, batch_size=8, rank=rank, world_size=2, seed=3, num_classes=10)
+        b, cached = batch_source(store_cfg, rank, 2), batch_source(cached_cfg, rank, 2)
+        assert isinstance(b, MemmapBatches) and isinstance(cached, MemmapBatches)  # data.name=mnist5k: a store too
+        assert torch.equal(next(cached)[0], next(InMemoryBatches(images, labels, 8, rank, 2, 3))[0])
         assert [(s.num_items, s.channels, s.image_size, s.num_classes, s.batches_per_epoch) for s in (a, b)] == [
             (300, 1, 32, 10, 18)] * 2
         assert torch.equal(a.first(16), b.first(16))
@@ -298,3 +301,43 @@ def test_trains_from_a_store(tmp_path):
     meta = checkpoint.read_meta(checkpoint.latest_checkpoint(run / "checkpoints"))
     assert meta["step"] == 12 and meta["generator"]["channels"] == 1
     assert meta["config"]["data"]["name"] == "store"
+
+
+@pytest.mark.slow
+def test_two_ranks_train_on_a_folder_whose_first_preparation_outlasts_the_collective_timeout(tmp_path):
+    """3,000 images, train.collective_timeout_s=5, and a first preparation slowed to ~10 s: no rank waits for
+    another's decode inside a collective (rank 1 waits on the cache's file lock), so the run trains; a second
+    run reuses the cached store and decodes nothing."""
+    src = tmp_path / "images"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3000):
+        Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(src / f"{i:04d}.png")
+    args = ["--config", "configs/smoke.yaml", "data.name=imagefolder", f"data.root={src}", "data.num_images=null",
+            "model.channels=1", f"data.cache_dir={tmp_path / 'cache'}", "train.collective_timeout_s=5",
+            "train.steps=2", "train.checkpoint_every=0"]
+    start = time.monotonic()
+    proc = accelerate_launch(2, "tests/faults/faulty_train.py", *args, f"run.dir={tmp_path / 'a'}",
+                             extra_env={"FAULT_DECODE_DELAY": "0.007"})  # 3000 x 7 ms / 2 workers: 10 s
+    assert_ok(proc)
+    assert time.monotonic() - start > 15, "the preparation must outlast the 5 s collective timeout"
+    assert "preparing imagefolder" in proc.stdout and "on imagefolder (3000 images" in proc.stdout
+    proc = accelerate_launch(2, "launch/train.py", *args, f"run.dir={tmp_path / 'b'}")
+    assert_ok(proc)
+    assert "preparing" not in proc.stdout and "on imagefolder (3000 images" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_ranks_wait_for_one_classifier_outside_any_collective(tmp_path):
+    """train.eval_every with no classifier cached yet: one rank trains it (about a minute) while the other waits
+    on its file lock, with train.collective_timeout_s=5; both then evaluate with it."""
+    run = tmp_path / "run"
+    proc = accelerate_launch(2, "launch/train.py", "--config", "configs/smoke.yaml", f"run.dir={run}",
+                             "data.name=mnist5k", "model.channels=0", f"data.cache_dir={tmp_path / 'cache'}",
+                             "train.collective_timeout_s=5", "train.steps=4", "train.eval_every=4",
+                             "train.eval_num=64", "train.checkpoint_every=0", timeout=600)
+    assert_ok(proc)
+    # rank 0 either trains it or says it waits for the process that does
+    assert ("training one" in proc.stdout or "waiting for another process training" in proc.stdout), proc.stdout
+    assert "eval at step 4: classifier/fd" in proc.stdout
+    assert len(list((tmp_path / "cache").glob("classifier-mnist5k-*.safetensors"))) == 1

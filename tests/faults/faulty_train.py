@@ -4,12 +4,14 @@ usage: python tests/faults/faulty_train.py [dcgan-train arguments]   (or under `
   FAULT_NONFINITE="STEP,STEP[@RANK]"  D's fake loss is NaN at these 1-based steps (on RANK only, default all)
   FAULT_CHECKPOINT_DELAY=SECONDS      every checkpoint file write sleeps this long after writing (widens the
                                       window in which a kill lands inside a checkpoint write)
+  FAULT_DECODE_DELAY=SECONDS          every image decode sleeps this long first (a slow first preparation of an
+                                      image folder; the decoding workers re-import this script, so they sleep too)
 """
 
 import os
 import time
 
-from dcgan_dist import checkpoint, cli, trainer
+from dcgan_dist import checkpoint, cli, store, trainer
 
 
 class FaultyTrainer(trainer.Trainer):
@@ -30,6 +32,16 @@ if delay:
         time.sleep(delay)
 
     checkpoint.save_file = slow_save_file
+
+decode_delay = float(os.environ.get("FAULT_DECODE_DELAY", "0"))
+if decode_delay:
+    decode_image = store.decode_image
+
+    def slow_decode_image(*args, **kwargs):
+        time.sleep(decode_delay)
+        return decode_image(*args, **kwargs)
+
+    store.decode_image = slow_decode_image
 
 trainer.Trainer = FaultyTrainer  # what cli.train_main builds
 if __name__ == "__main__":

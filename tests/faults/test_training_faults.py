@@ -179,14 +179,15 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, fault_row):
     fault_row("a corrupt image mid-dataset (error naming it; skipped and counted with data.skip_bad_files)", 2, 2)
 
 
-def test_a_damaged_decode_cache_is_rebuilt(tmp_path):
+def test_a_damaged_cached_store_is_prepared_again(tmp_path):
     root, xdg = _image_folder(tmp_path / "images", n=16), {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
     assert_ok(run_train(*_folder_args(root, tmp_path / "a"), extra_env=xdg))
-    (cache,) = (tmp_path / "xdg" / "dcgan_dist").glob("*.safetensors")  # the user's cache, not the folder
-    cache.write_bytes(cache.read_bytes()[:100])
+    (cached,) = (tmp_path / "xdg" / "dcgan_dist" / "stores").glob("imagefolder-*")  # the user's cache, not the folder
+    shard = cached / "shard-00000.u8"
+    shard.write_bytes(shard.read_bytes()[:100])
     proc = run_train(*_folder_args(root, tmp_path / "b"), extra_env=xdg)
     assert_ok(proc)
-    assert "warning: ignoring damaged decode cache" in proc.stdout
+    assert "warning: preparing the damaged cached store again" in proc.stdout and "shard-00000.u8" in proc.stdout
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
