@@ -157,7 +157,8 @@ def prepare_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="the store directory to write (STORE)")
     parser.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3 (default: the dataset's own; 3 for a "
                         "folder)")
-    parser.add_argument("--workers", type=int, help="decoding processes for a folder (default: one per CPU)")
+    parser.add_argument("--workers", type=int, help="decoding processes for a folder (default: one per CPU, "
+                        "divided among the ranks of a node)")
     parser.add_argument("--root", default="data", help="where the built-in datasets live (default data)")
     parser.add_argument("--skip-bad-files", action="store_true", help="skip (and count) files that cannot be "
                         "decoded instead of stopping")
@@ -189,11 +190,18 @@ def prepare_main(argv: list[str] | None = None) -> None:
             raise UserError(f"--shard-size {args.shard_size}: use 1 or more images per shard")
         from dcgan_dist.data import prepare_store
 
+        # Under `accelerate launch`/torchrun (RANK, WORLD_SIZE) or `srun` (SLURM_PROCID, SLURM_NTASKS) the ranks
+        # share the work through --out's temporary directory (no network): --out must be on a filesystem all see.
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        workers = args.workers or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         # the bar only on a terminal: a log file gets the summary line (with images/s) instead
-        prepare_store(args.source, args.out, args.size, args.channels, args.workers, args.root,
+        prepare_store(args.source, args.out, args.size, args.channels, workers, args.root,
                       skip_bad_files=args.skip_bad_files, overwrite=args.overwrite,
-                      shard_size=args.shard_size or store.SHARD_SIZE, progress=sys.stderr.isatty())
-        print(f"train on it: dcgan-train --config CONFIG data.name=store data.root={args.out}")
+                      shard_size=args.shard_size or store.SHARD_SIZE, progress=sys.stderr.isatty() and rank == 0,
+                      rank=rank, world=world)
+        if rank == 0:
+            print(f"train on it: dcgan-train --config CONFIG data.name=store data.root={args.out}")
 
     _run(prepare)
 

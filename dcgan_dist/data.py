@@ -142,9 +142,10 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
 def prepare_store(source: str, out: str | Path, size: int, channels: int | None = None, workers: int | None = None,
                   root: str = "data", download: bool = False, skip_bad_files: bool = False, overwrite: bool = False,
                   shard_size: int = store.SHARD_SIZE, progress: bool = True, log=print,
-                  skip_option: str = "--skip-bad-files") -> store.Store:
+                  skip_option: str = "--skip-bad-files", rank: int = 0, world: int = 1) -> store.Store | None:
     """`dcgan-prepare`: a built-in dataset (`BUILT_IN`, read under `root` as for training) or an image folder
-    -> the store `out` (see `store.py`). `channels` None: the dataset's own, 3 for a folder."""
+    -> the store `out` (see `store.py`). `channels` None: the dataset's own, 3 for a folder. With `world` > 1,
+    rank `rank`'s share of the work; rank 0 writes the store and returns it, the others return None."""
     out = Path(out)
     if source in BUILT_IN:
         fixed = DATASETS[source].channels
@@ -155,12 +156,12 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
         images, labels = load_dataset(source, root, size, channels, download=download)
         return store.prepare_arrays(images.numpy(), None if labels is None else labels.numpy(),
                                     DATASETS[source].num_classes, out, source, {"root": root}, overwrite=overwrite,
-                                    shard_size=shard_size, progress=progress, log=log)
+                                    shard_size=shard_size, progress=progress, log=log, rank=rank, world=world)
     if not Path(source).is_dir():
         raise UserError(f"source {source!r} is neither a folder nor a built-in dataset ({', '.join(BUILT_IN)})")
     return store.prepare_folder(Path(source), out, size, channels or 3, source, workers, skip_bad_files=skip_bad_files,
                                 overwrite=overwrite, shard_size=shard_size, progress=progress, log=log,
-                                skip_option=skip_option)
+                                skip_option=skip_option, rank=rank, world=world)
 
 
 def load_images(name: str, root: str, image_size: int, channels: int, **kwargs) -> torch.Tensor:

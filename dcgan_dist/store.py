@@ -9,9 +9,12 @@ memory-maps, so no rank decodes images or holds the whole dataset in memory.
     STORE/labels.i64          raw int64 [count], when the source has labels
 
 Writing goes to the hidden sibling `.STORE.tmp-prepare/`, renamed to STORE once the manifest is in it, so
-STORE is either absent or complete. A killed preparation, run again with the same arguments, keeps the shards
-it finished (each checked against the sha256 of its sidecar) and decodes only the rest; the order is the
-sorted file list and shards have a fixed size, so the result is byte-identical to an uninterrupted run.
+STORE is either absent or complete. The sources (the sorted file list) are decoded in units of shard_size
+sources, each its own file with a sidecar (count, sha256, skipped sources) once finished; several ranks
+(`dcgan-prepare` under `accelerate launch` or `srun`) share the units round-robin. A killed preparation, run
+again with the same arguments (with any number of ranks), keeps the units it finished (each checked against
+its sidecar's sha256) and decodes only the rest. Rank 0 then packs the units into shards (a rename when no file
+was skipped), so the result is byte-identical to an uninterrupted single-process run.
 
 No torch at import: the decoding workers import this module (the reader imports torch when it gathers).
 """
@@ -262,10 +265,12 @@ def verify_store(path: str | Path) -> Store:
 
 def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: str, workers: int | None = None,
                    skip_bad_files: bool = False, overwrite: bool = False, shard_size: int = SHARD_SIZE,
-                   progress: bool = True, log=print, skip_option: str = "--skip-bad-files") -> Store:
+                   progress: bool = True, log=print, skip_option: str = "--skip-bad-files", rank: int = 0,
+                   world: int = 1) -> Store | None:
     """Decode every image under `folder` (sorted, recursive) into the store `out`; `workers` processes decode
     (None: one per CPU). First-level sub-folders holding every image are the classes. `source` is recorded in
-    the manifest as given; `skip_option` is what the messages name to skip bad files. Nothing is written into
+    the manifest as given; `skip_option` is what the messages name to skip bad files. With `world` > 1 this
+    is rank `rank`'s part (see `_write`): rank 0 returns the store, the others None. Nothing is written into
     `folder`."""
     if not folder.is_dir():
         raise UserError(f"source {source!r} is not a folder nor a built-in dataset")
@@ -284,12 +289,12 @@ def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: st
         decoded = functools.partial(_decoded_folder, files, size, channels, pool, workers, skip_bad_files,
                                     skip_option)
         names = [str(p.relative_to(folder)) for p in files]
-        store = _write(out, plan, len(files), decoded, labels, names, info, shard_size, progress, log)
+        store = _write(out, plan, len(files), decoded, labels, names, info, shard_size, progress, log, rank, world)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-    if store.manifest["skipped"]:
+    if store is not None and store.manifest["skipped"]:
         skipped = store.manifest["skipped"]
         log(f"warning: skipped {len(skipped)} of {len(files)} image(s) that cannot be decoded ({skip_option}): "
             + ", ".join(str(folder / name) for name in skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
@@ -297,11 +302,11 @@ def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: st
 
 
 def _decoded_folder(files: list[Path], size: int, channels: int, pool, workers: int, skip_bad_files: bool,
-                    skip_option: str, start: int) -> Iterator[tuple[int, ImageArray | None]]:
-    """(index, uint8 [C, S, S], or None for a skipped file) of files[start:], in order, decoded by `pool`'s
+                    skip_option: str, start: int, stop: int) -> Iterator[tuple[int, ImageArray | None]]:
+    """(index, uint8 [C, S, S], or None for a skipped file) of files[start:stop], in order, decoded by `pool`'s
     workers in chunks (or here, one at a time, without a pool)."""
-    n = max(1, min(_CHUNK, len(files) // (4 * workers))) if pool else 1  # a small job still keeps every worker busy
-    chunks = [[str(p) for p in files[i:i + n]] for i in range(start, len(files), n)]
+    n = max(1, min(_CHUNK, (stop - start) // (4 * workers))) if pool else 1  # a small job keeps every worker busy
+    chunks = [[str(p) for p in files[i:min(i + n, stop)]] for i in range(start, stop, n)]
     decode = functools.partial(_decode_chunk, size=size, channels=channels)
     results = pool.imap(decode, chunks) if pool else map(decode, chunks)  # imap keeps the order
     i = start
@@ -318,18 +323,18 @@ def _decoded_folder(files: list[Path], size: int, channels: int, pool, workers: 
 
 def prepare_arrays(images: np.ndarray, labels: np.ndarray | None, num_classes: int, out: Path, source: str,
                    plan: dict, overwrite: bool = False, shard_size: int = SHARD_SIZE, progress: bool = True,
-                   log=print) -> Store:
+                   log=print, rank: int = 0, world: int = 1) -> Store | None:
     """Write decoded uint8 images [N, C, S, S] (and int64 labels [N]) as the store `out`. `plan` names what
-    they are (source, root, ...): a killed run resumes only under the same plan."""
+    they are (source, root, ...): a killed run resumes only under the same plan. `rank`/`world`: `_write`."""
     assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[2] == images.shape[3], images.shape
     check_out(out, overwrite, None)
     n, c, s, _ = images.shape
     plan = {**plan, "source": source, "size": s, "channels": c, "shard_size": shard_size, "count": n,
             "images": hashlib.sha256(np.ascontiguousarray(images)).hexdigest()}
     info = {"class_names": None, "num_classes": num_classes if labels is not None else 0, "resize": ARRAY_RESIZE}
-    decoded = lambda start: ((i, images[i]) for i in range(start, n))
+    decoded = lambda start, stop: ((i, images[i]) for i in range(start, stop))
     return _write(out, plan, n, decoded, None if labels is None else labels.tolist(), None, info, shard_size,
-                  progress, log)
+                  progress, log, rank, world)
 
 
 def check_out(out: Path, overwrite: bool, source: Path | None) -> None:
@@ -346,90 +351,131 @@ def check_out(out: Path, overwrite: bool, source: Path | None) -> None:
         raise UserError(f"--out {out} exists and is not a store; choose a new (or empty) directory")
 
 
-def _write(out: Path, plan: dict, num_sources: int, decoded: Callable[[int], Iterable[tuple[int, ImageArray | None]]],
-           labels: list[int] | None, names: list[str] | None, info: dict, shard_size: int, progress: bool,
-           log) -> Store:
-    """The one writer: shards into the temporary directory (resuming its finished ones), then labels, the
-    manifest, and the rename. `decoded(start)` yields (source index, uint8 [C, S, S] or None if skipped) from
-    source `start` on, in order; `labels` and `names` (for the manifest's skipped list) are per source."""
+def _write(out: Path, plan: dict, num_sources: int,
+           decoded: Callable[[int, int], Iterable[tuple[int, ImageArray | None]]], labels: list[int] | None,
+           names: list[str] | None, info: dict, shard_size: int, progress: bool, log, rank: int = 0,
+           world: int = 1, wait_minutes: float = 60.0) -> Store | None:
+    """The one writer. The sources are cut into units of `shard_size`; rank `rank` of `world` decodes units
+    rank, rank + world, ... into the temporary directory (a unit is finished once fsynced and its sidecar
+    written; finished units of an earlier run under the same plan are kept, whatever its world size). Rank 0
+    then packs the units into shards, writes labels and the manifest, and renames; the other ranks return None.
+    `decoded(start, stop)` yields (source index, uint8 [C, S, S] or None if skipped) for sources [start, stop),
+    in order; `labels` and `names` (for the manifest's skipped list) are per source."""
     assert shard_size >= 1
-    tmp = temp_dir(out)
-    done = _resume(tmp, plan, log)
-    start = done[-1]["end"] if done else 0
+    tmp, units = temp_dir(out), -(-num_sources // shard_size)
+    _begin(tmp, plan, log) if rank == 0 else _await_plan(tmp, plan, wait_minutes, log)
+    mine = range(rank, units, world)
+    todo = [u for u in mine if _finished_unit(tmp, u) is None]
+    if len(todo) < len(mine):
+        log(f"resuming an interrupted preparation: {len(mine) - len(todo)} finished unit(s) kept in {tmp}")
     began, written = time.monotonic(), 0
-    bar = _progress_bar(num_sources, start, progress)
-    shard, pending = None, []  # the shard being written; skipped sources before its first image
+    bar = _progress_bar(sum(min(shard_size, num_sources - u * shard_size) for u in todo), 0, progress)
     try:
-        for i, image in decoded(start):
-            bar.update(1)
-            if image is None:  # recorded with the shard whose range holds it, so a resume keeps the list whole
-                (shard.skipped if shard else pending).append(i)
-                continue
-            if shard is None:
-                shard, pending = _ShardWriter(tmp, len(done), skipped=pending), []
-            shard.add(image)
-            written += 1
-            if shard.count == shard_size:
-                done.append(shard.finish(end=i + 1))
-                shard = None
-        if shard is not None:
-            done.append(shard.finish(end=num_sources))
-            shard = None
+        for u in todo:
+            unit = _UnitWriter(tmp / unit_name(u))
+            try:
+                for i, image in decoded(u * shard_size, min((u + 1) * shard_size, num_sources)):
+                    bar.update(1)
+                    if image is None:
+                        unit.skipped.append(i)
+                    else:
+                        unit.add(image)
+                        written += 1
+            except BaseException:
+                unit.abandon()
+                raise
+            unit.finish()
     finally:
         bar.close()
-        if shard is not None:
-            shard.abandon()
-    if not done:
-        raise UserError(f"source {plan['source']!r}: none of its {num_sources} images can be decoded")
-    skipped = sorted({i for s in done for i in s["skipped"]} | set(pending))  # pending: after the last shard
-    store = _finish(tmp, out, plan, done, skipped, labels, [names[i] for i in skipped] if names else [], info)
     elapsed = time.monotonic() - began
+    rate = f"{written} processed in {elapsed:.1f} s ({written / max(elapsed, 1e-9):.0f} images/s)"
+    if rank != 0:
+        log(f"rank {rank} of {world}: {len(todo)} unit(s) of {out}, {rate}; rank 0 writes the store")
+        return None
+    sidecars = _await_units(tmp, units, world, wait_minutes, log)
+    skipped = sorted(i for unit in sidecars for i in unit["skipped"])
+    if len(skipped) == num_sources:
+        raise UserError(f"source {plan['source']!r}: none of its {num_sources} images can be decoded")
+    store = _finish(tmp, out, plan, sidecars, skipped, labels, [names[i] for i in skipped] if names else [], info)
     log(f"prepared {store.count} images ({store.channels}x{store.image_size}x{store.image_size}, "
-        f"{len(done)} shard(s)) in {out}: {written} processed in {elapsed:.1f} s ({written / max(elapsed, 1e-9):.0f} "
-        f"images/s)" + (f", {store.count - written} kept from an interrupted run" if written < store.count else ""))
+        f"{len(store.manifest['shards'])} shard(s)) in {out}: {rate}"
+        + (f", {store.count - written} kept from an interrupted run or decoded by other ranks"
+           if written < store.count else ""))
     return store
 
 
-def _resume(tmp: Path, plan: dict, log) -> list[dict]:
-    """The finished shards of an earlier run under the same plan (checked against their sidecars' sha256),
-    in order; anything else in `tmp` is removed. A different plan starts afresh."""
-    plan_text = json.dumps({"format_version": FORMAT_VERSION, **plan}, sort_keys=True)
-    if tmp.is_dir() and (tmp / "plan.json").is_file() and (tmp / "plan.json").read_text() == plan_text:
-        done = []
-        for k in range(len(list(tmp.glob("shard-*.u8.json")))):
-            sidecar = _read_sidecar(tmp, k)
-            if sidecar is None or sha256_file(tmp / shard_name(k)) != sidecar["sha256"]:
-                break
-            done.append(sidecar)
-        keep = {shard_name(k) for k in range(len(done))} | {shard_name(k) + ".json" for k in range(len(done))}
-        for p in tmp.iterdir():
-            if p.name != "plan.json" and p.name not in keep:
-                p.unlink()
-        if done:
-            log(f"resuming an interrupted preparation: {len(done)} finished shard(s) kept in {tmp}")
-        return done
+def _begin(tmp: Path, plan: dict, log) -> None:
+    """Rank 0: keep the temporary directory of an earlier run under the same plan (its owners check their
+    units); otherwise start it afresh. plan.json is written last: the other ranks wait for it."""
+    text = json.dumps({"format_version": FORMAT_VERSION, **plan}, sort_keys=True)
+    if (tmp / "plan.json").is_file() and (tmp / "plan.json").read_text() == text:
+        return
     if tmp.exists():
         log(f"note: {tmp} holds a preparation with other arguments (or sources); starting afresh")
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write_atomic(tmp / "plan.json", plan_text.encode())
-    return []
+    write_atomic(tmp / "plan.json", text.encode())
 
 
-def _read_sidecar(tmp: Path, k: int) -> dict | None:
+def _await_plan(tmp: Path, plan: dict, wait_minutes: float, log) -> None:
+    """Ranks but 0: wait until rank 0 has set up the temporary directory for this very plan."""
+    text = json.dumps({"format_version": FORMAT_VERSION, **plan}, sort_keys=True)
+    deadline = time.monotonic() + 60 * wait_minutes
+    while not ((tmp / "plan.json").is_file() and (tmp / "plan.json").read_text() == text):
+        if time.monotonic() > deadline:
+            raise UserError(f"waited {wait_minutes:g} min for rank 0 to set up {tmp} with the same arguments; "
+                            "run every rank with the same dcgan-prepare arguments (and --out on a shared filesystem)")
+        time.sleep(0.2)
+
+
+def _await_units(tmp: Path, units: int, world: int, wait_minutes: float, log) -> list[dict]:
+    """Rank 0: the sidecars of every unit, waiting for the other ranks' (up to `wait_minutes` without a new one,
+    saying so every 30 s)."""
+    found: dict[int, dict] = {}
+    last_new, said = time.monotonic(), time.monotonic()
+    while True:
+        for u in range(units):
+            if u not in found and (sidecar := _read_sidecar(tmp, u)) is not None:
+                found[u], last_new = sidecar, time.monotonic()
+        missing = [u for u in range(units) if u not in found]
+        if not missing:
+            return [found[u] for u in range(units)]
+        owners = sorted({u % world for u in missing})
+        if time.monotonic() - last_new > 60 * wait_minutes:
+            raise UserError(f"{tmp}: {len(missing)} unit(s) never finished (rank(s) {owners}) in {wait_minutes:g} "
+                            "min; run the same dcgan-prepare command again: finished units are kept")
+        if time.monotonic() - said >= 30:
+            log(f"waiting for {len(missing)} unit(s) from rank(s) {owners}")
+            said = time.monotonic()
+        time.sleep(0.2)
+
+
+def unit_name(u: int) -> str:
+    return f"unit-{u:05d}.u8"
+
+
+def _read_sidecar(tmp: Path, u: int) -> dict | None:
     try:
-        return json.loads((tmp / (shard_name(k) + ".json")).read_text())
+        return json.loads((tmp / (unit_name(u) + ".json")).read_text())
     except (OSError, ValueError):
         return None
 
 
-class _ShardWriter:
-    """One shard file being written, hashed as it goes; finished = fsynced, then its sidecar written."""
+def _finished_unit(tmp: Path, u: int) -> dict | None:
+    """The sidecar of unit `u` if the unit is finished and its file matches it; None: (re)decode it."""
+    sidecar = _read_sidecar(tmp, u)
+    if sidecar is None or not (tmp / unit_name(u)).is_file() or sha256_file(tmp / unit_name(u)) != sidecar["sha256"]:
+        return None
+    return sidecar
 
-    def __init__(self, tmp: Path, k: int, skipped: list[int]):
-        self.tmp, self.k, self.skipped, self.count = tmp, k, skipped, 0
-        self.path = tmp / shard_name(k)
-        self.file, self.hash = open(self.path, "wb"), hashlib.sha256()
+
+class _UnitWriter:
+    """One file of raw uint8 images being written, hashed as it goes; finished = fsynced, then its sidecar
+    written (for a unit; a shard's entry goes into the manifest)."""
+
+    def __init__(self, path: Path):
+        self.path, self.count, self.skipped = path, 0, []
+        self.file, self.hash = open(path, "wb"), hashlib.sha256()
 
     def add(self, image: np.ndarray) -> None:  # [C, S, S]
         data = np.ascontiguousarray(image).tobytes()
@@ -437,24 +483,47 @@ class _ShardWriter:
         self.hash.update(data)
         self.count += 1
 
-    def finish(self, end: int) -> dict:
-        """Close and fsync the shard, then record it: sources [.., end) are in it or in `skipped`."""
+    def finish(self, sidecar: bool = True) -> dict:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        sidecar = {"file": self.path.name, "count": self.count, "sha256": self.hash.hexdigest(), "end": end,
-                   "skipped": self.skipped}
-        write_atomic(self.tmp / (self.path.name + ".json"), json.dumps(sidecar).encode())
-        return sidecar
+        entry = {"file": self.path.name, "count": self.count, "sha256": self.hash.hexdigest(), "skipped": self.skipped}
+        if sidecar:
+            write_atomic(self.path.with_name(self.path.name + ".json"), json.dumps(entry).encode())
+        return entry
 
     def abandon(self) -> None:
         self.file.close()  # the next run rewrites it: it has no sidecar
 
 
-def _finish(tmp: Path, out: Path, plan: dict, done: list[dict], skipped: list[int], labels: list[int] | None,
+def _pack(tmp: Path, units: list[dict], shard_size: int, item_shape: tuple[int, ...]) -> list[dict]:
+    """The units as shards of `shard_size` images. Without skipped files unit k is shard k (a rename); else the
+    images are copied along into full shards."""
+    if not any(unit["skipped"] for unit in units):
+        for k, unit in enumerate(units):
+            os.rename(tmp / unit["file"], tmp / shard_name(k))
+        return [{"file": shard_name(k), "count": u["count"], "sha256": u["sha256"]} for k, u in enumerate(units)]
+    shards, shard = [], None
+    for unit in units:
+        if unit["count"]:
+            rows = np.memmap(tmp / unit["file"], dtype=np.uint8, mode="r", shape=(unit["count"], *item_shape))
+            for image in rows:
+                shard = shard or _UnitWriter(tmp / shard_name(len(shards)))
+                shard.add(image)
+                if shard.count == shard_size:
+                    shards.append(shard.finish(sidecar=False))
+                    shard = None
+        (tmp / unit["file"]).unlink()
+    if shard is not None:
+        shards.append(shard.finish(sidecar=False))
+    return [{k: s[k] for k in ("file", "count", "sha256")} for s in shards]
+
+
+def _finish(tmp: Path, out: Path, plan: dict, units: list[dict], skipped: list[int], labels: list[int] | None,
             skipped_names: list[str], info: dict) -> Store:
-    """Labels, then the manifest (last), then the rename of `tmp` to `out`; returns the store opened."""
-    count = sum(shard["count"] for shard in done)
+    """Shards, labels, then the manifest (last), then the rename of `tmp` to `out`; returns the store opened."""
+    shards = _pack(tmp, units, plan["shard_size"], (plan["channels"], plan["size"], plan["size"]))
+    count = sum(shard["count"] for shard in shards)
     labels_entry = None
     if labels is not None:
         gone = set(skipped)
@@ -463,11 +532,10 @@ def _finish(tmp: Path, out: Path, plan: dict, done: list[dict], skipped: list[in
         write_atomic(tmp / LABELS, kept.tobytes())
         labels_entry = {"file": LABELS, "sha256": hashlib.sha256(kept.tobytes()).hexdigest()}
     manifest = {"format_version": FORMAT_VERSION, "count": count, "channels": plan["channels"],
-                "image_size": plan["size"], "shard_size": plan["shard_size"],
-                "shards": [{"file": s["file"], "count": s["count"], "sha256": s["sha256"]} for s in done],
+                "image_size": plan["size"], "shard_size": plan["shard_size"], "shards": shards,
                 "labels": labels_entry, **info, "source": plan["source"], "skipped": skipped_names}
     write_atomic(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    for p in [*tmp.glob("shard-*.u8.json"), tmp / "plan.json"]:  # the manifest now holds what they said
+    for p in [*tmp.glob("unit-*.u8.json"), tmp / "plan.json"]:  # the manifest now holds what they said
         p.unlink()
     fsync_dir(tmp)
     if out.is_dir() and not any(out.iterdir()):

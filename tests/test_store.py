@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, accelerate_launch, assert_ok, env, run_train, snapshot
+from conftest import REPO, accelerate_launch, assert_ok, env, free_port, run_train, snapshot
 from dcgan_dist import checkpoint, store
 from dcgan_dist.batches import InMemoryBatches, MemmapBatches
 from dcgan_dist.config import load_config
@@ -102,16 +103,16 @@ def test_a_killed_preparation_resumes_to_a_byte_identical_store(tmp_path):
     proc = subprocess.Popen([sys.executable, str(REPO / "tests/faults/slow_prepare.py"), *args, "--workers", "1"],
                             cwd=REPO, env=env(FAULT_DECODE_DELAY="0.2"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    first = store.temp_dir(out) / "shard-00000.u8.json"
+    first = store.temp_dir(out) / "unit-00000.u8.json"
     deadline = time.time() + 120
-    while not first.exists():  # a sidecar is written after its shard is fsynced: the shard is finished
+    while not first.exists():  # a sidecar is written after its unit is fsynced: the unit is finished
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)  # 16 images (>= 3 s of decoding) are still to come
     proc.wait()
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL and not out.exists()
-    inode = (store.temp_dir(out) / "shard-00000.u8").stat().st_ino
+    inode = (store.temp_dir(out) / "unit-00000.u8").stat().st_ino
     with pytest.raises(UserError, match="not complete"):  # a store still being written is refused
         store.open_store(out)
 
@@ -133,7 +134,7 @@ def test_an_interrupted_preparation_with_skipped_files_resumes_identically(tmp_p
 
     decode, calls = store.decode_image, []
 
-    def dies_at_the_eighth(*args, **kwargs):  # an interrupt: the shards finished so far stay
+    def dies_at_the_eighth(*args, **kwargs):  # an interrupt: the units finished so far stay
         calls.append(1)
         if len(calls) == 8:
             raise KeyboardInterrupt
@@ -144,7 +145,7 @@ def test_an_interrupted_preparation_with_skipped_files_resumes_identically(tmp_p
         prepare(src, tmp_path / "resumed", shard_size=3, skip_bad_files=True)
     monkeypatch.setattr(store, "decode_image", decode)
     assert sorted(p.name for p in store.temp_dir(tmp_path / "resumed").glob("*.json")) == [
-        "plan.json", "shard-00000.u8.json", "shard-00001.u8.json"]
+        "plan.json", "unit-00000.u8.json", "unit-00001.u8.json"]
     prepare(src, tmp_path / "resumed", shard_size=3, skip_bad_files=True)
     assert snapshot(tmp_path / "resumed") == snapshot(tmp_path / "whole")
     # other arguments: the temporary directory of another plan is not reused
@@ -341,3 +342,24 @@ def test_two_ranks_wait_for_one_classifier_outside_any_collective(tmp_path):
     assert ("training one" in proc.stdout or "waiting for another process training" in proc.stdout), proc.stdout
     assert "eval at step 4: classifier/fd" in proc.stdout
     assert len(list((tmp_path / "cache").glob("classifier-mnist5k-*.safetensors"))) == 1
+
+
+@pytest.mark.slow
+def test_two_rank_preparation_equals_one_process_byte_for_byte(tmp_path):
+    """`accelerate launch ... dcgan-prepare` (2 ranks) shares the units and gives the very store one process
+    gives: a folder with an undecodable file (units re-packed into shards) and a built-in set (units renamed)."""
+    src = make_folder(tmp_path / "src", per_class=9)
+    (src / "cats" / "03b.png").write_bytes(b"not an image")
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    for source, extra in ((str(src), ["--skip-bad-files"]), ("synthetic", [])):
+        one, two = tmp_path / f"one-{len(extra)}", tmp_path / f"two-{len(extra)}"
+        assert_ok(cli(source, "--size", "32", "--out", str(one), "--shard-size", "4", "--workers", "1", *extra))
+        proc = subprocess.run([str(Path(sys.executable).parent / launch[0]), *launch[1:], "--main_process_port",
+                               str(free_port()), str(Path(sys.executable).parent / "dcgan-prepare"), source,
+                               "--size", "32", "--out", str(two), "--shard-size", "4", *extra],
+                              cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert_ok(proc)
+        assert "rank 1 of 2:" in proc.stdout and proc.stdout.count("train on it") == 1, proc.stdout
+        assert snapshot(two) == snapshot(one)
+        assert store.verify_store(two).count == (18 if extra else 512)
