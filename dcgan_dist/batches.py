@@ -4,8 +4,8 @@ sees how the images are stored.
 A batch source gives `next(source)` -> (images uint8 [B, C, S, S], labels int64 [B] or None), tells the
 trainer `num_items`, `channels`, `image_size`, `num_classes`, `epoch` and `batches_per_epoch`, and saves
 and restores its position with `state_dict()` / `load_state_dict()` for an exact resume.
-`InMemoryBatches` holds the whole dataset in one tensor; `MemmapBatches` reads a prepared store (`store.py`)
-through its memory-mapped shards. Both share `_IndexedBatches`: the order, the saved position, pinning.
+`InMemoryBatches` holds the whole dataset in one tensor; `StoreBatches` reads a prepared store (`store.py`)
+image by image from its shards. Both share `_IndexedBatches`: the order, the saved position, pinning.
 """
 
 from __future__ import annotations
@@ -133,9 +133,9 @@ class InMemoryBatches(_IndexedBatches):
         return self.images[:n]
 
 
-class MemmapBatches(_IndexedBatches):
+class StoreBatches(_IndexedBatches):
     """`InMemoryBatches` over a prepared store (`store.open_store`): the same batches, in the same order, but
-    each one gathered from the memory-mapped shards, so no rank holds the dataset.
+    each one read from the shards through the page cache, so no rank holds the dataset.
 
     `subset`: the global store indices in use (data.num_images), sorted; None = every image. `labels` False:
     hand out no labels, as for a dataset the catalog lists as unlabelled.

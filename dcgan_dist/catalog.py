@@ -24,7 +24,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "imagefolder": DatasetInfo(None, 0, "every image under data.root, recursively"),
     "synthetic": DatasetInfo(None, 0, "deterministic discs and squares (tests and launch checks)"),
     # channels and labels: the store's manifest.json (config.store_manifest reads it)
-    "store": DatasetInfo(None, 0, "a store prepared by dcgan-prepare, at data.root, memory-mapped"),
+    "store": DatasetInfo(None, 0, "a store prepared by dcgan-prepare, at data.root"),
 }
 LABELLED = tuple(name for name, info in DATASETS.items() if info.num_classes)
 

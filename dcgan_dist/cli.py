@@ -148,7 +148,7 @@ def export_main(argv: list[str] | None = None) -> None:
 
 def prepare_main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="dcgan-prepare", description="Decode, resize and centre-crop a dataset once into a store "
-                     "of memory-mapped uint8 shards; train on it with data.name=store data.root=STORE. "
+                     "of uint8 shards; train on it with data.name=store data.root=STORE. "
                      "`dcgan-prepare --verify STORE` checks a store's files against their sha256.")
     parser.add_argument("source", nargs="?", help="an image folder (recursive; when every image sits in a "
                         "first-level sub-folder, those are the classes) or a built-in dataset: mnist5k, mnist, "

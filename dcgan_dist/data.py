@@ -1,6 +1,6 @@
 """Datasets -> one uint8 tensor [N, C, S, S] decoded and resized once, with its labels where it has them
 (`load_dataset`, for evaluation and preparation); and the batch source training draws from (`batch_source`),
-which reads a prepared store (`store.py`) through its memory-mapped shards: data.name=store names one, and
+which reads a prepared store (`store.py`) image by image through the page cache: data.name=store names one, and
 the built-in sets and image folders are prepared into one in the user's cache on first use (`cached_store`).
 
 Images stay uint8 on the host (4x smaller than float) and are normalised to [-1, 1] on the device, per
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dcgan_dist import fileio, store
-from dcgan_dist.batches import InMemoryBatches, MemmapBatches
+from dcgan_dist.batches import InMemoryBatches, StoreBatches
 from dcgan_dist.catalog import DATASETS
 from dcgan_dist.errors import UserError
 from dcgan_dist.store import IMAGE_EXTENSIONS
@@ -75,9 +75,9 @@ def subset(count: int, num_images: int, name: str) -> torch.Tensor:
 
 
 def batch_source(cfg, rank: int, world_size: int, pin_memory: bool = False,
-                 warn=print) -> InMemoryBatches | MemmapBatches:
-    """The batch source of a config for this rank: memory-mapped store shards, which the ranks of a node share
-    through the page cache (no rank holds the dataset). data.name=store reads the store at data.root; the
+                 warn=print) -> InMemoryBatches | StoreBatches:
+    """The batch source of a config for this rank: a store's shards, read through the page cache, which the
+    ranks of a node share (no rank holds the dataset). data.name=store reads the store at data.root; the
     built-in sets and image folders are prepared into a store in the cache on first use (`cached_store`);
     `synthetic` is made in memory. Safe to call on every rank at once: no collective, a bounded file-lock wait."""
     d = cfg.data
@@ -92,7 +92,7 @@ def batch_source(cfg, rank: int, world_size: int, pin_memory: bool = False,
                               d.skip_bad_files, d.wait_minutes, cfg.log.progress, warn)
     where = f"store {d.root}" if d.name == "store" else d.name
     keep = None if d.num_images is None else subset(opened.count, d.num_images, where)
-    return MemmapBatches(opened, cfg.train.batch_size, rank, world_size, cfg.train.seed, subset=keep,
+    return StoreBatches(opened, cfg.train.batch_size, rank, world_size, cfg.train.seed, subset=keep,
                          pin_memory=pin_memory, labels=d.name != "imagefolder")  # a folder's classes: data.name=store
 
 

@@ -1,5 +1,5 @@
 """The prepared image store: a dataset decoded, resized and cropped once into raw uint8 shards that training
-memory-maps, so no rank decodes images or holds the whole dataset in memory.
+reads image by image through the page cache, so no rank decodes images or holds the whole dataset in memory.
 
     STORE/manifest.json       format_version, count, channels, image_size, shard_size, shards [{file, count,
                               sha256}], labels {file, sha256} or null, num_classes, class_names, source, resize,
@@ -26,6 +26,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -139,35 +140,43 @@ def folder_classes(root: Path, files: list[Path]) -> tuple[list[int] | None, lis
 
 
 class Store:
-    """A store opened for reading. Each shard is memory-mapped once; `gather` copies only the rows asked for."""
+    """A store opened for reading. `gather` reads only the images asked for, each with one positional read
+    (pread) through the page cache: nothing is mapped into the process, so a rank's private memory does not
+    grow with the images it has read, and the ranks of a node share the page cache's one copy; a store larger
+    than memory is read from disk as needed."""
 
     def __init__(self, path: Path, manifest: dict):
         self.path, self.manifest = path, manifest
         self.count, self.channels = manifest["count"], manifest["channels"]
         self.image_size, self.shard_size = manifest["image_size"], manifest["shard_size"]
         self.class_names, self.source = manifest["class_names"], manifest["source"]
-        shape = (self.channels, self.image_size, self.image_size)
-        self._shards = [np.memmap(path / s["file"], dtype=np.uint8, mode="r", shape=(s["count"], *shape))
-                        for s in manifest["shards"]]
-        labels = manifest["labels"]
-        self.labels = None if labels is None else np.memmap(path / labels["file"], dtype=np.int64, mode="r",
-                                                            shape=(self.count,))  # [N]
+        self.item_bytes = self.channels * self.image_size**2
+        self._files = [path / s["file"] for s in manifest["shards"]]
+        _allow_open_files(len(self._files) + 64)
+        self._fds = [os.open(f, os.O_RDONLY) for f in self._files]
+        labels = manifest["labels"]  # int64 [N]: 8 bytes an image, read whole
+        self.labels = None if labels is None else np.fromfile(path / labels["file"], dtype=np.int64)
         self.num_classes = manifest["num_classes"] if labels is not None else 0
 
     def __len__(self) -> int:
         return self.count
 
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", []):
+            os.close(fd)
+
     def gather(self, indices) -> torch.Tensor:
         """Images of global `indices` (any int sequence, numpy array or CPU tensor) -> uint8 tensor [B, C, S, S]."""
         import torch  # here, not at the top: the decoding workers import this module
 
-        idx = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(idx), self.channels, self.image_size, self.image_size), dtype=np.uint8)
-        shard, offset = np.divmod(idx, self.shard_size)
-        for k in np.unique(shard):  # one fancy-indexed copy per shard touched
-            rows = shard == k
-            out[rows] = self._shards[k][offset[rows]]
-        return torch.from_numpy(out)
+        shard, offset = np.divmod(np.asarray(indices, dtype=np.int64), self.shard_size)
+        out = torch.empty((len(shard), self.channels, self.image_size, self.image_size), dtype=torch.uint8)
+        rows, item, fds, pread = memoryview(out.numpy()).cast("B"), self.item_bytes, self._fds, os.preadv
+        for j, (k, o) in enumerate(zip(shard.tolist(), offset.tolist())):
+            if pread(fds[k], [rows[j * item:(j + 1) * item]], o * item) != item:
+                raise UserError(f"store {self.path}: {self._files[k].name} is shorter than manifest.json says (was "
+                                "it changed while training?); prepare the store again (dcgan-prepare ... --overwrite)")
+        return out
 
     def gather_labels(self, indices) -> torch.Tensor | None:
         """int64 labels [B] of global `indices`, or None for an unlabelled store."""
@@ -175,7 +184,15 @@ class Store:
 
         if self.labels is None:
             return None
-        return torch.from_numpy(np.asarray(self.labels[np.asarray(indices, dtype=np.int64)]))
+        return torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
+
+
+def _allow_open_files(n: int) -> None:
+    """Raise this process's soft limit on open files to `n` where the hard limit allows (a store keeps one
+    descriptor per shard open)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
 
 
 def open_store(path: str | Path, image_size: int | None = None, channels: int | None = None) -> Store:

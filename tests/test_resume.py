@@ -81,7 +81,7 @@ def test_world_size_change_continues_with_a_warning(tmp_path):
 
 
 def test_n_plus_n_steps_equal_2n_steps_from_a_store(tmp_path):
-    """Training from a prepared, memory-mapped store: 2 ranks, fp32, EMA on, exact resume."""
+    """Training from a prepared store: 2 ranks, fp32, EMA on, exact resume."""
     from dcgan_dist.data import prepare_store
 
     store = tmp_path / "store"

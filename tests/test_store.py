@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import REPO, accelerate_launch, assert_ok, env, free_port, run_train, snapshot
 from dcgan_dist import checkpoint, store
-from dcgan_dist.batches import InMemoryBatches, MemmapBatches
+from dcgan_dist.batches import InMemoryBatches, StoreBatches
 from dcgan_dist.config import load_config
 from dcgan_dist.data import batch_source, load_dataset, prepare_store
 from dcgan_dist.errors import UserError
@@ -257,7 +257,7 @@ def test_memmap_batches_are_the_in_memory_batches(tmp_path):
     for rank in (0, 1):
         a = InMemoryBatches(images, labels, batch_size=8, rank=rank, world_size=2, seed=3, num_classes=10)
         b, cached = batch_source(store_cfg, rank, 2), batch_source(cached_cfg, rank, 2)
-        assert isinstance(b, MemmapBatches) and isinstance(cached, MemmapBatches)  # data.name=mnist5k: a store too
+        assert isinstance(b, StoreBatches) and isinstance(cached, StoreBatches)  # data.name=mnist5k: a store too
         assert torch.equal(next(cached)[0], next(InMemoryBatches(images, labels, 8, rank, 2, 3))[0])
         assert [(s.num_items, s.channels, s.image_size, s.num_classes, s.batches_per_epoch) for s in (a, b)] == [
             (300, 1, 32, 10, 18)] * 2
@@ -282,7 +282,7 @@ def test_memmap_batches_without_labels_and_without_subset(tmp_path):
     prepare("synthetic", path, channels=1, shard_size=50)
     images = load_dataset("synthetic", "", 32, 1)[0]  # [512, 1, 32, 32]
     a = InMemoryBatches(images, None, batch_size=16, rank=2, world_size=3, seed=1)
-    b = MemmapBatches(store.open_store(path, 32, 1), batch_size=16, rank=2, world_size=3, seed=1)
+    b = StoreBatches(store.open_store(path, 32, 1), batch_size=16, rank=2, world_size=3, seed=1)
     assert b.num_classes == 0 and b.num_items == 512
     assert torch.equal(load_dataset("store", str(path), 32, 1)[0], images)  # evaluation's reference read of a store
     for _ in range(12):
