@@ -149,7 +149,8 @@ def export_main(argv: list[str] | None = None) -> None:
 def prepare_main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="dcgan-prepare", description="Decode, resize and centre-crop a dataset once into a store "
                      "of uint8 shards; train on it with data.name=store data.root=STORE. "
-                     "`dcgan-prepare --verify STORE` checks a store's files against their sha256.")
+                     "`dcgan-prepare --verify STORE` checks a store's files against their sha256; `--stage STORE DEST` "
+                     "copies one to node-local disk, verified.")
     parser.add_argument("source", nargs="?", help="an image folder (recursive; when every image sits in a "
                         "first-level sub-folder, those are the classes) or a built-in dataset: mnist5k, mnist, "
                         "fashion_mnist, cifar10, synthetic (a folder of such a name: write ./NAME)")
@@ -165,17 +166,22 @@ def prepare_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size", type=int, default=None, help="images per shard file (default 4096)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     parser.add_argument("--verify", metavar="STORE", help="check every file of STORE against its sha256, then exit")
+    parser.add_argument("--stage", nargs=2, metavar=("STORE", "DEST"), help="copy STORE to DEST (node-local disk) "
+                        "and verify the copy; a verified copy already there is kept (one process per DEST copies)")
     args = parser.parse_args(argv)
-    if args.verify and (args.source or args.out):
-        parser.error("--verify STORE takes no SOURCE or --out")
-    if not args.verify and not (args.source and args.out and args.size):
-        parser.error("give SOURCE, --size and --out (or --verify STORE)")
+    if (args.verify or args.stage) and (args.source or args.out):
+        parser.error("--verify and --stage take no SOURCE or --out")
+    if not (args.verify or args.stage) and not (args.source and args.out and args.size):
+        parser.error("give SOURCE, --size and --out (or --verify STORE, or --stage STORE DEST)")
 
     def prepare() -> None:
         from dcgan_dist import store
         from dcgan_dist.catalog import IMAGE_SIZES
         from dcgan_dist.errors import UserError
 
+        if args.stage:
+            store.stage_store(*args.stage)
+            return
         if args.verify:
             s = store.verify_store(args.verify)
             labels = f"{s.num_classes} classes" if s.labels is not None else "no labels"

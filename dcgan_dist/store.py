@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dcgan_dist.errors import UserError
-from dcgan_dist.fileio import fsync_dir, sha256_file, write_atomic
+from dcgan_dist.fileio import exclusive, fsync_dir, sha256_file, write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -275,6 +275,43 @@ def verify_store(path: str | Path) -> Store:
             raise UserError(f"store {store.path}: {name} is damaged (its sha256 differs from manifest.json); "
                             "prepare the store again (dcgan-prepare ... --overwrite)")
     return store
+
+
+def stage_store(src: str | Path, dest: str | Path, wait_minutes: float = 60.0, log=print) -> Store:
+    """Copy the store `src` to `dest` (node-local disk, say) and verify the copy against the manifest's sha256;
+    a `dest` that already holds the same store, intact, is kept. One process per `dest` copies (a file lock);
+    the copy goes to a hidden sibling and is renamed into place, so `dest` is always whole."""
+    source, dest = open_store(src), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(dest.parent / f".{dest.name}.lock", f"staging {dest}", wait_minutes, log):
+        if (dest / MANIFEST).is_file():
+            try:
+                if read_manifest(dest) == source.manifest:
+                    verify_store(dest)
+                    log(f"staged store {dest} is already a verified copy of {src}")
+                    return open_store(dest)
+                log(f"note: {dest} holds another store; replacing it with {src}")
+            except UserError as e:
+                log(f"warning: copying {src} again: {e}")
+        tmp = dest.parent / f".{dest.name}.tmp-stage"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        began = time.monotonic()
+        names = [s["file"] for s in source.manifest["shards"]] + ([LABELS] if source.labels is not None else [])
+        for name in [*names, MANIFEST]:  # the manifest last
+            shutil.copyfile(source.path / name, tmp / name)
+        verify_store(tmp)
+        fsync_dir(tmp)
+        old = dest.parent / f".{dest.name}.tmp-old"
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        fsync_dir(dest.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        size = sum((dest / name).stat().st_size for name in names) / 2**30
+        log(f"staged {src} -> {dest}: {size:.2f} GB copied and verified (sha256) in {time.monotonic() - began:.0f} s")
+    return open_store(dest)
 
 
 # --- writing ------------------------------------------------------------------------------------------

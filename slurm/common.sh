@@ -13,6 +13,9 @@
 #   DCGAN_TRAIN_SCRIPT   the script handed to accelerate; default launch/train.py.
 #   DCGAN_MAX_REQUEUES   how many times a preempted job requeues itself (default 20); past that it stops and
 #                        says how to continue (a job preempted in a loop would otherwise requeue forever).
+#   DCGAN_STAGE_DIR      node-local directory (e.g. /local/scratch/$USER): before training, each node copies the
+#                        config's store (data.name=store) there with `dcgan-prepare --stage`, verifies the copy
+#                        (sha256) and trains from it; a verified copy left by an earlier job is reused.
 
 die() { echo "error: $*" >&2; exit 2; }
 
@@ -95,5 +98,27 @@ run_launcher() {
     exit "$status"
 }
 
+# Staging (DCGAN_STAGE_DIR): one copy per node, verified, before any training process starts; the training
+# arguments then end with data.root=<the copy> (after the user's, so it wins).
+STAGE_ARGS=()
+if [ -n "${DCGAN_STAGE_DIR:-}" ]; then
+    STAGE_SRC=$($DCGAN_LAUNCH_PREFIX python -c '
+import sys
+from dcgan_dist.config import load_config
+from dcgan_dist.errors import UserError
+try:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+except UserError as e:
+    sys.exit(f"error: {e}")
+print(cfg.data.root if cfg.data.name == "store" else "")' "$CONFIG" "$@") || exit 2
+    [ -n "$STAGE_SRC" ] || die "DCGAN_STAGE_DIR is set but the config does not train from a store (data.name=store)"
+    STAGE_DEST=$DCGAN_STAGE_DIR/$(basename "$STAGE_SRC")
+    echo "[slurm] staging $STAGE_SRC to $STAGE_DEST on each of ${SLURM_NNODES:-1} node(s)"
+    # shellcheck disable=SC2086  # the prefix splits on spaces, by design
+    srun --nodes="${SLURM_NNODES:-1}" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        $DCGAN_LAUNCH_PREFIX dcgan-prepare --stage "$STAGE_SRC" "$STAGE_DEST" || die "staging $STAGE_SRC failed (above)"
+    STAGE_ARGS=("data.root=$STAGE_DEST")
+fi
+
 echo "[slurm] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \
-    "$TRAIN_SCRIPT --config $CONFIG ${RUN_ARGS[*]} $*"
+    "$TRAIN_SCRIPT --config $CONFIG ${RUN_ARGS[*]} $* ${STAGE_ARGS[*]}"
