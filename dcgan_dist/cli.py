@@ -23,7 +23,11 @@ EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint: re
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
 
 
-def _run(fn: Callable[[], None]) -> None:
+DISK_FULL_TRAIN = "checkpoints already written are intact: free space and continue with train.resume=auto"
+
+
+def _run(fn: Callable[[], None], disk_full: str = DISK_FULL_TRAIN) -> None:
+    """Run a command: its UserError/RunError as one line (exit 2/1), a full disk as one line saying `disk_full`."""
     from dcgan_dist.errors import RunError, UserError
 
     try:
@@ -45,8 +49,8 @@ def _run(fn: Callable[[], None]) -> None:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"error: no space left on device writing {e.filename or 'a file'}; checkpoints already written are "
-              "intact: free space and continue with train.resume=auto", file=sys.stderr, flush=True)
+        print(f"error: no space left on device writing {e.filename or 'a file'}; {disk_full}", file=sys.stderr,
+              flush=True)
         sys.exit(EXIT_RUN_ERROR)
 
 
@@ -209,7 +213,8 @@ def prepare_main(argv: list[str] | None = None) -> None:
         if rank == 0:
             print(f"train on it: dcgan-train --config CONFIG data.name=store data.root={args.out}")
 
-    _run(prepare)
+    _run(prepare, disk_full="nothing half-written is visible at --out, and the finished units are kept: free space "
+                            "and run the same command again to finish")
 
 
 def eval_main(argv: list[str] | None = None) -> None:

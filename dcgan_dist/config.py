@@ -165,7 +165,10 @@ def store_manifest(root: str) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"data.root = {root!r} is not a prepared store (no {path}; or one still being prepared); "
+        if (path.parent.parent / f".{path.parent.name}.tmp-prepare").is_dir():  # store.temp_dir: being written
+            raise UserError(f"store {root} is not complete (a preparation is running or was killed); run the same "
+                            "dcgan-prepare command again to finish it") from None
+        raise UserError(f"data.root = {root!r} is not a prepared store (no {path}); "
                         f"prepare it: dcgan-prepare SOURCE --size S --out {root}") from None
     except (OSError, ValueError) as e:
         manifest = f"unreadable: {e}"

@@ -325,8 +325,8 @@ def test_multinode_stages_the_store_to_each_node_and_trains_from_the_copy(slurm_
     copy); training reads the copy. A second job reuses it; a damaged copy is copied again."""
     store, stage, run_dir = tmp_path / "shapes32", tmp_path / "stage", tmp_path / "run"
     prepared = subprocess.run([sys.executable, "-c", "from dcgan_dist.cli import prepare_main; prepare_main()",
-                               "synthetic", "--size", "32", "--out", str(store)], cwd=REPO, capture_output=True,
-                              text=True, timeout=120)
+                               "synthetic", "--size", "32", "--channels", "1", "--out", str(store)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
     assert prepared.returncode == 0, prepared.stderr
     args = ("configs/smoke.yaml", "data.name=store", f"data.root={store}", "data.num_images=null", "train.steps=4")
     job = run_job(slurm_env, tmp_path, "slurm/train_multinode.sbatch", *args, f"run.dir={run_dir}",
@@ -335,7 +335,7 @@ def test_multinode_stages_the_store_to_each_node_and_trains_from_the_copy(slurm_
     copy = stage / "shapes32"
     assert job.output.count(f"-> {copy}: 0.00 GB copied and verified") == 1, job.output
     assert job.output.count(f"staged store {copy} is already a verified copy") == 1, job.output
-    assert f"data.root: {copy}" in (run_dir / "config.yaml").read_text()
+    assert f"\n  root: {copy}\n" in (run_dir / "config.yaml").read_text()  # data.root: the copy
     _check_run(run_dir, job, world_size=2)
 
     (copy / "shard-00000.u8").write_bytes(b"\0" * (copy / "shard-00000.u8").stat().st_size)  # same size, damaged

@@ -67,6 +67,23 @@ CASES = {
     "folder missing": ("train", [*FOLDER, "data.root={tmp}/none"], "data.root = '{tmp}/none' is not a directory"),
     "folder empty": ("train", [*FOLDER, "data.root={tmp}/empty"], "data.root = '{tmp}/empty' holds no images"),
     "folder corrupt image": ("train", [*FOLDER, "data.root={images}"], "cannot decode image {images}/b.png"),
+    "wait minutes": ("train", [*SMOKE, "data.wait_minutes=0"], "data.wait_minutes = 0"),
+    # stores: preparing, staging, training from one
+    "prepare source missing": ("prepare", ["{tmp}/none", "--size", "32", "--out", "{tmp}/s"],
+                               "source '{tmp}/none' is neither a folder nor a built-in dataset"),
+    "prepare source empty": ("prepare", ["{tmp}/empty", "--size", "32", "--out", "{tmp}/s"], "holds no images"),
+    "prepare size": ("prepare", ["{images}", "--size", "48", "--out", "{tmp}/s"], "--size 48: training takes"),
+    "prepare into source": ("prepare", ["{images}", "--size", "32", "--out", "{images}/s"], "is inside the source"),
+    "prepare over a store": ("prepare", ["synthetic", "--size", "32", "--out", "{store}"], "already exists"),
+    "store size differs": ("train", [*SMOKE, "data.name=store", "data.root={store}", "model.image_size=64"],
+                           "model.image_size = 64 is not accepted; the store at data.root={store} holds 32x32"),
+    "store channels differ": ("train", [*SMOKE, "data.name=store", "data.root={store}", "model.channels=3"],
+                              "holds 1-channel images"),
+    "store being written": ("train", [*SMOKE, "data.name=store", "data.root={tmp}/partial"], "is not complete"),
+    "store newer format": ("train", [*SMOKE, "data.name=store", "data.root={store}", "--", "newer store"],
+                           "has format_version 99"),
+    "store damaged shard": ("prepare", ["--verify", "{store}", "--", "damage store"], "shard-00000.u8 is damaged"),
+    "stage not a store": ("prepare", ["--stage", "{tmp}/none", "{tmp}/dest"], "store {tmp}/none does not exist"),
     # checkpoints and runs
     "resume missing path": ("train", [*SMOKE, "train.resume={tmp}/none"], "is not a checkpoint"),
     "resume damaged file": ("train", [*SMOKE, "train.resume={ckpt}", "--", "damage"], "does not match its sha256"),
@@ -79,6 +96,13 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "store"
+    assert_ok(_run("prepare", ["synthetic", "--size", "32", "--channels", "1", "--out", str(out)]))
+    return out
+
+
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("trained") / "run"
     assert_ok(run_train("--config", "configs/smoke.yaml", f"run.dir={run}", "train.steps=4",
@@ -86,8 +110,10 @@ def trained(tmp_path_factory):
     return run
 
 
-def _setup(tmp, trained):
+def _setup(tmp, trained, prepared):
     shutil.copytree(trained, tmp / "run")
+    shutil.copytree(prepared, tmp / "store")
+    (tmp / ".partial.tmp-prepare").mkdir()  # a preparation of {tmp}/partial still running (or killed)
     (tmp / "bad.yaml").write_text("train:\n  steps: [1, 2\n")
     (tmp / "list.yaml").write_text("- just\n- a list\n")
     (tmp / "typo.yaml").write_text("model:\n  widht: 3\n")
@@ -103,22 +129,28 @@ def _setup(tmp, trained):
 def _run(command, args):
     if command == "train":
         return run_train(*args)
-    fn = {"sample": "sample_main", "export": "export_main", "eval": "eval_main"}[command]
+    fn = {"sample": "sample_main", "export": "export_main", "eval": "eval_main", "prepare": "prepare_main"}[command]
     return subprocess.run([sys.executable, "-c", f"from dcgan_dist.cli import {fn}; {fn}()", *args], cwd=REPO,
                           env=env(), capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, trained, case):
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, trained, prepared, case):
     command, args, message = CASES[case]
-    _setup(tmp_path, trained)
+    _setup(tmp_path, trained, prepared)
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
-    fill = dict(tmp=tmp_path, run=tmp_path / "run", ckpt=ckpt, images=tmp_path / "images")
+    fill = dict(tmp=tmp_path, run=tmp_path / "run", ckpt=ckpt, images=tmp_path / "images", store=tmp_path / "store")
     args = [a.format(**fill) for a in args]
-    if "--" in args:  # damage the checkpoint first
+    if "--" in args:  # damage the checkpoint (or the store) first
         args, how = args[:args.index("--")], args[-1]
         if how == "damage":
             (ckpt / "generator.safetensors").write_bytes(b"\0" * 64)
+        elif how == "damage store":
+            shard = tmp_path / "store" / "shard-00000.u8"
+            shard.write_bytes(b"\0" * shard.stat().st_size)
+        elif how == "newer store":
+            manifest = tmp_path / "store" / "manifest.json"
+            manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version": 99'))
         else:
             meta = (ckpt / "meta.json").read_text()
             (ckpt / "meta.json").write_text(meta.replace('"format_version": 1', '"format_version": 99'))

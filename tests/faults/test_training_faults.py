@@ -113,6 +113,42 @@ def test_too_many_consecutive_skips_stop_the_run(tmp_path, fault_row):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (needs root)")
+def test_disk_full_during_a_preparation_leaves_no_half_store_and_resumes(tmp_path, fault_row):
+    """dcgan-prepare into a 1 MB tmpfs, 3 MB of images: one line (exit 1), no store at --out; with space again
+    the same command keeps the finished units and ends byte-identical to a preparation that never failed."""
+    src = _image_folder(tmp_path / "images", n=240)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    prepare = [sys.executable, "-c", "from dcgan_dist.cli import prepare_main; prepare_main()", str(src), "--size",
+               "64", "--channels", "3", "--shard-size", "16", "--workers", "1"]
+    try:
+        start = time.monotonic()
+        proc = subprocess.run([*prepare, "--out", str(mnt / "store")], cwd=REPO, env=env(), capture_output=True,
+                              text=True, timeout=300)
+        exit_s = time.monotonic() - start
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "error: no space left on device" in proc.stderr and "run the same command again" in proc.stderr
+        assert not (mnt / "store").exists()  # nothing half-written where a reader would look
+        kept = len(list((mnt / ".store.tmp-prepare").glob("unit-*.u8.json")))
+        assert kept >= 1
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+        proc = subprocess.run([*prepare, "--out", str(mnt / "store")], cwd=REPO, env=env(), capture_output=True,
+                              text=True, timeout=300)
+        assert_ok(proc)
+        assert f"resuming an interrupted preparation: {kept} finished unit(s) kept" in proc.stdout
+        whole = subprocess.run([*prepare, "--out", str(tmp_path / "whole")], cwd=REPO, env=env(), capture_output=True,
+                               text=True, timeout=300)
+        assert_ok(whole)
+        assert snapshot(mnt / "store") == snapshot(tmp_path / "whole")
+        fault_row("disk full during dcgan-prepare (tmpfs; resumed with space: byte-identical store)", 1, 1, 0, exit_s,
+                  whole_run=True)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (needs root)")
 def test_disk_full_during_a_checkpoint_loses_nothing(tmp_path, fault_row):
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -222,7 +258,7 @@ def test_the_dataset_vanishing_mid_run(tmp_path, fault_row):
     proc = run_train(*_folder_args(root, tmp_path / "other"))
     assert proc.returncode == 2 and f"data.root = '{root}' is not a directory" in proc.stderr
     assert not (tmp_path / "other").exists()
-    fault_row("the dataset folder deleted mid-run, 2 ranks (the run completes: images are in memory)", 1, 1)
+    fault_row("the dataset folder deleted mid-run, 2 ranks (the run completes: it reads the prepared store)", 1, 1)
 
 
 # --- W&B -----------------------------------------------------------------------------------------
