@@ -363,3 +363,19 @@ def test_two_rank_preparation_equals_one_process_byte_for_byte(tmp_path):
         assert "rank 1 of 2:" in proc.stdout and proc.stdout.count("train on it") == 1, proc.stdout
         assert snapshot(two) == snapshot(one)
         assert store.verify_store(two).count == (18 if extra else 512)
+
+
+def test_gather_reads_the_same_images_from_the_page_cache_and_from_disk(tmp_path):
+    """Warm images are copied with non-blocking reads; images evicted from the page cache (posix_fadvise) are
+    read by the reader threads: the same bytes either way, in the order asked, across shards."""
+    opened = prepare("synthetic", tmp_path / "s", shard_size=100)  # 512 images in 6 shards
+    order = torch.randperm(512, generator=torch.Generator().manual_seed(0))[:300]
+    warm = opened.gather(order)
+    for shard in (tmp_path / "s").glob("shard-*.u8"):
+        fd = os.open(shard, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    cold = store.open_store(tmp_path / "s").gather(order)
+    expected = np.concatenate([np.fromfile(p, np.uint8) for p in sorted((tmp_path / "s").glob("shard-*.u8"))])
+    assert torch.equal(warm, cold)
+    assert torch.equal(warm, torch.from_numpy(expected.reshape(512, 3, 32, 32))[order])
