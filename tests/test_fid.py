@@ -119,9 +119,9 @@ def test_convert_to_safetensors_gives_the_same_network(weights, tmp_path, capsys
     net, info = fid.build_fid_inception(out)
     assert info["weights"] == "pt_inception-2015-12-05" and info["path"] == str(out)
     gray = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    feats = fid.fid_features(net, gray, batch_size=1)  # grayscale -> RGB, 28 -> 299, one batch per image
+    feats = fid.fid_features(net, gray)  # grayscale -> RGB, 28 -> 299
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and feats.std() > 0
-    assert torch.allclose(feats[:1], fid.fid_features(net, gray[:1].expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(feats, fid.fid_features(net, gray.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-6)
     code, _, err = run_main("eval_main", ["convert-fid-weights", str(weights), str(tmp_path / "x.bin")], capsys)
     assert code == 2 and "must end in .safetensors" in err
 
