@@ -212,7 +212,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a checkpoint dir, a run dir (its latest), generator*.safetensors, or a "
                         "samples .npz (arr_0: uint8 [N, S, S, C], as dcgan-sample writes; needs --data)")
     parser.add_argument("--num", type=int, help="generated images (default 5000; 50000 with --fid-standard; an .npz: "
-                        "all of its images)")
+                        "all of its images, or its first NUM)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw generator even if EMA weights exist")
     parser.add_argument("--data", help="dataset of the real statistics (default: the checkpoint's data.name)")
@@ -255,6 +255,9 @@ def eval_main(argv: list[str] | None = None) -> None:
                 if num > len(images):
                     raise UserError(f"--num {num}: {args.checkpoint} holds only {len(images)} images")
                 images = images[:num]
+            if len(images) < 8:
+                raise UserError(f"{args.checkpoint}: arr_0 holds {len(images)} image(s); score at least 8 (5000 or "
+                                "50000 are the usual)")
             num, image_size, channels, source = len(images), images.shape[-1], images.shape[1], "samples file"
             data, root, ref_num, step, ema, data_cfg = args.data, args.data_root or "data", None, None, None, {}
             wanted = DATASETS[data].channels if data in DATASETS else None

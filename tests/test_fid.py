@@ -152,6 +152,7 @@ def test_training_reads_fid_statistics_that_fid_stats_computed_ahead(weights, tm
     ({"arr_0": np.zeros((8, 1, 32, 32), np.uint8)}, "expected uint8 [N, S, S, C]"),  # NCHW
     ({"arr_0": np.zeros((32, 32, 3), np.uint8)}, "arr_0 is uint8 [32, 32, 3]"),
     ({"arr_0": np.zeros((8, 32, 32, 3), np.uint8)}, "arr_0 has 3 channel(s) but mnist5k images have 1"),
+    ({"arr_0": np.zeros((3, 32, 32, 1), np.uint8)}, "arr_0 holds 3 image(s); score at least 8"),
     (None, "not a readable .npz"),
 ])
 def test_bad_samples_file_is_one_line_and_exit_2(tmp_path, capsys, arrays, message):
