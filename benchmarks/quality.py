@@ -43,7 +43,7 @@ def main() -> None:
             key = (data["name"], data["root"])
             if key not in spaces_for:
                 spaces_for[key], notes = evaluation.feature_spaces(data["name"], data["root"], args.cache_dir,
-                                                                   inception=False)
+                                                                   fid=False)
                 if not spaces_for[key]:
                     print(f"{run}: skipped, {notes[0]}")
             if not spaces_for[key]:

@@ -219,22 +219,34 @@ def prepare_main(argv: list[str] | None = None) -> None:
 
 def eval_main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train-classifier"]:
-        return _train_classifier_main(argv[1:])
-    parser = _Parser(prog="dcgan-eval", description="Sample quality of a checkpoint: classifier metrics for "
-                     "labelled datasets (Fréchet distance, its real-vs-real floor, KID, precision/recall, inception "
-                     "score, class coverage, confidence, class KL) and FID/KID with Inception-v3 weights. "
-                     "`dcgan-eval train-classifier --help` trains the classifier ahead.")
-    parser.add_argument("checkpoint", help="a checkpoint dir, a run dir (its latest), or generator*.safetensors")
-    parser.add_argument("--num", type=int, default=5000, help="generated images (default 5000)")
+    subcommands = {"train-classifier": _train_classifier_main, "fid-stats": _fid_stats_main,
+                   "convert-fid-weights": _convert_fid_weights_main}
+    if argv[:1] and argv[0] in subcommands:
+        return subcommands[argv[0]](argv[1:])
+    parser = _Parser(prog="dcgan-eval", description="Sample quality of a checkpoint, or of any generator's samples "
+                     "in an .npz (arr_0: uint8 NHWC): classifier metrics for labelled datasets (Fréchet distance, its "
+                     "real-vs-real floor, KID, precision/recall, inception score, class coverage, confidence, class "
+                     "KL) and the standard FID/KID (pytorch-fid's TF-Inception) when its weights are at hand. "
+                     "Subcommands: train-classifier, fid-stats, convert-fid-weights (each with --help).")
+    parser.add_argument("checkpoint", help="a checkpoint dir, a run dir (its latest), generator*.safetensors, or a "
+                        "samples .npz (arr_0: uint8 [N, S, S, C], as dcgan-sample writes; needs --data)")
+    parser.add_argument("--num", type=int, help="generated images (default 5000; 50000 with --fid-standard; an .npz: "
+                        "all of its images, or its first NUM)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw generator even if EMA weights exist")
     parser.add_argument("--data", help="dataset of the real statistics (default: the checkpoint's data.name)")
     parser.add_argument("--data-root", help="its root (default: the checkpoint's data.root)")
     parser.add_argument("--classifier", help="classifier .safetensors (default: <cache-dir>/classifier-DATA-32...)")
-    parser.add_argument("--cache-dir", help="where classifiers are cached (default: <data root>/cache)")
-    parser.add_argument("--inception", action="store_true", help="require FID/KID (default: when the weights exist)")
-    parser.add_argument("--inception-weights", help="inception_v3 weights (.safetensors or torchvision .pth)")
+    parser.add_argument("--cache-dir", help="where classifiers and FID statistics are cached (default: the "
+                        "checkpoint's data.cache_dir, else ~/.cache/dcgan_dist)")
+    parser.add_argument("--fid", action="store_true", help="require FID/KID, fetching pytorch-fid's weights when "
+                        "online and not cached (default: FID/KID when the weights are on disk)")
+    parser.add_argument("--fid-weights", help=f"TF-Inception weights: pytorch-fid's {_FID_FILE} (read with "
+                        "weights_only) or its .safetensors conversion")
+    parser.add_argument("--fid-standard", action="store_true", help="the published protocol: 50,000 samples against "
+                        "the statistics of the whole training split")
+    parser.add_argument("--ref-num", type=int, help="real images for the FID statistics: a fixed subset (default: "
+                        "the training set as the checkpoint trained on it; an .npz: the whole split)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
 
@@ -242,30 +254,73 @@ def eval_main(argv: list[str] | None = None) -> None:
         import json
 
         from dcgan_dist import evaluation, sampling
+        from dcgan_dist.catalog import DATASETS
         from dcgan_dist.errors import UserError
 
-        if args.num < 8:
-            raise UserError(f"--num {args.num}: use at least 8 images (5000 is the usual)")
-        generator, meta, ema = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
-        data_cfg = meta.get("config", {}).get("data", {})
-        data, root = args.data or data_cfg.get("name"), args.data_root or data_cfg.get("root", "data")
-        if not data:
-            raise UserError(f"{args.checkpoint}: its meta.json names no dataset (an exported generator?); pass --data")
+        if args.fid_standard and (args.ref_num is not None or args.num not in (None, evaluation.STANDARD_NUM)):
+            raise UserError("--fid-standard fixes --num at 50000 and the reference at the whole training split; "
+                            "drop --num/--ref-num")
+        num = evaluation.STANDARD_NUM if args.fid_standard else args.num
+        if num is not None and num < 8:
+            raise UserError(f"--num {num}: use at least 8 images (5000 is the usual)")
+        if args.ref_num is not None and args.ref_num < 2:
+            raise UserError(f"--ref-num {args.ref_num}: use at least 2 real images")
+        samples_file = args.checkpoint.endswith(".npz")
+        if samples_file:
+            if not args.data:
+                raise UserError(f"{args.checkpoint}: a samples file names no dataset; pass --data (and --data-root)")
+            images = sampling.load_samples(args.checkpoint)
+            if num is not None:
+                if num > len(images):
+                    raise UserError(f"--num {num}: {args.checkpoint} holds only {len(images)} images")
+                images = images[:num]
+            if len(images) < 8:
+                raise UserError(f"{args.checkpoint}: arr_0 holds {len(images)} image(s); score at least 8 (5000 or "
+                                "50000 are the usual)")
+            num, image_size, channels, source = len(images), images.shape[-1], images.shape[1], "samples file"
+            data, root, ref_num, step, ema, data_cfg = args.data, args.data_root or "data", None, None, None, {}
+            wanted = DATASETS[data].channels if data in DATASETS else None
+            if wanted is not None and channels != wanted:
+                raise UserError(f"{args.checkpoint}: arr_0 has {channels} channel(s) but {data} images have {wanted}; "
+                                "score samples against a dataset with the same channels (--data)")
+        else:
+            generator, meta, ema = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+            num, image_size, channels = num or 5000, generator.image_size, generator.channels
+            data_cfg, step = meta.get("config", {}).get("data", {}), meta.get("step")
+            data, root = args.data or data_cfg.get("name"), args.data_root or data_cfg.get("root", "data")
+            if not data:
+                raise UserError(f"{args.checkpoint}: its meta.json names no dataset (an exported generator?); "
+                                "pass --data")
+            ref_num = data_cfg.get("num_images") if data == data_cfg.get("name") else None
+            source = f"step {step}, {'EMA' if ema else 'raw'} generator"
+        if args.ref_num is not None:
+            ref_num = args.ref_num
+        elif args.fid_standard:
+            ref_num = None
         spaces, notes = evaluation.feature_spaces(
             data, root, args.cache_dir or data_cfg.get("cache_dir") or "", args.classifier,
-            inception=True if (args.inception or args.inception_weights) else None,
-            inception_weights=args.inception_weights, image_size=generator.image_size, channels=generator.channels,
-            num_images=data_cfg.get("num_images") if data == data_cfg.get("name") else None)
+            fid=True if (args.fid or args.fid_weights or args.fid_standard) else None, fid_weights=args.fid_weights,
+            image_size=image_size, channels=channels, num_images=ref_num)
         if not spaces:
             raise UserError(f"nothing to measure for data {data}: " + "; ".join(notes))
-        metrics = evaluation.evaluate(generator, args.num, spaces, seed=args.seed)
+        if samples_file:
+            metrics = evaluation.score(images, spaces)
+        else:
+            metrics = evaluation.evaluate(generator, num, spaces, seed=args.seed)
         real = {f"{s.name}/{k}": v for s in spaces for k, v in s.real_metrics().items()}
-        step = meta.get("step")
-        print(f"dcgan-eval: {args.checkpoint} (step {step}, {'EMA' if ema else 'raw'} generator), "
-              f"{args.num} samples, seed {args.seed}, data {data}")
+        seed = "" if samples_file else f", seed {args.seed}"
+        print(f"dcgan-eval: {args.checkpoint} ({source}), {num} samples{seed}, data {data}")
+        protocols = {}
         for s in spaces:
             extra = f", held-out accuracy {s.info['accuracy']:.2%}" if "accuracy" in s.info else ""
             print(f"\n{s.name} space ({s.info['reference']}{extra})")
+            if "protocol" in s.info:  # FID/KID: the protocol goes beside every figure
+                protocols[s.name] = {**s.info["protocol"], "num_samples": num,
+                                     "note": evaluation.protocol_note(s, num)}
+                for key, label in (("fd", "FID"), ("kid", "KID")):
+                    print(f"  {label:<22}{_fmt(key, metrics[f'{s.name}/{key}']):>12}   "
+                          f"[{protocols[s.name]['note']}]")
+                continue
             print(f"  {'metric':<22}{'generated':>12}{'real':>12}   (real: held-out images; for FD the "
                   "real-vs-real floor)")
             for key, label in _EVAL_ROWS:
@@ -278,9 +333,9 @@ def eval_main(argv: list[str] | None = None) -> None:
         for note in notes:
             print(f"note: {note}")
         if args.json:
-            out = {"checkpoint": args.checkpoint, "step": step, "ema": ema, "num": args.num, "seed": args.seed,
-                   "data": data, "metrics": metrics, "real": real, "notes": notes,
-                   "spaces": {s.name: s.info for s in spaces}}
+            out = {"checkpoint": args.checkpoint, "step": step, "ema": ema, "num": num,
+                   "seed": None if samples_file else args.seed, "data": data, "metrics": metrics, "real": real,
+                   "notes": notes, "protocol": protocols, "spaces": {s.name: s.info for s in spaces}}
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
             print(f"wrote {args.json}")
@@ -288,6 +343,7 @@ def eval_main(argv: list[str] | None = None) -> None:
     _run(evaluate)
 
 
+_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"  # fid.FID_WEIGHTS_FILE (not imported: --help stays light)
 _EVAL_ROWS = (("fd", "Fréchet distance"), ("kid", "KID"),
               ("precision", "precision"), ("recall", "recall"), ("inception_score", "inception score"),
               ("coverage", "class coverage"), ("confidence", "mean confidence"), ("class_kl", "class KL (nats)"))
@@ -301,6 +357,47 @@ def _fmt(key: str, value) -> str:
     return f"{value:.4f}" if key in ("kid", "class_kl") else f"{value:.3f}"
 
 
+def _fid_stats_main(argv: list[str]) -> None:
+    parser = _Parser(prog="dcgan-eval fid-stats", description="Compute and cache the FID reference statistics of a "
+                     "dataset ahead (training with train.eval_every reads them, never computes them).")
+    parser.add_argument("--data", required=True, help="the dataset (as data.name)")
+    parser.add_argument("--data-root", default="data", help="its root (as data.root; default data)")
+    parser.add_argument("--image-size", type=int, required=True, help="the generator's image size")
+    parser.add_argument("--channels", type=int, required=True, choices=(1, 3), help="the generator's channels")
+    parser.add_argument("--num-images", type=int, help="data.num_images, when training used a fixed subset")
+    parser.add_argument("--cache-dir", help="as data.cache_dir (default ~/.cache/dcgan_dist)")
+    parser.add_argument("--fid-weights", help=f"pytorch-fid's {_FID_FILE} or its .safetensors conversion")
+    args = parser.parse_args(argv)
+
+    def stats() -> None:
+        from dcgan_dist import evaluation, fid
+
+        net, weights = fid.build_fid_inception(args.fid_weights)
+        ref = evaluation.fid_reference(net, weights["sha256"], args.data, args.data_root, args.image_size,
+                                       args.channels, args.num_images, args.cache_dir)
+        print(f"FID statistics of {ref['count']} {args.data} images at {args.image_size}x{args.image_size} "
+              f"({weights['weights']}): {ref['path']}")
+
+    _run(stats)
+
+
+def _convert_fid_weights_main(argv: list[str]) -> None:
+    parser = _Parser(prog="dcgan-eval convert-fid-weights", description="Convert pytorch-fid's weights file (read "
+                     "with torch.load(weights_only=True): no pickled code runs) to safetensors, once.")
+    parser.add_argument("src", help=f"pytorch-fid's {_FID_FILE}")
+    parser.add_argument("out", help="the .safetensors file to write (pass it as --fid-weights, or put it beside the "
+                        ".pth in the torch hub cache)")
+    args = parser.parse_args(argv)
+
+    def convert() -> None:
+        from dcgan_dist import fid
+
+        sha = fid.convert_weights(args.src, args.out)
+        print(f"wrote {args.out} (sha256 {sha})")
+
+    _run(convert)
+
+
 def _train_classifier_main(argv: list[str]) -> None:
     parser = _Parser(prog="dcgan-eval train-classifier", description="Train the domain classifier that "
                      "dcgan-eval's metrics use, on a fixed stratified 80/20 split; report its held-out accuracy.")
@@ -308,7 +405,7 @@ def _train_classifier_main(argv: list[str]) -> None:
     parser.add_argument("--data-root", default="data", help="torchvision dataset root (default data)")
     parser.add_argument("--image-size", type=int, default=32, help="classifier input size (default 32)")
     parser.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
-    parser.add_argument("--cache-dir", help="where to cache it (default: <data root>/cache)")
+    parser.add_argument("--cache-dir", help="where to cache it (default: ~/.cache/dcgan_dist, data.cache_dir)")
     parser.add_argument("--out", help="classifier .safetensors path (default: <cache-dir>/classifier-DATA-SIZE...)")
     args = parser.parse_args(argv)
 

@@ -1,29 +1,32 @@
-"""Sample quality: metrics in a feature space, from a domain classifier or from Inception-v3.
+"""Sample quality: metrics in a feature space, from a domain classifier or from the standard FID Inception.
 
-Two feature spaces, one protocol:
+Two feature spaces:
 - the project's own small CNN classifier, trained on a fixed stratified split of a labelled dataset
-  (`train_classifier`); its penultimate layer gives features, its softmax gives the class metrics;
-- torchvision's `inception_v3` (pool3, 2048 features) when its ImageNet weights are on disk: the usual FID/KID.
+  (`train_classifier`); its penultimate layer gives features, its softmax gives the class metrics. Its real
+  reference (the held-out split) is cut into two disjoint halves A and B of n images. `fd_floor` = FD(A, B) is
+  what two real samples of that size score; `fd` is the mean of FD(chunk, B) over the disjoint chunks of n
+  generated images, so both carry the same small-sample bias and `fd / fd_floor` is a fair ratio. KID (unbiased)
+  and precision/recall compare the generated images with B.
+- "inception": the FID of the published numbers (`fid`: pytorch-fid's TF-Inception, pool3): the generated
+  images' statistics against the cached statistics (mu, sigma) of the real training images (`fid_reference`),
+  and KID against the cached features of up to `KID_REF_MAX` of them.
 
-In each space the real pool (the classifier's held-out split, or a seeded subset of the data for Inception)
-is cut into two disjoint halves A and B of n images. `fd_floor` = FD(A, B) is what two real samples of that
-size score; `fd` is the mean of FD(chunk, B) over the disjoint chunks of n generated images, so both carry the
-same small-sample bias and `fd / fd_floor` is a fair ratio. KID (unbiased) and precision/recall compare the
-generated images with B.
-
-This module builds the spaces (extractors: `features`; maths: `metrics`) and scores a generator in them.
-Plain arguments in, floats out: nothing here knows of ranks or configs, except `evaluate`, which takes an
-optional accelerate `Accelerator` to split generation across ranks and gather the features, and
+This module builds the spaces (extractors: `features`, `fid`; maths: `metrics`) and scores images or a generator
+in them. Plain arguments in, floats out: nothing here knows of ranks or configs, except `evaluate`, which takes
+an optional accelerate `Accelerator` to split generation across ranks and gather the features, and
 `DuringTraining`, the trainer's train.eval_every.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
 from dcgan_dist import fileio
@@ -32,18 +35,16 @@ from dcgan_dist.catalog import DATASETS, LABELLED, is_better
 from dcgan_dist.data import load_dataset, load_images, user_cache_dir
 from dcgan_dist.errors import UserError
 from dcgan_dist.features import (
-    INCEPTION_FILE,
     Classifier,
-    build_inception,
     classifier_outputs,
     classifier_path,
-    inception_features,
-    inception_weights_path,
     load_classifier,
     save_classifier,
     to_uint8,
     train_classifier,
 )
+from dcgan_dist.fid import FID_WEIGHTS_NAME, build_fid_inception, fid_features, find_weights
+from dcgan_dist.fileio import write_atomic
 from dcgan_dist.sampling import fixed_noise, generate
 
 HOLDOUT_FRACTION = 0.2  # per class, of the labelled training split
@@ -104,20 +105,96 @@ def classifier_space(model: Classifier, meta: dict, images: torch.Tensor, labels
                         data_hist=hist, real_probs=probs, info={"reference": f"2 x {n} held-out images"})
 
 
-def inception_space(model: nn.Module, images: torch.Tensor, max_ref: int = 10000, seed: int = 0) -> FeatureSpace:
-    """Inception space with a seeded random subset of the real images (at most `max_ref`) as the reference."""
-    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_ref]
-    feats = inception_features(model, images[keep])
-    n = len(feats) // 2
-    return FeatureSpace("inception", lambda x: (inception_features(model, x), None), feats[:n], feats[n:2 * n],
-                        info={"reference": f"2 x {n} real images"})
+@dataclass
+class FidSpace:
+    """The standard FID/KID: TF-Inception features of the generated images against the real training images'
+    statistics `mu` [2048], `sigma` [2048, 2048] (float64; FID) and the features of up to KID_REF_MAX of them (KID).
+    `info["protocol"]` says what was compared; it is printed beside every figure."""
+
+    name: str  # "inception"
+    extract: object  # uint8 images -> (features, None)
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    kid_ref: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+    def real_metrics(self) -> dict[str, float]:
+        return {}
+
+    def metrics(self, feats: torch.Tensor, probs: torch.Tensor | None) -> dict[str, float]:
+        fd = M.frechet_from_stats(*M.stats(feats), self.mu, self.sigma)
+        return {"fd": fd, "kid": M.kid(feats, self.kid_ref)}
+
+
+KID_REF_MAX = 10000  # real features kept (a seeded subset) for KID: 100 subsets of 1,000 draw from them
+STANDARD_NUM = 50000  # the published protocol: 50,000 samples against the whole training split's statistics
+
+
+def fid_stats_path(cache_dir: str | Path, data: str, root: str, image_size: int, channels: int,
+                   num_images: int | None, weights_sha256: str) -> Path:
+    """One file per (dataset, image size, channels, count, weights): `<cache_dir>/fid-stats/...safetensors`."""
+    where = f"-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}" \
+        if data in ("imagefolder", "store") else ""  # a folder dataset is its root
+    count = "all" if num_images is None else str(num_images)
+    name = f"{data}{where}-{channels}x{image_size}x{image_size}-{count}-{weights_sha256[:16]}.safetensors"
+    return Path(cache_dir) / "fid-stats" / name
+
+
+def fid_reference(net: nn.Module, weights_sha256: str, data: str, root: str, image_size: int, channels: int,
+                  num_images: int | None = None, cache_dir: str | Path | None = None, compute: bool = True,
+                  log=print) -> dict | None:
+    """{"mu", "sigma" (float64), "kid_ref" (float32), "count"} of the training images of `data` at `image_size` x
+    `channels` (`num_images`: its fixed subset, as data.num_images picks; None: all), read from the cache or, with
+    `compute`, computed once and cached (None when not cached and not `compute`). Plain per-process work: no
+    collective; the cache file is written atomically, so concurrent writers leave one whole file."""
+    path = fid_stats_path(cache_dir or user_cache_dir(), data, root, image_size, channels, num_images,
+                          weights_sha256)
+    if path.is_file():
+        with safe_open(path, "pt") as f:
+            count = int(f.metadata()["count"])
+            return {"mu": f.get_tensor("mu"), "sigma": f.get_tensor("sigma"), "kid_ref": f.get_tensor("kid_ref"),
+                    "count": count, "whole": num_images is None, "path": str(path)}
+    if not compute:
+        return None
+    images = load_images(data, root, image_size, channels, num_images=num_images)
+    if len(images) < 2:
+        raise UserError(f"FID statistics need at least 2 real images; {data} at {root} holds {len(images)}")
+    log(f"FID reference: Inception features of {len(images)} {data} images at {image_size}x{image_size} "
+        f"(once; cached in {path})")
+    feats = fid_features(net, images)
+    mu, sigma = M.stats(feats)
+    keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:KID_REF_MAX]
+    tensors = {"mu": mu, "sigma": sigma, "kid_ref": feats[keep].contiguous()}
+    meta = {"data": data, "root": str(root), "image_size": str(image_size), "channels": str(channels),
+            "count": str(len(images)), "weights_sha256": weights_sha256, "weights": FID_WEIGHTS_NAME}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save(tensors, metadata=meta))
+    return {**tensors, "count": len(images), "whole": num_images is None, "path": str(path)}
+
+
+def fid_space(net: nn.Module, weights: dict, ref: dict, data: str, image_size: int) -> FidSpace:
+    """The FID/KID space over reference statistics `ref` (`fid_reference`) of `data`, weights `weights` (info)."""
+    protocol = {"weights": weights["weights"], "weights_sha256": weights["sha256"], "reference": data,
+                "reference_count": ref["count"], "whole_training_split": ref["whole"], "image_size": image_size,
+                "kid_reference_count": len(ref["kid_ref"])}
+    return FidSpace("inception", lambda x: (fid_features(net, x), None), ref["mu"], ref["sigma"], ref["kid_ref"],
+                    info={"reference": f"statistics of {ref['count']} {data} training images at {image_size}x"
+                          f"{image_size}", "protocol": protocol, "stats_path": ref["path"]})
+
+
+def protocol_note(space: FidSpace, num: int) -> str:
+    """What a FID/KID figure compares, printed beside it: samples, reference set and count, weights."""
+    p = space.info["protocol"]
+    whole = "all " if p["whole_training_split"] else ""
+    standard = "; the published protocol" if num == STANDARD_NUM and p["whole_training_split"] else ""
+    return f"{num} samples vs {whole}{p['reference_count']} {p['reference']} training images, {p['weights']}{standard}"
 
 
 # --- evaluation of a generator ---------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(generator: nn.Module, num: int, spaces: list[FeatureSpace], seed: int = 0, batch_size: int = 50,
+def evaluate(generator: nn.Module, num: int, spaces: list[FeatureSpace | FidSpace], seed: int = 0, batch_size: int = 50,
              accelerator=None) -> dict[str, float]:
     """Generate `num` images from the seeded noise `fixed_noise(num, latent_dim, seed)` and score them.
 
@@ -140,15 +217,29 @@ def evaluate(generator: nn.Module, num: int, spaces: list[FeatureSpace], seed: i
     images = to_uint8(generate(g, z[rank * per:(rank + 1) * per], batch_size))  # [per, C, H, W] uint8, CPU
     out = {}
     for space in spaces:
-        parts = [space.extract(part) for part in images.split(batch_size)]
-        feats = torch.cat([f for f, _ in parts])
-        probs = None if parts[0][1] is None else torch.cat([p for _, p in parts])
+        feats, probs = _extract(space, images, batch_size)
         if accelerator is not None:  # rank order = noise order
             device = accelerator.device
             feats = accelerator.gather_for_metrics(feats.to(device)).cpu()
             probs = None if probs is None else accelerator.gather_for_metrics(probs.to(device)).cpu()
         feats, probs = feats[:num], None if probs is None else probs[:num]  # the padding goes
         out |= {f"{space.name}/{k}": v for k, v in space.metrics(feats, probs).items()}
+    return out
+
+
+def _extract(space, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    parts = [space.extract(part) for part in images.split(batch_size)]
+    feats = torch.cat([f for f, _ in parts])
+    return feats, None if parts[0][1] is None else torch.cat([p for _, p in parts])
+
+
+@torch.no_grad()
+def score(images: torch.Tensor, spaces: list[FeatureSpace | FidSpace], batch_size: int = 50) -> dict[str, float]:
+    """The metrics of ready-made uint8 images [N, C, S, S] (e.g. `sampling.load_samples`), as `evaluate` scores
+    a generator's: {"<space>/<metric>": value}."""
+    out = {}
+    for space in spaces:
+        out |= {f"{space.name}/{k}": v for k, v in space.metrics(*_extract(space, images, batch_size)).items()}
     return out
 
 
@@ -180,22 +271,25 @@ def fit_classifier(data: str, root: str, image_size: int = 32, epochs: int = 6, 
 
 
 def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", classifier: str | Path | None = None,
-                   classifier_size: int = 32, inception: bool | None = None, inception_weights: str | None = None,
+                   classifier_size: int = 32, fid: bool | None = None, fid_weights: str | None = None,
                    image_size: int = 32, channels: int = 1, num_images: int | None = None, train_missing: bool = True,
-                   wait_minutes: float = 60.0, log=print) -> tuple[list[FeatureSpace], list[str]]:
+                   compute_missing: bool = True, device: str | None = None, wait_minutes: float = 60.0,
+                   log=print) -> tuple[list[FeatureSpace | FidSpace], list[str]]:
     """The feature spaces available for dataset `data`, and one note per space that is not (why, how to get it).
 
     Classifier: `classifier` (a .safetensors path), else `<cache_dir>/classifier-<data>-<size>.safetensors`
-    (cache_dir defaults to `data.user_cache_dir()`), trained there when missing and `train_missing`. Inception:
-    `inception=True` requires the weights (UserError without them), None uses them when present, False skips.
-    The Inception reference is the dataset at the generator's `image_size`/`channels` (and `num_images`, as
-    trained), upsampled to 299 like the generated images. Under several ranks call it on every rank
-    together: one trains a missing classifier, the others wait for its file.
+    (cache_dir defaults to `data.user_cache_dir()`), trained there when missing and `train_missing`.
+    FID/KID (`fid_space`): `fid=True` requires the TF-Inception weights (`fid_weights`, the torch hub cache, or
+    pytorch-fid's download; UserError without them); None uses them when on disk (no download); False skips.
+    Its reference is the statistics of `data` at the generator's `image_size`/`channels` (`num_images`: the
+    fixed subset trained on; None: the whole training split), cached under `<cache_dir or user cache>/fid-stats`;
+    without `compute_missing`, missing statistics skip FID with a note. Under several ranks call it on every
+    rank together: one trains a missing classifier (a file lock, `wait_minutes`), the others wait for its file.
     """
     spaces, notes = [], []
-    weights = inception_weights_path(inception_weights)
-    use_inception = inception or (inception is None and weights is not None)
-    inception_model = build_inception(weights) if use_inception else None  # fails early when weights are missing
+    fid_net, weights = None, None
+    if fid or (fid is None and (fid_weights or _has_weights())):
+        fid_net, weights = build_fid_inception(fid_weights, download=bool(fid), device=device)  # fails early
     if data in LABELLED or classifier:
         path = Path(classifier) if classifier else classifier_path(cache_dir or user_cache_dir(), data,
                                                                    classifier_size)
@@ -219,13 +313,29 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
     else:
         notes.append(f"classifier metrics (fd, kid, precision/recall, inception score, coverage, confidence, "
                      f"class KL) need a labelled dataset ({', '.join(LABELLED)}); {data} has no labels")
-    if inception_model is not None:
-        images = load_images(data, root, image_size, channels, num_images=num_images)
-        spaces.append(inception_space(inception_model, images))
+    if fid_net is None:
+        if fid is None:
+            notes.append(f"FID/KID skipped: no TF-Inception weights ({FID_WEIGHTS_NAME}) in the torch hub cache "
+                         "(pass --fid-weights PATH, or --fid to fetch them when online)")
+        return spaces, notes
+    ref = fid_reference(fid_net, weights["sha256"], data, root, image_size, channels, num_images,
+                        cache_dir or None, compute=compute_missing, log=log)
+    if ref is None:
+        notes.append(f"FID/KID skipped: no cached reference statistics of {data} at {image_size}x{image_size}; "
+                     f"compute them once with dcgan-eval fid-stats --data {data} --data-root {root} --image-size "
+                     f"{image_size} --channels {channels}" + (f" --num-images {num_images}" if num_images else "")
+                     + (f" --cache-dir {cache_dir}" if cache_dir else ""))
     else:
-        notes.append(f"FID/KID (Inception-v3) skipped: no {INCEPTION_FILE} in the torch hub cache "
-                     "(pass --inception-weights PATH, or fetch it once on a connected machine)")
+        spaces.append(fid_space(fid_net, weights, ref, data, image_size))
     return spaces, notes
+
+
+def _has_weights() -> bool:
+    try:
+        find_weights(None, download=False)
+        return True
+    except UserError:
+        return False
 
 
 class DuringTraining:
@@ -235,8 +345,12 @@ class DuringTraining:
     def __init__(self, cfg, accelerator, log):
         d, t = cfg.data, cfg.train
         self.accelerator, self.num, self.seed, self.keep_best = accelerator, t.eval_num, t.seed, t.keep_best
+        # No collective: one rank trains a missing classifier while the others wait on its file lock. FID
+        # statistics are only read here (computed ahead by dcgan-eval fid-stats); each rank runs Inception on its
+        # own device.
         self.spaces, notes = feature_spaces(d.name, d.root, d.cache_dir, image_size=cfg.model.image_size,
                                             channels=cfg.image_channels, num_images=d.num_images,
+                                            compute_missing=False, device=accelerator.device,
                                             wait_minutes=d.wait_minutes, log=log)
         names = [s.name for s in self.spaces]
         if not self.spaces:

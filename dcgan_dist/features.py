@@ -1,6 +1,6 @@
-"""Feature extractors for sample quality: the project's small domain classifier (trained on a fixed split of
-a labelled dataset, saved as safetensors) and Inception-v3 (pool3, 2048 features, when its weights are on
-disk). Images in, features (and class probabilities) out; the metric maths is in `metrics`.
+"""The project's own feature extractor for sample quality: a small domain classifier, trained on a fixed split of
+a labelled dataset and saved as safetensors. Images in, features and class probabilities out; the metric maths
+is in `metrics`. The standard FID extractor (TF-Inception) is in `fid`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dcgan_dist.errors import UserError
-
-INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"  # torchvision's IMAGENET1K_V1 weights in the torch hub cache
-INCEPTION_SIZE = 299
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -157,63 +154,3 @@ def load_classifier(path: Path) -> tuple[Classifier, dict]:
 
 def classifier_path(cache_dir: str | Path, data: str, image_size: int) -> Path:
     return Path(cache_dir) / f"classifier-{data}-{image_size}.safetensors"
-
-
-# --- Inception-v3 ----------------------------------------------------------------------------------
-
-
-def inception_weights_path(path: str | None = None) -> Path | None:
-    """The given file, or torchvision's weights in the torch hub cache; None when neither exists."""
-    if path:
-        return Path(path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    return cached if cached.is_file() else None
-
-
-def build_inception(weights: str | Path | None = None, random_init: bool = False) -> nn.Module:
-    """torchvision's inception_v3 returning pool3 features [N, 2048] (fc replaced by Identity).
-
-    `weights`: a .safetensors or torchvision .pth state dict (loaded with weights_only: no pickle code runs).
-    `random_init=True` is for tests of the shape logic only.
-    """
-    from torchvision.models import inception_v3
-
-    model = inception_v3(weights=None, aux_logits=True, init_weights=random_init, transform_input=False)
-    if not random_init:
-        path = inception_weights_path(str(weights) if weights else None)
-        if path is None or not path.is_file():
-            hub = Path(torch.hub.get_dir()) / "checkpoints"
-            where = f"{path} does not exist" if path else f"no {INCEPTION_FILE} in {hub}"
-            raise UserError(f"Inception-v3 weights needed for FID/KID: {where}; fetch them once on a connected "
-                            "machine (python -c \"import torchvision; torchvision.models.inception_v3("
-                            f"weights='IMAGENET1K_V1')\"), then copy ~/.cache/torch/hub/checkpoints/{INCEPTION_FILE} "
-                            f"into {hub} or pass --inception-weights PATH")
-        try:
-            if path.suffix == ".safetensors":
-                state = load_file(path)
-            else:  # torchvision's own .pth: a restricted unpickler that builds tensors only
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except (RuntimeError, SafetensorError, OSError) as e:
-            raise UserError(f"--inception-weights {path}: not torchvision inception_v3 weights "
-                            f"({str(e).strip().splitlines()[0]})") from None
-    model.fc = nn.Identity()  # the 2048-d average pool ("pool3") is the FID feature
-    return model.eval()
-
-
-@torch.no_grad()
-def inception_features(model: nn.Module, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
-    """uint8 or [-1, 1] images [N, 1|3, H, W] -> [N, 2048]: RGB, bilinear to 299x299, in [-1, 1].
-
-    torchvision's Google weights expect inputs in [-1, 1] (its transform_input maps ImageNet-normalised inputs
-    there), so images go in as they are; grayscale is repeated to three channels.
-    """
-    device = next(model.parameters()).device
-    out = []
-    for part in images.split(batch_size):
-        x = prepare(part.cpu(), part.shape[-1], 3).to(device)
-        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-        feats = model(x)
-        assert feats.shape == (len(part), 2048), feats.shape
-        out.append(feats.float().cpu())
-    return torch.cat(out)

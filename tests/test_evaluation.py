@@ -8,14 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import REPO, accelerate_launch, assert_ok, env, run_train
 from dcgan_dist import evaluation as E
 from dcgan_dist import metrics as M
 from dcgan_dist import sampling
 from dcgan_dist.data import load_dataset
-from dcgan_dist.errors import UserError
 
 
 def cli(main: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
@@ -115,29 +113,6 @@ def test_split_is_fixed_and_stratified():
     assert torch.equal(test, E.split_indices(labels)[1])
 
 
-# --- Inception-v3 (random weights: the shape and resize logic only, nothing is downloaded) ------------
-
-
-def test_inception_features_shape_and_weight_loading(tmp_path, monkeypatch):
-    from torchvision.models import inception_v3
-
-    torch.manual_seed(0)
-    full = inception_v3(weights=None, aux_logits=True, init_weights=True, transform_input=False)
-    save_file(full.state_dict(), tmp_path / "inception.safetensors")
-    model = E.build_inception(tmp_path / "inception.safetensors")
-    gray = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)  # grayscale -> RGB, 32 -> 299
-    feats = E.inception_features(model, gray, batch_size=2)
-    assert feats.shape == (3, 2048) and torch.isfinite(feats).all()
-    rgb = torch.rand(2, 3, 64, 64) * 2 - 1  # [-1, 1] floats are accepted as well
-    assert E.inception_features(model, rgb).shape == (2, 2048)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    with pytest.raises(UserError, match="fetch them once on a connected machine"):
-        E.build_inception(None)
-    with pytest.raises(UserError, match="not torchvision inception_v3 weights"):
-        save_file({"x": torch.zeros(1)}, tmp_path / "bad.safetensors")
-        E.build_inception(tmp_path / "bad.safetensors")
-
-
 # --- the classifier and the commands -----------------------------------------------------------------
 
 
@@ -183,7 +158,7 @@ def test_eval_command_on_a_tiny_mnist5k_run(tmp_path, classifier, mnist_run):
                TORCH_HOME=str(tmp_path / "torch"))
     assert_ok(proc)
     assert "EMA generator" in proc.stdout and "Fréchet distance" in proc.stdout and "class coverage" in proc.stdout
-    assert "FID/KID (Inception-v3) skipped" in proc.stdout
+    assert "FID/KID skipped: no TF-Inception weights (pt_inception-2015-12-05)" in proc.stdout
     report = json.loads(out.read_text())
     m = report["metrics"]
     assert report["ema"] is True and report["num"] == 600 and report["data"] == "mnist5k"
@@ -198,6 +173,23 @@ def test_eval_command_on_a_tiny_mnist5k_run(tmp_path, classifier, mnist_run):
     assert_ok(raw)
     assert "raw generator" in raw.stdout
     assert json.loads((tmp_path / "raw.json").read_text())["metrics"] != m
+
+
+def test_eval_scores_a_samples_file_as_it_scores_the_generator(tmp_path, classifier, mnist_run):
+    """dcgan-sample's npz of the same noise, scored as any generator's samples, gives the checkpoint's figures."""
+    npz = tmp_path / "s.npz"
+    assert_ok(cli("sample_main", str(mnist_run), "--num", "300", "--seed", "4", "--out", str(npz)))
+    common = ["--cache-dir", str(classifier.parent), "--data", "mnist5k"]
+    proc = cli("eval_main", str(npz), *common, "--json", str(tmp_path / "npz.json"), TORCH_HOME=str(tmp_path / "t"))
+    assert_ok(proc)
+    assert "(samples file), 300 samples, data mnist5k" in proc.stdout
+    from_file = json.loads((tmp_path / "npz.json").read_text())
+    assert_ok(cli("eval_main", str(mnist_run), "--num", "300", "--seed", "4", *common, "--json",
+                  str(tmp_path / "ckpt.json"), TORCH_HOME=str(tmp_path / "t")))
+    from_ckpt = json.loads((tmp_path / "ckpt.json").read_text())
+    assert from_file["metrics"].keys() == from_ckpt["metrics"].keys()
+    for key, value in from_ckpt["metrics"].items():
+        assert from_file["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
 def run_main(main, args, capsys) -> tuple[int, str, str]:
@@ -222,14 +214,16 @@ def test_eval_command_on_unlabelled_data_names_the_metrics_that_need_labels(tmp_
     err = err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: nothing to measure for data synthetic")
     assert "need a labelled dataset (mnist5k, mnist, fashion_mnist, cifar10)" in err and "coverage" in err
-    assert "Inception" in err
+    assert "FID/KID skipped: no TF-Inception weights" in err
 
 
 @pytest.mark.parametrize("args,message", [
     (["/nonexistent/run"], "is not a checkpoint"),
     (["{run}", "--num", "0"], "--num 0"),
     (["{run}", "--classifier", "/nonexistent/c.safetensors"], "dcgan-eval train-classifier"),
-    (["{run}", "--inception-weights", "/nonexistent/w.safetensors"], "does not exist"),
+    (["{run}", "--fid-weights", "/nonexistent/w.safetensors"], "does not exist"),
+    (["{run}", "--fid-standard", "--num", "100"], "--fid-standard fixes --num at 50000"),
+    (["{run}", "--ref-num", "1"], "--ref-num 1"),
     (["{run}", "--bogus"], "unrecognized arguments"),
     (["train-classifier", "--data", "synthetic"], "has no labels"),
 ])

@@ -1,0 +1,164 @@
+"""The FID feature extractor of the published numbers: the TensorFlow Inception graph of 2015-12-05 as ported by
+pytorch-fid ("pt_inception-2015-12-05"), pool3, 2048 features.
+
+The network is pytorch-fid's own: torchvision's `inception_v3` skeleton with pytorch-fid's `FIDInception*` blocks
+(TensorFlow's average pools that ignore the padding, the max pool in the last block), built here without its URL
+download. Images go in as pytorch-fid feeds them: uint8 / 255, grayscale repeated to RGB, bilinear to 299x299
+(`align_corners=False`, no antialiasing), then scaled to [-1, 1].
+
+Weights are read without running pickled code: a `.safetensors` file, or pytorch-fid's `.pth` state dict through
+`torch.load(weights_only=True)`. `convert_weights` turns the `.pth` into safetensors once. Statistics and metrics
+are elsewhere (`metrics`, `evaluation`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dcgan_dist.errors import UserError
+from dcgan_dist.fileio import sha256_file
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")  # pytorch_fid.inception.FID_WEIGHTS_URL
+FID_WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[1]  # the name pytorch-fid caches it under in the torch hub
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05"
+FID_SIZE = 299
+FID_DIM = 2048
+
+
+def hub_weights_dir() -> Path:
+    """Where torch (and so pytorch-fid) caches downloaded weights: $TORCH_HOME/hub/checkpoints."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def find_weights(path: str | Path | None = None, download: bool = True) -> Path:
+    """The weights file: `path`; else the .safetensors or pytorch-fid's .pth in the torch hub cache; else the .pth
+    fetched from pytorch-fid's release URL into that cache (`download`). UserError, saying how to get it, when none."""
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"--fid-weights {path} does not exist; give the {FID_WEIGHTS_FILE} file (or its "
+                            "safetensors conversion)")
+        return Path(path)
+    hub = hub_weights_dir()
+    for candidate in (hub / Path(FID_WEIGHTS_FILE).with_suffix(".safetensors").name, hub / FID_WEIGHTS_FILE):
+        if candidate.is_file():
+            return candidate
+    how = (f"fetch {FID_WEIGHTS_URL} on a connected machine and pass --fid-weights PATH (or put it in {hub}); "
+           "dcgan-eval convert-fid-weights turns it into safetensors")
+    if not download:
+        raise UserError(f"FID needs the TF-Inception weights: no {FID_WEIGHTS_FILE} in {hub}; {how}")
+    hub.mkdir(parents=True, exist_ok=True)
+    tmp = hub / f".{FID_WEIGHTS_FILE}.tmp{os.getpid()}"
+    try:
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(tmp), progress=False)
+    except (URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", e)
+        raise UserError(f"FID needs the TF-Inception weights: none in {hub} and the download failed ({reason}); "
+                        f"{how}") from None
+    os.replace(tmp, hub / FID_WEIGHTS_FILE)
+    return hub / FID_WEIGHTS_FILE
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a .pth through torch.load(weights_only=True): no pickled code runs,
+    and anything but a plain {name: tensor} dict is refused."""
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, SafetensorError, OSError, EOFError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        refused = [ln.split("error:", 1)[1].split(". ")[0].strip() for ln in lines if "WeightsUnpickler error:" in ln]
+        first = f"torch.load(weights_only=True) refused it: {refused[0]}" if refused else lines[0]
+        raise UserError(f"--fid-weights {path}: not a plain state dict of tensors ({first}); weights are read "
+                        "without unpickling code: give pytorch-fid's .pth or its safetensors conversion") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--fid-weights {path}: not a plain state dict of tensors; give pytorch-fid's "
+                        f"{FID_WEIGHTS_FILE} or its safetensors conversion")
+    return state
+
+
+def fid_inception() -> nn.Module:
+    """pytorch-fid's `fid_inception_v3()` architecture with uninitialised weights (nothing is downloaded)."""
+    from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+    from torchvision.models import inception_v3
+
+    net = inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE_1(1280)
+    net.Mixed_7c = FIDInceptionE_2(2048)
+    return net
+
+
+def build_fid_inception(weights: str | Path | None = None, download: bool = True,
+                        device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
+    """(the network returning pool3 [N, 2048], in eval mode on `device`, {"weights": name, "path", "sha256"}).
+
+    `device` defaults to CUDA when there is one, else the CPU.
+    """
+    path = find_weights(weights, download)
+    net = fid_inception()
+    try:
+        net.load_state_dict(load_weights(path))
+    except RuntimeError as e:
+        raise UserError(f"--fid-weights {path}: not the {FID_WEIGHTS_NAME} Inception weights "
+                        f"({str(e).strip().splitlines()[0]})") from None
+    net.fc, net.dropout = nn.Identity(), nn.Identity()  # the forward ends at the 2048-d average pool ("pool3")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = {"weights": FID_WEIGHTS_NAME, "path": str(path), "sha256": sha256_file(path)}
+    return net.eval().requires_grad_(False).to(device), info
+
+
+@torch.no_grad()
+def fid_features(net: nn.Module, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
+    """uint8 images [N, 1|3, H, W] -> pool3 features [N, 2048] (float32, CPU), computed as pytorch-fid does."""
+    assert images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] in (1, 3), \
+        f"uint8 [N, 1|3, H, W] expected, got {images.dtype} {list(images.shape)}"
+    device = next(net.parameters()).device
+    out = []
+    for part in images.split(batch_size):
+        x = part.to(device).float().div_(255)  # torchvision's ToTensor on the PNG
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # PIL's convert("RGB")
+        x = F.interpolate(x, size=(FID_SIZE, FID_SIZE), mode="bilinear", align_corners=False)
+        feats = net(2 * x - 1)  # pytorch-fid's normalize_input: [0, 1] -> [-1, 1]
+        assert feats.shape == (len(part), FID_DIM), feats.shape
+        out.append(feats.float().cpu())
+    return torch.cat(out)
+
+
+def convert_weights(src: str | Path, dst: str | Path) -> str:
+    """pytorch-fid's .pth (read with weights_only) -> a .safetensors file, checked against the network first.
+    Returns the new file's sha256."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise UserError(f"{src} does not exist; give pytorch-fid's {FID_WEIGHTS_FILE}")
+    if dst.suffix != ".safetensors":
+        raise UserError(f"{dst}: the converted file's name must end in .safetensors")
+    state = load_weights(src)
+    try:
+        fid_inception().load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{src}: not the {FID_WEIGHTS_NAME} Inception weights "
+                        f"({str(e).strip().splitlines()[0]})") from None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    os.replace(tmp, dst)
+    return sha256_file(dst)

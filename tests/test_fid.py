@@ -1,0 +1,289 @@
+"""The standard FID: pytorch-fid's TF-Inception built without its download, weights read without unpickling code,
+`dcgan-eval` on a samples npz, cached reference statistics, and the peer test against pytorch-fid itself.
+
+Every network here carries randomly initialised weights written by the test (in the layout pytorch-fid loads):
+nothing is downloaded. One Inception forward at 299x299 is ~6 GFLOPs (~0.3-0.5 s per image on a shared 2-core
+CPU), so image sets are small; the tests that run Inception on more than a few images are marked slow.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import accelerate_launch, assert_ok
+from dcgan_dist import evaluation as E
+from dcgan_dist import fid
+from dcgan_dist import metrics as M
+from dcgan_dist.data import load_images
+from dcgan_dist.errors import UserError
+
+
+def run_main(main, args, capsys) -> tuple[int, str, str]:
+    """A command in this process: (exit status, stdout, stderr)."""
+    from dcgan_dist import cli
+
+    try:
+        getattr(cli, main)(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds randomly initialised weights under the exact name pytorch-fid loads
+    (`hub/checkpoints/pt_inception-2015-12-05-6726825d.pth`, a plain state dict as torch.save writes it), so
+    pytorch-fid's own `InceptionV3()` finds them there and downloads nothing. Kaiming-normal convolutions keep the
+    activations O(1) through the ~90 layers (BatchNorm at its identity initialisation)."""
+    home = tmp_path_factory.mktemp("torch_home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = fid.fid_inception()
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=0.01)
+                torch.nn.init.zeros_(m.bias)
+    torch.save(net.state_dict(), home / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILE)
+    return home
+
+
+@pytest.fixture
+def weights(torch_home, monkeypatch):
+    """The random weights file, with TORCH_HOME pointing at its hub cache."""
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    return torch_home / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILE
+
+
+# --- weights ----------------------------------------------------------------------------------------
+
+
+class _RunsCode:
+    """A pickle payload that would create a file when unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_weights_loader_refuses_pickles_that_are_not_plain_state_dicts(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _RunsCode(tmp_path / "pwned")}, evil)
+    with pytest.raises(UserError, match="not a plain state dict of tensors"):
+        fid.load_weights(evil)
+    assert not (tmp_path / "pwned").exists()  # weights_only: the pickled call never ran
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")  # loadable with weights_only, but no state dict
+    with pytest.raises(UserError, match="not a plain state dict"):
+        fid.load_weights(tmp_path / "list.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="junk.safetensors: not a plain state dict"):
+        fid.load_weights(tmp_path / "junk.safetensors")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pth")  # a state dict, of another network
+    with pytest.raises(UserError, match="not the pt_inception-2015-12-05 Inception weights"):
+        fid.build_fid_inception(tmp_path / "other.pth")
+
+
+def test_missing_weights_offline_is_one_line_saying_how_to_get_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", "http://127.0.0.1:9/pt_inception.pth")  # refused: offline
+    with pytest.raises(UserError, match=r"the download failed .*--fid-weights PATH"):
+        fid.find_weights(None)
+    assert not list((tmp_path / "empty" / "hub" / "checkpoints").iterdir())  # no partial file left behind
+    with pytest.raises(UserError, match=f"no {fid.FID_WEIGHTS_FILE} in"):
+        fid.find_weights(None, download=False)
+    np.savez(tmp_path / "s.npz", np.zeros((8, 32, 32, 1), np.uint8))
+    code, out, err = run_main("eval_main", [str(tmp_path / "s.npz"), "--data", "mnist5k", "--fid"], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "TF-Inception weights" in err and "127.0.0.1:9" in err and "convert-fid-weights" in err
+    code, _, err = run_main("eval_main", [str(tmp_path / "s.npz"), "--data", "mnist5k", "--fid-weights",
+                                          str(tmp_path / "nope.pth")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "nope.pth does not exist" in err, err
+
+
+def test_convert_to_safetensors_gives_the_same_network(weights, tmp_path, capsys):
+    out = tmp_path / "fid.safetensors"
+    code, stdout, err = run_main("eval_main", ["convert-fid-weights", str(weights), str(out)], capsys)
+    assert code == 0 and f"wrote {out} (sha256 " in stdout, err
+    pth_state, st_state = torch.load(weights, weights_only=True), load_file(out)
+    assert pth_state.keys() == st_state.keys() and all(torch.equal(pth_state[k], st_state[k]) for k in pth_state)
+    net, info = fid.build_fid_inception(out)
+    assert info["weights"] == "pt_inception-2015-12-05" and info["path"] == str(out)
+    gray = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    feats = fid.fid_features(net, gray)  # grayscale -> RGB, 28 -> 299
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and feats.std() > 0
+    assert torch.allclose(feats, fid.fid_features(net, gray.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-6)
+    code, _, err = run_main("eval_main", ["convert-fid-weights", str(weights), str(tmp_path / "x.bin")], capsys)
+    assert code == 2 and "must end in .safetensors" in err
+
+
+def test_training_reads_fid_statistics_that_fid_stats_computed_ahead(weights, tmp_path, capsys):
+    spaces, notes = E.feature_spaces("synthetic", "data", tmp_path, image_size=32, channels=3, num_images=4,
+                                     compute_missing=False)  # as train.eval_every asks
+    assert spaces == [] and not (tmp_path / "fid-stats").exists()
+    (note,) = [n for n in notes if "fid-stats" in n]
+    command = note.split("compute them once with dcgan-eval ")[1].split()
+    assert command == ["fid-stats", "--data", "synthetic", "--data-root", "data", "--image-size", "32", "--channels",
+                       "3", "--num-images", "4", "--cache-dir", str(tmp_path)]
+    code, out, err = run_main("eval_main", command, capsys)  # the command the note names
+    assert code == 0 and "FID statistics of 4 synthetic images at 32x32 (pt_inception-2015-12-05)" in out, err
+    spaces, notes = E.feature_spaces("synthetic", "data", tmp_path, image_size=32, channels=3, num_images=4,
+                                     compute_missing=False)
+    (space,) = spaces
+    assert space.name == "inception" and space.mu.shape == (2048,) and space.info["protocol"]["reference_count"] == 4
+    assert E.protocol_note(space, 1000) == "1000 samples vs 4 synthetic training images, pt_inception-2015-12-05"
+
+
+# --- samples files ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"images": np.zeros((8, 32, 32, 1), np.uint8)}, "no arr_0 array (it holds images)"),
+    ({"arr_0": np.zeros((8, 32, 32, 1), np.float32)}, "arr_0 is float32 [8, 32, 32, 1]"),
+    ({"arr_0": np.zeros((8, 1, 32, 32), np.uint8)}, "expected uint8 [N, S, S, C]"),  # NCHW
+    ({"arr_0": np.zeros((32, 32, 3), np.uint8)}, "arr_0 is uint8 [32, 32, 3]"),
+    ({"arr_0": np.zeros((8, 32, 32, 3), np.uint8)}, "arr_0 has 3 channel(s) but mnist5k images have 1"),
+    ({"arr_0": np.zeros((3, 32, 32, 1), np.uint8)}, "arr_0 holds 3 image(s); score at least 8"),
+    (None, "not a readable .npz"),
+])
+def test_bad_samples_file_is_one_line_and_exit_2(tmp_path, capsys, arrays, message):
+    path = tmp_path / "s.npz"
+    if arrays is None:
+        path.write_text("not a zip")
+    else:
+        np.savez(path, **arrays)
+    code, out, err = run_main("eval_main", [str(path), "--data", "mnist5k"], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_samples_file_needs_a_dataset(tmp_path, capsys):
+    np.savez(tmp_path / "s.npz", np.zeros((8, 32, 32, 1), np.uint8))
+    code, _, err = run_main("eval_main", [str(tmp_path / "s.npz")], capsys)
+    assert code == 2 and "pass --data" in err
+
+
+# --- the peer test --------------------------------------------------------------------------------------
+
+
+def _write_pngs(images: torch.Tensor, folder) -> None:
+    folder.mkdir()
+    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(folder / f"{i:04d}.png")
+
+
+@pytest.mark.slow
+def test_fid_equals_pytorch_fid_on_the_same_images(weights, tmp_path, capsys):
+    """pytorch-fid's own code (its InceptionV3, loading the test's random weights from the torch hub cache, its
+    PNG reader and `get_activations`, its scipy-sqrtm `calculate_frechet_distance`: what `calculate_fid_given_paths`
+    runs) and `dcgan-eval SAMPLES.npz` (reference statistics computed, cached, then read back) agree on two sets.
+
+    Design: Inception costs ~0.3-0.5 s per image here, so the sets hold n = 16 images (about 100 forwards in all).
+    With n < 2048 both covariances are rank-deficient (rank 15); the FID is still well defined (the eigenvalues of
+    S1 S2 are real and non-negative) and was measured to agree between scipy's sqrtm and the project's two
+    symmetric eigendecompositions to ~1e-7 relative for 20 to 1,000 samples in 2048-d (and 5e-15 at 2,500), and
+    to 5e-7 on these two sets, so the 1e-4 comparison is meaningful. The generated set is n other shapes of the
+    same kind with pixel noise, so the covariances overlap and the cross term 2 tr (S1 S2)^1/2 exceeds the FID
+    itself (checked): the figure is a cancellation, which is where two sqrtm methods would part. (Two unrelated
+    rank-15 sets have nearly orthogonal covariances: the cross term is then ~10% of the figure and tests little.)
+    The features are compared to 1e-5 first. `test_frechet_maths_equals_pytorch_fid_at_full_rank` covers full
+    rank on the maths alone: the same comparison through Inception at full rank needs > 2 x 2,048 images per
+    pipeline (over an hour on this 2-core CPU; seconds on a GPU).
+    """
+    from pytorch_fid.fid_score import calculate_frechet_distance, get_activations
+    from pytorch_fid.inception import InceptionV3
+
+    n = 16
+    real = load_images("synthetic", "data", 32, 3, num_images=n)  # the reference: the dataset as dcgan-eval loads it
+    other = load_images("synthetic", "data", 32, 3, num_images=2 * n)[n:]  # n other shapes of the same kind
+    assert torch.equal(load_images("synthetic", "data", 32, 3, num_images=2 * n)[:n], real)
+    noise = torch.randint(-40, 41, other.shape, generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    fake = (other.int() + noise).clamp(0, 255).to(torch.uint8)  # close to the real images, not the same
+    _write_pngs(real, tmp_path / "real")
+    _write_pngs(fake, tmp_path / "fake")
+    np.savez(tmp_path / "fake.npz", fake.permute(0, 2, 3, 1).numpy())
+
+    model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()  # loads hub/checkpoints/<file>: no network
+    acts = {name: get_activations(sorted((tmp_path / name).glob("*.png")), model, batch_size=n, dims=2048,
+                                  device="cpu", num_workers=0) for name in ("fake", "real")}
+    ref_stats = [(a.mean(0), np.cov(a, rowvar=False)) for a in (acts["fake"], acts["real"])]
+    theirs = float(calculate_frechet_distance(*ref_stats[0], *ref_stats[1]))
+
+    net, _ = fid.build_fid_inception(weights)
+    for name, images in (("fake", fake), ("real", real)):
+        ours = fid.fid_features(net, images).double().numpy()
+        assert np.allclose(ours, acts[name], rtol=1e-5, atol=1e-5 * np.abs(acts[name]).max()), name
+    mu1, s1, mu2, s2 = (torch.from_numpy(v) for pair in ref_stats for v in pair)
+    tr_sqrt = (s1.trace() + s2.trace() + (mu1 - mu2).square().sum() - theirs) / 2
+    assert 2 * tr_sqrt > theirs > 0.1  # the cross term outweighs the figure: a cancellation, tested to 1e-4
+
+    cache = tmp_path / "cache"
+    args = [str(tmp_path / "fake.npz"), "--data", "synthetic", "--ref-num", str(n), "--cache-dir", str(cache)]
+    code, out, err = run_main("eval_main", [*args, "--json", str(tmp_path / "a.json")], capsys)
+    assert code == 0, err
+    ours = json.loads((tmp_path / "a.json").read_text())
+    assert ours["metrics"]["inception/fd"] == pytest.approx(theirs, rel=1e-4)
+    assert f"FID reference: Inception features of {n} synthetic images" in out  # computed once ...
+    note = f"[{n} samples vs {n} synthetic training images, pt_inception-2015-12-05]"
+    assert out.count(note) == 2, out  # beside FID and beside KID
+    assert ours["protocol"]["inception"]["reference_count"] == n and ours["protocol"]["inception"]["num_samples"] == n
+    (stats_file,) = (cache / "fid-stats").iterdir()
+    stored = load_file(stats_file)
+    assert stored["mu"].dtype == stored["sigma"].dtype == torch.float64 and stored["sigma"].shape == (2048, 2048)
+    assert np.allclose(stored["mu"].numpy(), ref_stats[1][0], rtol=1e-5, atol=1e-6)
+    code, out, err = run_main("eval_main", [*args, "--json", str(tmp_path / "b.json")], capsys)
+    assert code == 0 and "FID reference" not in out, err  # ... and read back
+    assert json.loads((tmp_path / "b.json").read_text())["metrics"] == ours["metrics"]
+
+
+@pytest.mark.slow
+def test_frechet_maths_equals_pytorch_fid_at_full_rank():
+    """2,100 samples in 2048-d (full-rank covariances, non-diagonal, non-negative like pool3 features):
+    `metrics.frechet_from_stats` against pytorch-fid's `calculate_frechet_distance`."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    g = np.random.default_rng(0)
+    mix = g.standard_normal((2048, 2048)) / 45
+    a = np.abs(g.standard_normal((2100, 2048)) @ mix)
+    b = np.abs(g.standard_normal((2100, 2048)) @ mix * 1.1 + 0.05)
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    theirs = float(calculate_frechet_distance(*stats[0], *stats[1]))
+    ours = M.frechet_from_stats(*(torch.from_numpy(v) for pair in stats for v in pair))
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_fid_during_two_rank_training_equals_one_process(torch_home, weights, tmp_path, capsys):
+    """train.eval_every with FID: the statistics computed ahead by `dcgan-eval fid-stats`, read by both ranks, each
+    running Inception on its share; the logged value equals a one-process `evaluate` of the saved checkpoint."""
+    cache = tmp_path / "cache"
+    code, _, err = run_main("eval_main", ["fid-stats", "--data", "synthetic", "--image-size", "32", "--channels", "1",
+                                          "--num-images", "32", "--cache-dir", str(cache)], capsys)
+    assert code == 0, err
+    run = tmp_path / "run"
+    proc = accelerate_launch(2, "launch/train.py", "--config", "configs/smoke.yaml", f"run.dir={run}",
+                             "data.num_images=32", f"data.cache_dir={cache}", "train.steps=4",
+                             "train.checkpoint_every=4", "train.eval_every=4", "train.eval_num=8",
+                             "train.keep_best=inception/fd",
+                             extra_env={"TORCH_HOME": str(torch_home)})
+    assert_ok(proc)
+    assert "FID reference" not in proc.stdout  # read, not computed
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    (record,) = [r for r in records if "eval/inception/fd" in r]
+    from dcgan_dist.sampling import load_generator
+
+    generator, _, _ = load_generator(str(run / "checkpoints" / "step-00000004"))
+    spaces, _ = E.feature_spaces("synthetic", "data", cache, image_size=32, channels=1, num_images=32,
+                                 compute_missing=False)
+    one = E.evaluate(generator, 8, spaces, seed=0)
+    for key in ("inception/fd", "inception/kid"):
+        assert record[f"eval/{key}"] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    assert json.loads((run / "checkpoints" / "best" / "meta.json").read_text())["best"]["metric"] == "inception/fd"
