@@ -248,9 +248,9 @@ class Trainer:
             self.save_samples()
         last = self.save_checkpoint()
         self.tracker.log_generator(last, "final")
-        budget = f" (train.max_minutes = {t.max_minutes:g} reached; raise it to train on)" if self.step < steps else ""
-        self._print(f"done at step {self.step} of {steps}{budget}: samples in {self.run_dir / 'samples'}, "
-                    f"checkpoint {last}")
+        budget = f" (train.max_minutes = {t.max_minutes:g} reached; run again to train on)" if self.step < steps else ""
+        self._print(f"done: samples in {self.run_dir / 'samples'}, checkpoint {last}; step {self.step} of {steps}"
+                    + budget)
         return True
 
     def agree(self) -> tuple[bool, bool, bool]:
