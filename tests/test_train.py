@@ -190,3 +190,8 @@ def test_conditional_run_grid_rows_and_class_sampling(tmp_path, smoke_args, extr
     assert_ok(sample(str(run), "--num", "12", "--class", "3", "--out", str(tmp_path / "three12.npz")))
     three12 = np.load(tmp_path / "three12.npz")["arr_0"]
     assert np.array_equal(every["arr_0"][3], three12[3]) and not np.array_equal(every["arr_0"][4], three12[4])
+    for label in ("5", "6"):  # a latent walk within one class
+        assert_ok(sample(str(run), "--interpolate", "1", "2", "--steps", "4", "--class", label, "--out",
+                         str(tmp_path / f"walk{label}.png")))
+    assert Image.open(tmp_path / "walk5.png").size == (4 * 34 + 2, 36)
+    assert (tmp_path / "walk5.png").read_bytes() != (tmp_path / "walk6.png").read_bytes()
