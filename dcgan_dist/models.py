@@ -55,6 +55,8 @@ class Generator(nn.Module):
             self.embed = nn.Embedding(num_classes, label_dim)
         if arch == "mlp":
             self.main = _mlp([latent_dim, 4 * width, 8 * width, 16 * width, channels * image_size**2], nn.Tanh())
+            if spectral_norm:
+                _apply_spectral_norm(self)
             return
         assert arch == "dcgan", arch
         _check_size(image_size)
@@ -97,6 +99,8 @@ class Discriminator(nn.Module):
         assert cond in CONDS and not (num_classes and arch != "dcgan"), (cond, num_classes, arch)
         if arch == "mlp":
             self.main = _mlp([channels * image_size**2, 16 * width, 8 * width, 4 * width, 1], None)
+            if spectral_norm:
+                _apply_spectral_norm(self)
             return
         assert arch == "dcgan", arch
         _check_size(image_size)

@@ -178,3 +178,12 @@ def test_spectral_norm_bounds_every_layer_of_d_and_optionally_g(cond):
             assert torch.linalg.matrix_norm(w.flatten(1), ord=2) == pytest.approx(1.0, abs=0.05)
     keys = set(D.state_dict())
     assert "main.0.parametrizations.weight.original" in keys and "main.0.weight" not in keys
+
+
+def test_spectral_norm_reaches_the_mlp_arch_too():
+    G = Generator(latent_dim=8, image_size=32, width=4, arch="mlp", spectral_norm=True)
+    D = Discriminator(image_size=32, width=4, arch="mlp", spectral_norm=True)
+    for net in (G, D):
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        assert linears and all(hasattr(m, "parametrizations") for m in linears)
+    assert D(G(torch.randn(3, 8))).shape == (3,)
