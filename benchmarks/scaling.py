@@ -213,7 +213,7 @@ def main():
           f"{last['grad_reductions_per_step']:.0f} bucket reductions; minimum 4 x (numel G {last['numel']['G']:,} "
           f"+ numel D {last['numel']['D']:,}) = {minimum:,}; ratio {last['grad_bytes_per_step'] / minimum:.3f}")
     print(f"other all-reduces per step: {last['other_calls_per_step']:.0f} call(s), "
-          f"{last['other_bytes_per_step']:,.0f} bytes (Trainer.agree: signal + checkpoint-clock flags)")
+          f"{last['other_bytes_per_step']:,.0f} bytes (Trainer.agree: signal, checkpoint clock, budget)")
     print(f"those two gradient all-reduces alone: {cell(comm, '{:.1f}')} ms per step "
           f"({statistics.median(comm) / (statistics.median([m['step_s'] for m in many]) * 1e3):.1%} of the "
           f"{args.nproc}-rank step)")

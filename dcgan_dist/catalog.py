@@ -34,7 +34,8 @@ AUGMENT_POLICIES = ("translation", "cutout", "color")
 
 METRIC_SPACES = ("classifier", "inception")
 LOWER_IS_BETTER = ("fd", "kid", "class_kl")
-HIGHER_IS_BETTER = ("inception_score", "coverage", "confidence", "precision", "recall")
+# class_accuracy: conditional models only, the share of samples classified as the class they were asked for
+HIGHER_IS_BETTER = ("inception_score", "coverage", "confidence", "precision", "recall", "class_accuracy")
 
 
 def parse_augment(policy: str) -> tuple[str, ...]:

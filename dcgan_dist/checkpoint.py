@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from dcgan_dist.catalog import IMAGE_SIZES
 from dcgan_dist.errors import RunError, UserError
 from dcgan_dist.fileio import fsync_dir, sha256_file, write_atomic
-from dcgan_dist.models import Discriminator, Generator
+from dcgan_dist.models import CONDS, Discriminator, Generator
 
 FORMAT_VERSION = 1
 
@@ -166,10 +166,13 @@ def read_meta(ckpt_dir: Path, verify: bool = True) -> dict:
 
 # file stem -> the meta.json key of the kwargs that build its model
 MODEL_FILES = {"generator": "generator", "generator_ema": "generator", "discriminator": "discriminator"}
-_MODEL_ARGS = {  # the kwargs meta.json may hold for each model, and what each must be
-    "generator": {"latent_dim": int, "channels": int, "image_size": int, "width": int, "norm": str, "arch": str},
-    "discriminator": {"channels": int, "image_size": int, "width": int, "norm": str, "arch": str},
+_COND_ARGS = {"num_classes": int, "cond": str, "spectral_norm": bool}  # absent from older checkpoints: defaults
+_MODEL_ARGS = {  # the kwargs meta.json may hold for each model, and what each must be (absent: the default)
+    "generator": {"latent_dim": int, "channels": int, "image_size": int, "width": int, "norm": str, "arch": str,
+                  **_COND_ARGS},
+    "discriminator": {"channels": int, "image_size": int, "width": int, "norm": str, "arch": str, **_COND_ARGS},
 }
+MAX_CLASSES = 100_000
 
 
 def check_model_file(path: Path, meta: dict, key: str) -> None:
@@ -186,7 +189,9 @@ def check_model_file(path: Path, meta: dict, key: str) -> None:
     bad = [f"{k}={v!r}" for k, v in kwargs.items() if (
         (k == "image_size" and v not in IMAGE_SIZES) or (k == "channels" and v not in (1, 3)) or
         (k in ("latent_dim", "width") and v < 1) or (k == "norm" and v not in ("batch", "none")) or
-        (k == "arch" and v not in ("dcgan", "mlp")))]
+        (k == "arch" and v not in ("dcgan", "mlp")) or (k == "num_classes" and not 0 <= v <= MAX_CLASSES) or
+        (k == "cond" and v not in CONDS))] + (
+        ["num_classes with arch='mlp'"] if kwargs.get("num_classes") and kwargs.get("arch") == "mlp" else [])
     if bad:
         raise UserError(f"{where}: {key} has {', '.join(bad)}, which no dcgan_dist model has; use another checkpoint")
     with torch.device("meta"):

@@ -96,9 +96,13 @@ def sample_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interpolate", nargs=2, type=int, metavar=("SEED_A", "SEED_B"),
                         help="a strip from the image of seed A to that of seed B (slerp in z; --out x.png)")
     parser.add_argument("--steps", type=int, default=8, help="images in the --interpolate strip (default 8)")
+    parser.add_argument("--class", type=int, dest="label", metavar="K", help="a conditional model: draw class K "
+                        "(default: every class equally often, sample i of class i mod K; a .npz also holds `labels`)")
     args = parser.parse_args(argv)
 
     def sample() -> None:
+        import torch
+
         from dcgan_dist import sampling
         from dcgan_dist.errors import UserError
 
@@ -107,21 +111,40 @@ def sample_main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
         if out.suffix not in (".npz", ".png"):
             raise UserError(f"--out {out}: use a .npz (uint8 NHWC array) or .png (grid) file name")
+        def load():
+            generator, _, _ = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+            k = generator.num_classes
+            if args.label is not None and not 0 <= args.label < k:
+                fix = f"use a class in 0..{k - 1}" if k else \
+                    f"{args.checkpoint} is an unconditional model (model.num_classes=0); drop --class"
+                raise UserError(f"--class {args.label}: {fix}")
+            return generator
+
+        def labels_for(generator, num: int):
+            if args.label is not None:
+                return torch.full((num,), args.label, dtype=torch.int64)
+            return sampling.class_labels(num, generator.num_classes)
+
         if args.interpolate:
             if args.steps < 2 or out.suffix != ".png":
                 raise UserError("--interpolate writes a strip of --steps >= 2 images to a .png --out")
-            generator, _, _ = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+            generator = load()
             # seed s gives the same z as `dcgan-sample --num 1 --seed s`
             z_a, z_b = (sampling.fixed_noise(1, generator.latent_dim, s)[0] for s in args.interpolate)
-            sampling.save_grid(sampling.generate(generator, sampling.interpolate_latents(z_a, z_b, args.steps)), out,
-                               nrow=args.steps)
+            labels = labels_for(generator, args.steps)  # a conditional model: --class, else class 0 throughout
+            labels = None if labels is None else labels[:1].expand(args.steps)
+            sampling.save_grid(sampling.generate(generator, sampling.interpolate_latents(z_a, z_b, args.steps),
+                                                 labels), out, nrow=args.steps)
             print(f"wrote a {args.steps}-image interpolation from seed {args.interpolate[0]} to "
                   f"{args.interpolate[1]} to {out}")
             return
-        generator, _, _ = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+        generator = load()
         z = sampling.fixed_noise(args.num, generator.latent_dim, args.seed)
-        sampling.save_samples(sampling.generate(generator, z), out)
-        print(f"wrote {args.num} samples to {out}")
+        labels = labels_for(generator, args.num)
+        sampling.save_samples(sampling.generate(generator, z, labels), out, labels)
+        what = "" if labels is None else f" of class {args.label}" if args.label is not None else \
+            f" ({generator.num_classes} classes, equally often)"
+        print(f"wrote {args.num} samples{what} to {out}")
 
     _run(sample)
 
@@ -327,6 +350,7 @@ def eval_main(argv: list[str] | None = None) -> None:
                 name = f"{s.name}/{key}"
                 if name in metrics:
                     ref = metrics[f"{s.name}/fd_floor"] if key == "fd" else real.get(name)  # fd: the real-vs-real floor
+                    ref = s.info.get("accuracy") if key == "class_accuracy" else ref  # real: the classifier's own
                     print(f"  {label:<22}{_fmt(key, metrics[name]):>12}{_fmt(key, ref):>12}")
                 if key == "fd" and name in metrics:
                     print(f"  {'  / floor':<22}{metrics[name] / metrics[f'{s.name}/fd_floor']:>12.2f}")
@@ -346,7 +370,8 @@ def eval_main(argv: list[str] | None = None) -> None:
 _FID_FILE = "pt_inception-2015-12-05-6726825d.pth"  # fid.FID_WEIGHTS_FILE (not imported: --help stays light)
 _EVAL_ROWS = (("fd", "Fréchet distance"), ("kid", "KID"),
               ("precision", "precision"), ("recall", "recall"), ("inception_score", "inception score"),
-              ("coverage", "class coverage"), ("confidence", "mean confidence"), ("class_kl", "class KL (nats)"))
+              ("coverage", "class coverage"), ("confidence", "mean confidence"), ("class_kl", "class KL (nats)"),
+              ("class_accuracy", "requested class"))  # conditional models: share classified as the class asked for
 
 
 def _fmt(key: str, value) -> str:

@@ -22,6 +22,7 @@ from dcgan_dist.catalog import (
     DATASETS,
     HIGHER_IS_BETTER,
     IMAGE_SIZES,
+    LABELLED,
     LOWER_IS_BETTER,
     METRIC_SPACES,
     parse_augment,
@@ -62,6 +63,9 @@ class ModelConfig:
     d_width: int = 64  # D's channel width unit
     norm: str = "batch"  # batch | none
     sync_bn: bool = False  # synchronized BatchNorm across ranks
+    num_classes: int = 0  # class-conditional G and D for this many classes (the dataset's count); 0 = unconditional
+    cond: str = "projection"  # label path of a conditional model: projection (Miyato & Koyama) | concat (cDCGAN)
+    spectral_norm: str = "none"  # spectral normalization: none | d (D's layers) | both (D's and G's)
     ema: EmaConfig = field(default_factory=EmaConfig)
 
 
@@ -93,6 +97,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile G and D (first steps slower while it compiles; needs a C++ compiler)
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one (and on preemption)
     checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last; 0 = off
+    max_minutes: float = 0.0  # end the run as if finished after this much wall time (set-up included); 0 = no limit
     keep_last: int = 3  # checkpoints kept, newest first ...
     keep_every: int = 0  # ... plus every checkpoint on a multiple of this many steps, forever; 0 = none
     collective_timeout_s: int = 600  # a rank waiting longer than this in a collective fails the job (no hang)
@@ -150,9 +155,18 @@ class Config:
     def model_kwargs(self) -> tuple[dict, dict]:
         """The plain kwargs that rebuild G and D (stored in every checkpoint's meta.json)."""
         m, common = self.model, dict(channels=self.image_channels, image_size=self.model.image_size,
-                                     arch=self.model.arch)
-        return (dict(latent_dim=m.latent_dim, width=m.g_width, norm=m.norm, **common),
-                dict(width=m.d_width, norm=m.norm, **common))
+                                     arch=self.model.arch, num_classes=self.model.num_classes, cond=self.model.cond)
+        return (dict(latent_dim=m.latent_dim, width=m.g_width, norm=m.norm, spectral_norm=m.spectral_norm == "both",
+                     **common),
+                dict(width=m.d_width, norm=m.norm, spectral_norm=m.spectral_norm != "none", **common))
+
+    @property
+    def data_classes(self) -> int:
+        """The dataset's class count (0: unlabelled); a store's from its manifest."""
+        if self.data.name == "store":
+            manifest = store_manifest(self.data.root)
+            return manifest.get("num_classes", 0) if manifest.get("labels") else 0
+        return DATASETS[self.data.name].num_classes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -314,6 +328,17 @@ def validate(cfg: Config) -> None:
         _check(m.channels in (0, channels), "model.channels", m.channels, f"the store at data.root={d.root} holds "
                f"{channels}-channel images: set model.channels={channels} (or 0), or prepare one with --channels "
                f"{m.channels}")
+    _one_of("model.cond", m.cond, ("projection", "concat"))
+    _one_of("model.spectral_norm", m.spectral_norm, ("none", "d", "both"))
+    if m.num_classes:
+        classes = cfg.data_classes
+        _check(m.num_classes > 0, "model.num_classes", m.num_classes, "use 0 (unconditional) or the dataset's classes")
+        _check(classes > 0, "model.num_classes", m.num_classes, f"data.name={d.name} has no labels: train a "
+               f"conditional model on a labelled dataset ({', '.join(LABELLED)}, or a store of labelled images), or "
+               "set model.num_classes=0")
+        _check(m.num_classes == classes, "model.num_classes", m.num_classes,
+               f"data.name={d.name} has {classes} classes: set model.num_classes={classes} (or 0 for unconditional)")
+        _check(m.arch == "dcgan", "model.num_classes", m.num_classes, "conditional models are model.arch=dcgan only")
     _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "use a positive size such as 100")
     _check(m.g_width >= 1, "model.g_width", m.g_width, "use a positive width such as 64")
     _check(m.d_width >= 1, "model.d_width", m.d_width, "use a positive width such as 64")
@@ -344,6 +369,8 @@ def validate(cfg: Config) -> None:
                         f"{', '.join(AUGMENT_POLICIES)}, e.g. translation,cutout (or empty for none)") from None
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "use 0 (final only) or a step count")
     _check(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", t.checkpoint_minutes, "use 0 (off) or minutes")
+    _check(t.max_minutes >= 0 and math.isfinite(t.max_minutes), "train.max_minutes", t.max_minutes,
+           "use 0 (no limit) or minutes, e.g. 9")
     _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least the newest checkpoint (1 or more)")
     _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "use 0 (none) or a step count")
     _check(t.collective_timeout_s >= 1, "train.collective_timeout_s", t.collective_timeout_s, "use seconds >= 1")

@@ -45,7 +45,7 @@ from dcgan_dist.features import (
 )
 from dcgan_dist.fid import FID_WEIGHTS_NAME, build_fid_inception, fid_features, find_weights
 from dcgan_dist.fileio import write_atomic
-from dcgan_dist.sampling import fixed_noise, generate
+from dcgan_dist.sampling import class_labels, fixed_noise, generate
 
 HOLDOUT_FRACTION = 0.2  # per class, of the labelled training split
 SPLIT_SEED = 0
@@ -197,6 +197,8 @@ def protocol_note(space: FidSpace, num: int) -> str:
 def evaluate(generator: nn.Module, num: int, spaces: list[FeatureSpace | FidSpace], seed: int = 0, batch_size: int = 50,
              accelerator=None) -> dict[str, float]:
     """Generate `num` images from the seeded noise `fixed_noise(num, latent_dim, seed)` and score them.
+    A conditional generator is asked for every class equally often (`class_labels`), and spaces with class
+    probabilities also score `class_accuracy`: the share of samples classified as the class requested.
 
     Returns {"<space>/<metric>": value}, e.g. "classifier/fd", "classifier/fd_floor", "classifier/coverage",
     "inception/fd". With an `accelerator`, each rank generates and extracts features for its contiguous share
@@ -208,13 +210,21 @@ def evaluate(generator: nn.Module, num: int, spaces: list[FeatureSpace | FidSpac
     assert num >= 1
     g = generator.module if hasattr(generator, "module") else generator
     z = fixed_noise(num, g.latent_dim, seed)  # [num, latent]: the same on every rank
+    num_classes = getattr(g, "num_classes", 0)
+    labels = class_labels(num, num_classes)  # [num] or None
+    for space in spaces:
+        if num_classes and space.data_hist is not None and len(space.data_hist) != num_classes:
+            raise UserError(f"the generator has {num_classes} classes but the {space.name} space's data has "
+                            f"{len(space.data_hist)}: evaluate it against the dataset it was trained on (--data)")
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     # Every rank's share is a whole number of batches, so each batch of noise is generated and measured in
     # exactly the same batch whatever the world size: the values do not depend on how the work was split.
     per = math.ceil(num / (world * batch_size)) * batch_size
     z = torch.cat([z, z[:1].expand(per * world - num, -1)])  # pad so every rank makes the same count
-    images = to_uint8(generate(g, z[rank * per:(rank + 1) * per], batch_size))  # [per, C, H, W] uint8, CPU
+    mine = slice(rank * per, (rank + 1) * per)
+    y = None if labels is None else torch.cat([labels, labels[:1].expand(per * world - num)])[mine]
+    images = to_uint8(generate(g, z[mine], y, batch_size))  # [per, C, H, W] uint8, CPU
     out = {}
     for space in spaces:
         feats, probs = _extract(space, images, batch_size)
@@ -224,6 +234,8 @@ def evaluate(generator: nn.Module, num: int, spaces: list[FeatureSpace | FidSpac
             probs = None if probs is None else accelerator.gather_for_metrics(probs.to(device)).cpu()
         feats, probs = feats[:num], None if probs is None else probs[:num]  # the padding goes
         out |= {f"{space.name}/{k}": v for k, v in space.metrics(feats, probs).items()}
+        if labels is not None and probs is not None:  # requested-class accuracy
+            out[f"{space.name}/class_accuracy"] = float((probs.argmax(1) == labels).double().mean())
     return out
 
 

@@ -1,4 +1,8 @@
-"""Turning a generator into images: fixed-noise grids (PNG), sample files (npz, uint8 NHWC), latent interpolation."""
+"""Turning a generator into images: fixed-noise grids (PNG), sample files (npz, uint8 NHWC), latent interpolation.
+
+A class-conditional generator (`generator.num_classes` > 0) takes labels beside z: `class_labels` asks for every
+class equally often, `class_grid` lays a grid out as one row per class.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,21 @@ def fixed_noise(num: int, latent_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(num, latent_dim, generator=torch.Generator().manual_seed(seed))
 
 
+def class_labels(num: int, num_classes: int) -> torch.Tensor | None:
+    """Uniform classes: sample i asks for class i mod K ([num] int64); None for an unconditional generator."""
+    return torch.arange(num) % num_classes if num_classes else None
+
+
+def class_grid(num: int, latent_dim: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The fixed grid's (z, labels, images per row). Unconditional: `num` seeded z, 8 per row. Conditional: one
+    row per class, max(1, num // K) columns, each column one z across every class (style fixed, class varied)."""
+    if not num_classes:
+        return fixed_noise(num, latent_dim, seed), None, 8
+    cols = max(1, num // num_classes)
+    z = fixed_noise(cols, latent_dim, seed).repeat(num_classes, 1)  # [K * cols, latent], row-major
+    return z, torch.arange(num_classes).repeat_interleave(cols), cols
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(generator: nn.Module, num: int = 1024, batch_size: int = 256, seed: int = 0) -> None:
     """Recompute the running BatchNorm statistics of `generator` for its own weights: the plain mean and
@@ -36,9 +55,11 @@ def recalibrate_batchnorm(generator: nn.Module, num: int = 1024, batch_size: int
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
     generator.train()
+    labels = class_labels(num, getattr(generator, "num_classes", 0))
     try:
-        for z in fixed_noise(num, generator.latent_dim, seed).split(batch_size):
-            generator(z.to(device))
+        for i, z in enumerate(fixed_noise(num, generator.latent_dim, seed).split(batch_size)):
+            y = None if labels is None else labels[i * batch_size:(i + 1) * batch_size].to(device)
+            generator(z.to(device), y)
     finally:
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
@@ -46,13 +67,16 @@ def recalibrate_batchnorm(generator: nn.Module, num: int = 1024, batch_size: int
 
 
 @torch.no_grad()
-def generate(generator: nn.Module, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Images in [-1, 1], [N, C, H, W], float32 on the CPU. Runs G in eval mode (running BN statistics)."""
+def generate(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None,
+             batch_size: int = 256) -> torch.Tensor:
+    """Images in [-1, 1], [N, C, H, W], float32 on the CPU. Runs G in eval mode (running BN statistics).
+    `labels` [N]: the requested classes (conditional generators only)."""
     was_training = generator.training
     generator.eval()
     device = next(generator.parameters()).device
+    ys = [None] * len(z.split(batch_size)) if labels is None else [y.to(device) for y in labels.split(batch_size)]
     try:
-        out = [generator(part.to(device)).float().cpu() for part in z.split(batch_size)]
+        out = [generator(part.to(device), y).float().cpu() for part, y in zip(z.split(batch_size), ys)]
     finally:
         generator.train(was_training)
     return torch.cat(out)
@@ -74,11 +98,13 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
 
 
-def save_samples(images: torch.Tensor, path: Path) -> None:
-    """`.npz` (arr_0: uint8 NHWC) or `.png` (a grid), chosen by the suffix."""
+def save_samples(images: torch.Tensor, path: Path, labels: torch.Tensor | None = None) -> None:
+    """`.npz` (arr_0: uint8 NHWC; `labels`: int64 [N], the requested classes, when given) or `.png` (a grid),
+    chosen by the suffix."""
     if path.suffix == ".npz":
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, to_uint8_nhwc(images))
+        extra = {} if labels is None else {"labels": labels.numpy()}
+        np.savez(path, to_uint8_nhwc(images), **extra)
     elif path.suffix == ".png":
         save_grid(images, path, nrow=max(1, int(round(len(images) ** 0.5))))
     else:

@@ -26,7 +26,10 @@ from dcgan_dist.errors import UserError
 
 # Config keys that must not change on resume: the weights or the data would not fit.
 FIXED_ON_RESUME = ("model.arch", "model.image_size", "model.channels", "model.latent_dim", "model.g_width",
-                   "model.d_width", "model.norm", "data.name", "data.num_images")
+                   "model.d_width", "model.norm", "model.num_classes", "model.cond", "model.spectral_norm", "data.name",
+                   "data.num_images")
+# what a checkpoint written before these keys existed was trained with
+_OLD_DEFAULTS = {"model.num_classes": 0, "model.cond": "projection", "model.spectral_norm": "none"}
 
 
 @dataclass
@@ -70,8 +73,9 @@ def find_resume(cfg: Config, warn) -> tuple[Path, dict] | None:
 
 def check_compatible(meta: dict, cfg: Config, warn) -> None:
     """Refuse a checkpoint of another model or dataset; note the other settings that changed."""
-    old, new = _flat(meta["config"]), _flat(asdict(cfg))
+    old, new = _OLD_DEFAULTS | _flat(meta["config"]), _flat(asdict(cfg))
     old["model.channels"], new["model.channels"] = meta["generator"]["channels"], cfg.image_channels
+    old["model.num_classes"] = meta["generator"].get("num_classes", 0)  # what the weights were built with
     fixed = [f"{k} ({old.get(k)!r} -> {new[k]!r})" for k in FIXED_ON_RESUME if old.get(k) != new[k]]
     if fixed:
         raise UserError(f"cannot resume {meta['step']} steps of another model or dataset: changed "

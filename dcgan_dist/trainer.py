@@ -51,6 +51,7 @@ def _flag_signal(trainer_ref: weakref.ref, signum: int, _frame) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, overwrite: bool = False):
+        self.started = time.monotonic()  # train.max_minutes counts from here: set-up included
         device = devices.accelerator_type()
         cfg = validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, devices.native_bf16(device))
         # accelerate always passes broadcast_buffers, which torch 2.14 deprecates; False is still what we mean
@@ -82,7 +83,9 @@ class Trainer:
         self.augment_policy = parse_augment(cfg.train.augment)
         # Each rank draws its own noise; the fixed grid noise is the same everywhere.
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank + 1)
-        self.fixed_z = sampling.fixed_noise(cfg.log.num_samples, cfg.model.latent_dim, cfg.train.seed)
+        # the fixed grid: the same z everywhere; a conditional model's has one row per class
+        self.fixed_z, self.fixed_y, self.grid_nrow = sampling.class_grid(cfg.log.num_samples, cfg.model.latent_dim,
+                                                                         cfg.model.num_classes, cfg.train.seed)
         self.parts = train_state.Parts(acc.unwrap_model(self.G), acc.unwrap_model(self.D), self.ema, self.opt_G,
                                        self.opt_D, acc.scaler, self.noise, self.data)
         restored = train_state.restore(*resume, self.parts, cfg, self.rank, self._print) if resume else {}
@@ -109,24 +112,25 @@ class Trainer:
             print(message, flush=True)
 
     # ------------------------------------------------------------------------------------------------
-    def train_step(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """One D step then one G step on `real` [B, C, H, W] in [-1, 1] and noise `z` [B, latent].
+    def train_step(self, real: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """One D step then one G step on `real` [B, C, H, W] in [-1, 1] and noise `z` [B, latent]; a conditional
+        model also takes the real images' labels `y` [B], which the fakes are asked for too.
 
         Under DDP every rank must make the same forwards in the same order (with synchronized BN each
         forward is a collective): G(z), D(real), D(fake), then D(fake) again in the G phase.
         Returns the STATS and a last "non-finite" flag as one detached tensor (no host sync here).
         """
         acc, G, D, loss, aug = self.accelerator, self.G, self.D, self.loss, self._augment
-        fake = G(z)  # [B, C, H, W]; one G forward serves both phases, as in the reference recipe
+        fake = G(z, y)  # [B, C, H, W]; one G forward serves both phases, as in the reference recipe
 
         # D: real. The first backward only accumulates locally; the fake backward all-reduces both at once.
         D.requires_grad_(True)
         with acc.no_sync(D):
-            real_logits = D(aug(real))
+            real_logits = D(aug(real), y)
             loss_real = loss.d_real(real_logits)  # -log D(x)  (BCE against real_target)
             self._backward(loss_real)
         # D: fake. G is not updated here: the graph is cut at fake.detach().
-        fake_logits = D(aug(fake.detach()))
+        fake_logits = D(aug(fake.detach()), y)
         loss_fake = loss.d_fake(fake_logits)  # -log(1 - D(G(z)))
         self._backward(loss_fake)
         grad_norm_D, bad_D = self._update(self.opt_D, D)
@@ -135,7 +139,7 @@ class Trainer:
         # G's gradients are all-reduced, once, in this backward.
         D.requires_grad_(False)
         with acc.no_sync(D):
-            g_logits = D(aug(fake))
+            g_logits = D(aug(fake), y)
         loss_g = loss.g(g_logits)  # -log D(G(z))  (non-saturating)
         self._backward(loss_g)
         grad_norm_G, bad_G = self._update(self.opt_G, G)
@@ -177,10 +181,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> bool:
-        """Train to `train.steps`. Returns False when stopped by a signal (after writing a checkpoint)."""
+        """Train to `train.steps`, or until train.max_minutes: either ends the run (final grid and checkpoint).
+        Returns False when stopped by a signal (after writing a checkpoint)."""
         acc, cfg = self.accelerator, self.cfg
         t, steps, bsz = cfg.train, cfg.train.steps, cfg.train.batch_size
-        self._print(f"dcgan_dist: {cfg.model.arch} {cfg.model.image_size}x{cfg.model.image_size} on {cfg.data.name} "
+        m = cfg.model
+        conditional = f", conditional on {m.num_classes} classes ({m.cond})" if m.num_classes else ""
+        self._print(f"dcgan_dist: {m.arch} {m.image_size}x{m.image_size}{conditional} on {cfg.data.name} "
                     f"({self.data.num_items} images, {self.data.batches_per_epoch} batches/epoch)\n"
                     f"  world size {self.world} ({acc.device.type}), batch {bsz}/rank = {bsz * self.world} global, "
                     f"precision {t.mixed_precision}, {steps} steps, run dir {self.run_dir}")
@@ -195,19 +202,20 @@ class Trainer:
         t_last = time.perf_counter()
         while self.step < steps:
             t0 = time.perf_counter()
-            images, _labels = next(self.data)  # this rank's slice of the global batch, uint8 on the host
+            images, labels = next(self.data)  # this rank's slice of the global batch, uint8 on the host
             real = to_model_range(images.to(self.device, non_blocking=True))  # async from pinned memory on CUDA
             if self.channels_last:
                 real = real.contiguous(memory_format=torch.channels_last)
             z = torch.randn(len(images), cfg.model.latent_dim, device=self.device, generator=self.noise)
+            y = labels.to(self.device, non_blocking=True) if cfg.model.num_classes else None
             data_time = time.perf_counter() - t0
-            self.stats.add(self.train_step(real, z), data_time)
+            self.stats.add(self.train_step(real, z, y), data_time)
             self.step += 1
             bar.update(1)
 
-            stop, overdue = self.agree()
+            stop, overdue, out_of_time = self.agree()
             save = stop or overdue or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
-            logged = self.step % cfg.log.every == 0 or self.step == steps
+            logged = self.step % cfg.log.every == 0 or self.step == steps or out_of_time
             if save and not logged:  # train.on_nonfinite is applied before anything is written
                 self._stop_if(self.stats.check(self.step))
             if logged:
@@ -233,22 +241,28 @@ class Trainer:
                 self._print(f"stopped by signal at step {self.step}: checkpoint {self.ckpt_root / 'latest'} written; "
                             "continue with train.resume=auto")
                 return False
+            if out_of_time:
+                break
         bar.close()
-        if not (cfg.log.sample_every and steps % cfg.log.sample_every == 0):  # else this grid is saved already
+        if not (cfg.log.sample_every and self.step % cfg.log.sample_every == 0):  # else this grid is saved already
             self.save_samples()
         last = self.save_checkpoint()
         self.tracker.log_generator(last, "final")
-        self._print(f"done: samples in {self.run_dir / 'samples'}, checkpoint {last}")
+        budget = f" (train.max_minutes = {t.max_minutes:g} reached; run again to train on)" if self.step < steps else ""
+        self._print(f"done: samples in {self.run_dir / 'samples'}, checkpoint {last}; step {self.step} of {steps}"
+                    + budget)
         return True
 
-    def agree(self) -> tuple[bool, bool]:
-        """All ranks agree on (a signal arrived anywhere, rank 0's checkpoint clock ran out)."""
-        minutes = self.cfg.train.checkpoint_minutes
-        overdue = self.rank == 0 and minutes > 0 and time.monotonic() - self.last_ckpt_time >= 60 * minutes
-        flags = torch.tensor([self.signal is not None, overdue], dtype=torch.int32)
+    def agree(self) -> tuple[bool, bool, bool]:
+        """All ranks agree on (a signal arrived anywhere, rank 0's checkpoint clock ran out, rank 0's
+        train.max_minutes budget ran out)."""
+        t, now = self.cfg.train, time.monotonic()
+        overdue = self.rank == 0 and t.checkpoint_minutes > 0 and now - self.last_ckpt_time >= 60 * t.checkpoint_minutes
+        out_of_time = self.rank == 0 and t.max_minutes > 0 and now - self.started >= 60 * t.max_minutes
+        flags = torch.tensor([self.signal is not None, overdue, out_of_time], dtype=torch.int32)
         if self.world > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        return bool(flags[0]), bool(flags[1])
+        return bool(flags[0]), bool(flags[1]), bool(flags[2])
 
     def _log(self, seconds: float) -> dict:
         """The interval's statistics -> metrics.jsonl / trackers; then train.on_nonfinite is applied."""
@@ -287,7 +301,8 @@ class Trainer:
         metrics = self.evaluator(self.sampling_generator())  # the same on every rank
         self.tracker.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()},
                           "eval/seconds": time.perf_counter() - start})
-        shown = [k for k in metrics if k.split("/")[1] in ("fd", "fd_floor", "coverage", "confidence")]
+        shown = [k for k in metrics if k.split("/")[1] in ("fd", "fd_floor", "coverage", "confidence",
+                                                           "class_accuracy")]
         self._print(f"eval at step {self.step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown))
         if self.evaluator.improves(metrics, self.best):
             self.best = {"metric": self.cfg.train.keep_best, "value": metrics[self.cfg.train.keep_best],
@@ -298,9 +313,9 @@ class Trainer:
     def save_samples(self) -> None:
         generator = self.sampling_generator()  # every rank: the EMA's statistics are recomputed everywhere
         if self.accelerator.is_main_process:  # eval-mode G: no collectives, so rank 0 alone may run it
-            images = sampling.generate(generator, self.fixed_z)
-            sampling.save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png")
-            self.tracker.log_image("samples/fixed_noise", sampling.grid_array(images), step=self.step)
+            images = sampling.generate(generator, self.fixed_z, self.fixed_y)
+            sampling.save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png", self.grid_nrow)
+            self.tracker.log_image("samples/fixed_noise", sampling.grid_array(images, self.grid_nrow), step=self.step)
 
     def save_checkpoint(self, best: bool = False) -> Path:
         """Everything needed to continue exactly (train_state.save); a collective. `best`: as checkpoints/best."""

@@ -298,3 +298,50 @@ def test_eval_during_two_rank_training_equals_one_process_and_keeps_the_best(tmp
     assert meta["step"] == best["step"] and meta["best"]["value"] == pytest.approx(best["eval/classifier/fd"])
     assert (run / "checkpoints" / "best" / "generator_ema.safetensors").read_bytes() == \
         (run / "checkpoints" / f"step-{best['step']:08d}" / "generator_ema.safetensors").read_bytes()
+
+
+# --- class-conditional models: requested-class accuracy ----------------------------------------------------
+
+
+class RealDigits(torch.nn.Module):
+    """A stand-in conditional generator that draws real held-out digits of class (y + shift) mod 10."""
+
+    def __init__(self, images, labels, shift=0, num_classes=10):
+        super().__init__()
+        self.latent_dim, self.num_classes, self.channels, self.image_size = 4, num_classes, 1, 32
+        self.by_class = [images[labels == c].float() / 127.5 - 1 for c in range(10)]
+        self.shift, self.unused = shift, torch.nn.Parameter(torch.zeros(()))  # generate() asks for the device
+
+    def forward(self, z, y):
+        pick = (z[:, 0].abs() * 1e4).long()  # a pseudo-random image of the class, fixed by z
+        return torch.stack([self.by_class[(c + self.shift) % 10][i % len(self.by_class[(c + self.shift) % 10])]
+                            for c, i in zip(y.tolist(), pick.tolist())])
+
+
+def test_requested_class_accuracy_is_the_share_classified_as_asked(classifier):
+    model, meta = E.load_classifier(classifier)
+    images, labels = E.labelled_data("mnist5k", "data", 32)
+    space = E.classifier_space(model, meta, images, labels)
+    _, held_out = E.split_indices(labels)
+    right = E.evaluate(RealDigits(images[held_out], labels[held_out]), 500, [space])
+    wrong = E.evaluate(RealDigits(images[held_out], labels[held_out], shift=1), 500, [space])
+    assert right["classifier/class_accuracy"] >= 0.95 and wrong["classifier/class_accuracy"] <= 0.05
+    assert right["classifier/coverage"] == 10 and right["classifier/class_kl"] < 0.01  # asked uniformly
+    with pytest.raises(UserError, match="the generator has 5 classes but the classifier space's data has 10"):
+        E.evaluate(RealDigits(images[held_out], labels[held_out], num_classes=5), 50, [space])
+
+
+def test_conditional_eval_during_training_and_the_eval_command_report_it(tmp_path, classifier):
+    run = tmp_path / "run"
+    assert_ok(run_train("--config", "configs/smoke.yaml", f"run.dir={run}", "data.name=mnist5k",
+                        "data.num_images=null", "model.num_classes=10", f"data.cache_dir={classifier.parent}",
+                        "train.steps=4", "train.eval_every=4", "train.eval_num=64"))
+    record = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/seconds" in r][0]
+    assert 0 <= record["eval/classifier/class_accuracy"] <= 1
+    proc = cli("eval_main", str(run), "--num", "64", "--cache-dir", str(classifier.parent), "--json",
+               str(tmp_path / "m.json"), TORCH_HOME=str(tmp_path / "torch"))
+    assert_ok(proc)
+    assert "requested class" in proc.stdout
+    # the same generator, noise and labels: the same value as during training
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert metrics["classifier/class_accuracy"] == pytest.approx(record["eval/classifier/class_accuracy"])

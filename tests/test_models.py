@@ -107,3 +107,83 @@ def test_shape_errors_name_the_expected_shape():
         Generator()(torch.randn(2, 100, 1, 1))
     with pytest.raises(AssertionError, match="x must be"):
         Discriminator()(torch.randn(2, 3, 64, 64))
+
+
+# --- class-conditional models and spectral norm ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [32, 64, 128, 256])
+@pytest.mark.parametrize("cond", ["projection", "concat"])
+def test_conditional_generator_and_discriminator_at_every_size(size, cond):
+    torch.manual_seed(0)
+    k, z = 5, torch.randn(4, 16)
+    G = Generator(latent_dim=16, channels=3, image_size=size, width=4, num_classes=k, cond=cond)
+    D = Discriminator(channels=3, image_size=size, width=4, num_classes=k, cond=cond)
+    G.apply(init_weights), D.apply(init_weights)
+    y = torch.tensor([0, 1, 3, 4])
+    x = G(z, y)
+    assert x.shape == (4, 3, size, size)
+    logits = D(x, y)
+    assert logits.shape == (4,)
+    # the label matters to both networks: other classes give other images and other logits
+    assert not torch.allclose(G(z, (y + 1) % k), x)
+    assert not torch.allclose(D(x.detach(), (y + 1) % k), logits.detach())
+    logits.sum().backward()
+    if cond == "projection":  # the learned embeddings get gradients through G's image and D's projection
+        label_grads = [G.embed.weight.grad[y], D.embed.weight.grad[y]]
+    else:  # one-hot: the weights that read the label (z's extra inputs to G; D's extra input maps)
+        label_grads = [G.main[0].weight.grad[16:][y], D.main[0].weight.grad[:, 3:].transpose(0, 1)[y]]
+    for grad in label_grads:  # one row per requested class, each reached
+        assert torch.isfinite(grad).all() and all(row.abs().sum() > 0 for row in grad)
+
+
+def test_projection_discriminator_is_psi_plus_the_inner_product():
+    """logit = psi(phi(x)) + <embed(y), phi(x)>, phi(x) the sum-pooled last features (Miyato & Koyama 2018)."""
+    torch.manual_seed(0)
+    D = Discriminator(channels=1, image_size=32, width=8, num_classes=10).eval()
+    D.apply(init_weights)
+    x, y = torch.randn(6, 1, 32, 32), torch.arange(6)
+    phi = D.main[:-1](x)
+    expected = D.main[-1](phi).view(-1) + (D.embed.weight[y] * phi.sum((2, 3))).sum(1)
+    torch.testing.assert_close(D(x, y), expected)
+
+
+def test_unconditional_defaults_are_unchanged_and_labels_are_refused_or_required():
+    torch.manual_seed(0)
+    a = Generator(num_classes=0, spectral_norm=False).state_dict()
+    torch.manual_seed(0)
+    b = Generator().state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(AssertionError, match="labels"):
+        Generator(latent_dim=8, image_size=32, width=4)(torch.randn(2, 8), torch.tensor([0, 1]))
+    with pytest.raises(AssertionError, match="labels"):
+        Discriminator(image_size=32, width=4, num_classes=3)(torch.randn(2, 1, 32, 32))
+
+
+@pytest.mark.parametrize("cond", ["projection", "concat"])
+def test_spectral_norm_bounds_every_layer_of_d_and_optionally_g(cond):
+    torch.manual_seed(0)
+    D = Discriminator(image_size=32, width=8, num_classes=10, cond=cond, spectral_norm=True)
+    G = Generator(latent_dim=8, image_size=32, width=8, num_classes=10, cond=cond, spectral_norm=True)
+    D.apply(init_weights), G.apply(init_weights)
+    x, y = torch.randn(8, 1, 32, 32), torch.arange(8)
+    for _ in range(30):  # power iterations (one per training forward)
+        D(x, y), G(torch.randn(8, 8), y)
+    for net in (D, G):
+        layers = [m for m in net.modules() if hasattr(m, "parametrizations")]
+        assert layers and all(m.parametrizations.weight.original.requires_grad for m in layers)
+        for m in layers:
+            w = m.weight.detach()
+            w = w.transpose(0, 1) if isinstance(m, nn.ConvTranspose2d) else w  # torch's own matrix view
+            assert torch.linalg.matrix_norm(w.flatten(1), ord=2) == pytest.approx(1.0, abs=0.05)
+    keys = set(D.state_dict())
+    assert "main.0.parametrizations.weight.original" in keys and "main.0.weight" not in keys
+
+
+def test_spectral_norm_reaches_the_mlp_arch_too():
+    G = Generator(latent_dim=8, image_size=32, width=4, arch="mlp", spectral_norm=True)
+    D = Discriminator(image_size=32, width=4, arch="mlp", spectral_norm=True)
+    for net in (G, D):
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        assert linears and all(hasattr(m, "parametrizations") for m in linears)
+    assert D(G(torch.randn(3, 8))).shape == (3,)

@@ -20,9 +20,15 @@ def _weights(run, step, names=WEIGHTS):
     return {n: (run / "checkpoints" / checkpoint.step_dir_name(step) / n).read_bytes() for n in names}
 
 
+CONDITIONAL = ["data.name=mnist5k", "data.num_images=512", "model.num_classes=10"]
+
+
 @pytest.mark.parametrize("extra", [[], ["train.mixed_precision=bf16"], ["model.ema.decay=0.8"],
-                                   ["train.channels_last=true"], ["train.augment=translation,cutout,color"]],
-                         ids=["fp32", "bf16", "ema", "channels_last", "augment"])
+                                   ["train.channels_last=true"], ["train.augment=translation,cutout,color"],
+                                   [*CONDITIONAL, "model.cond=projection", "model.ema.decay=0.8"],
+                                   [*CONDITIONAL, "model.cond=concat", "model.spectral_norm=both"]],
+                         ids=["fp32", "bf16", "ema", "channels_last", "augment", "labels-projection",
+                              "labels-concat-sn"])
 def test_n_plus_n_steps_equal_2n_steps_byte_for_byte(tmp_path, extra):
     args = ["--config", "configs/smoke.yaml", "train.checkpoint_every=0", *extra]
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -31,7 +37,7 @@ def test_n_plus_n_steps_equal_2n_steps_byte_for_byte(tmp_path, extra):
     proc = accelerate_launch(2, "launch/train.py", *args, f"run.dir={split}", "train.steps=12")
     assert_ok(proc)
     assert "resuming from" in proc.stdout and "at step 6" in proc.stdout
-    names = WEIGHTS + (("generator_ema.safetensors",) if extra == ["model.ema.decay=0.8"] else ())
+    names = WEIGHTS + (("generator_ema.safetensors",) if "model.ema.decay=0.8" in extra else ())
     assert _weights(whole, 12, names) == _weights(split, 12, names)
     # the step axis continues without duplicates
     steps = [json.loads(x)["step"] for x in (split / "metrics.jsonl").read_text().splitlines()]
@@ -96,3 +102,23 @@ def test_n_plus_n_steps_equal_2n_steps_from_a_store(tmp_path):
     assert "(512 images" in proc.stdout and "at step 6" in proc.stdout
     names = WEIGHTS + ("generator_ema.safetensors",)
     assert _weights(whole, 12, names) == _weights(split, 12, names)
+
+
+def test_max_minutes_ends_a_two_rank_run_as_finished_and_it_resumes(tmp_path):
+    """train.max_minutes: all ranks stop at the same step, with the final grid and checkpoint, exit 0."""
+    run = tmp_path / "run"
+    args = ["--config", "configs/smoke.yaml", f"run.dir={run}", "train.checkpoint_every=0", "log.sample_every=0",
+            "log.every=1000"]
+    proc = accelerate_launch(2, "launch/train.py", *args, "train.steps=1000000", "train.max_minutes=0.05")
+    assert_ok(proc)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "train.max_minutes = 0.05 reached" in last, proc.stdout[-2000:]
+    step = int(last.split("; step ")[1].split(" of ")[0])
+    assert 1 <= step < 1000000
+    ckpt = checkpoint.latest_checkpoint(run / "checkpoints")
+    assert ckpt.name == checkpoint.step_dir_name(step) and checkpoint.read_meta(ckpt)["step"] == step
+    assert (run / "samples" / f"step-{step:08d}.png").is_file()  # the final grid
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [step]
+    resumed = accelerate_launch(2, "launch/train.py", *args, f"train.steps={step + 3}")
+    assert_ok(resumed)
+    assert f"at step {step}" in resumed.stdout and f"step {step + 3} of {step + 3}" in resumed.stdout

@@ -56,7 +56,8 @@ def test_first_format_checkpoint_resumes_exactly(tmp_path):
 # --- meta.json against the tensors -------------------------------------------------------------------
 
 EDITS = {"width": ("generator", "width", 100000), "image size": ("generator", "image_size", 64),
-         "latent size": ("generator", "latent_dim", 17), "channels": ("discriminator", "channels", 3)}
+         "latent size": ("generator", "latent_dim", 17), "channels": ("discriminator", "channels", 3),
+         "classes": ("generator", "num_classes", 10), "spectral norm": ("discriminator", "spectral_norm", True)}
 
 
 def _edited(tmp_path, edit: str):
@@ -104,7 +105,9 @@ def test_meta_json_that_disagrees_with_the_tensors_is_refused_by_every_reader(tm
 def test_meta_json_kwargs_of_the_wrong_kind_are_refused(tmp_path):
     _, ckpt = _edited(tmp_path, "width")
     meta = json.loads((ckpt / "meta.json").read_text())
-    for bad in ({"width": "8"}, {"depth": 3}, {"image_size": 48}, {"norm": "layer"}):
+    for bad in ({"width": "8"}, {"depth": 3}, {"image_size": 48}, {"norm": "layer"}, {"num_classes": -1},
+                {"num_classes": 10**9}, {"cond": "film"}, {"spectral_norm": "yes"},
+                {"num_classes": 3, "arch": "mlp"}):
         edited = {**meta, "generator": {**meta["generator"], "width": 8, **bad}}
         (ckpt / "meta.json").write_text(json.dumps(edited))
         with pytest.raises(UserError, match="meta.json"):

@@ -152,3 +152,46 @@ def test_ema_update_rule_with_warmup(tmp_path):
             torch.testing.assert_close(ema, d * old + (1 - d) * g, rtol=0, atol=1e-6)
         assert all(torch.equal(a, b) for a, b in zip(G_ema.buffers(), G.buffers()))
     trainer.close()
+
+
+@pytest.mark.parametrize("extra", [["model.cond=projection", "model.ema.decay=0.9", "model.spectral_norm=both"],
+                                   ["model.cond=concat", "model.spectral_norm=d", "train.mixed_precision=bf16",
+                                    "train.channels_last=true"]], ids=["projection", "concat"])
+def test_conditional_run_grid_rows_and_class_sampling(tmp_path, smoke_args, extra):
+    from PIL import Image
+
+    from dcgan_dist import sampling
+
+    proc = run_train(*smoke_args, "data.name=mnist5k", "data.num_images=null", "model.num_classes=10",
+                     "train.steps=4", "log.num_samples=20", *extra)
+    assert_ok(proc)
+    assert "conditional on 10 classes" in proc.stdout
+    run = tmp_path / "run"
+    meta = json.loads((run / "checkpoints" / "step-00000004" / "meta.json").read_text())
+    cond = extra[0].split("=")[1]
+    assert meta["generator"]["num_classes"] == meta["discriminator"]["num_classes"] == 10
+    assert meta["generator"]["cond"] == cond and meta["discriminator"]["spectral_norm"] is True
+    assert meta["generator"]["spectral_norm"] == ("model.spectral_norm=both" in extra)
+    # the fixed grid: one row per class, 20 // 10 = 2 columns of 32x32 images with 2-pixel padding
+    assert Image.open(run / "samples" / "step-00000004.png").size == (2 * 34 + 2, 10 * 34 + 2)
+    z, labels, nrow = sampling.class_grid(20, 16, 10, seed=0)
+    assert nrow == 2 and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert torch.equal(z[:2], z[2:4]) and not torch.equal(z[0], z[1])  # a column keeps its z across the classes
+
+    assert_ok(sample(str(run), "--num", "6", "--class", "3", "--out", str(tmp_path / "three.npz")))
+    three = np.load(tmp_path / "three.npz")
+    assert three["arr_0"].shape == (6, 32, 32, 1) and three["labels"].tolist() == [3] * 6
+    assert_ok(sample(str(run), "--num", "6", "--class", "4", "--out", str(tmp_path / "four.npz")))
+    assert not np.array_equal(three["arr_0"], np.load(tmp_path / "four.npz")["arr_0"])  # same z, other class
+    assert_ok(sample(str(run), "--num", "12", "--out", str(tmp_path / "all.npz")))
+    every = np.load(tmp_path / "all.npz")
+    assert every["labels"].tolist() == [i % 10 for i in range(12)] and every["labels"].dtype == np.int64
+    # sample i has z_i either way: the uniform draw's 4th image (class 3) is --class 3's 4th, its 5th (class 4) not
+    assert_ok(sample(str(run), "--num", "12", "--class", "3", "--out", str(tmp_path / "three12.npz")))
+    three12 = np.load(tmp_path / "three12.npz")["arr_0"]
+    assert np.array_equal(every["arr_0"][3], three12[3]) and not np.array_equal(every["arr_0"][4], three12[4])
+    for label in ("5", "6"):  # a latent walk within one class
+        assert_ok(sample(str(run), "--interpolate", "1", "2", "--steps", "4", "--class", label, "--out",
+                         str(tmp_path / f"walk{label}.png")))
+    assert Image.open(tmp_path / "walk5.png").size == (4 * 34 + 2, 36)
+    assert (tmp_path / "walk5.png").read_bytes() != (tmp_path / "walk6.png").read_bytes()

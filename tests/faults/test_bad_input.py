@@ -13,10 +13,12 @@ from conftest import REPO, assert_ok, env, run_train, snapshot
 
 SMOKE = ["--config", "configs/smoke.yaml", "run.dir={tmp}/new"]
 RUN = ["--config", "configs/smoke.yaml", "run.dir={run}"]
+COND = ["data.name=mnist5k", "data.num_images=null", "model.num_classes=10"]  # a conditional smoke run: {crun}
 FOLDER = [*SMOKE, "data.name=imagefolder", "data.num_images=null", "model.channels=1", "train.batch_size=4"]
 
 # id: (command, arguments, text the one line must contain). {tmp}: the test's directory; {run}: a trained smoke
-# run (checkpoints at steps 2 and 4) copied there; {ckpt}: its step-4 checkpoint; {images}: a folder of images.
+# run (checkpoints at steps 2 and 4) copied there; {ckpt}: its step-4 checkpoint; {images}: a folder of images;
+# {crun}: a trained conditional smoke run on mnist5k (10 classes); {cckpt}: its step-4 checkpoint.
 CASES = {
     # config files
     "config file missing": ("train", ["--config", "{tmp}/nope.yaml"], "config file {tmp}/nope.yaml not found"),
@@ -48,6 +50,24 @@ CASES = {
     "sync_bn without BN": ("train", [*SMOKE, "model.norm=none", "model.sync_bn=true"], "model.sync_bn = True"),
     "hinge with targets": ("train", [*SMOKE, "loss.name=hinge", "loss.real_target=0.9"], "loss.real_target = 0.9"),
     "global batch": ("train", [*SMOKE, "train.global_batch_size=0"], "train.global_batch_size = 0"),
+    "max_minutes": ("train", [*SMOKE, "train.max_minutes=-1"], "train.max_minutes = -1.0 is not accepted"),
+    # class-conditional models
+    "classes on unlabelled data": ("train", [*SMOKE, "model.num_classes=10"],
+                                   "model.num_classes = 10 is not accepted; data.name=synthetic has no labels"),
+    "classes not the data's": ("train", [*SMOKE, *COND, "model.num_classes=7"],
+                               "data.name=mnist5k has 10 classes: set model.num_classes=10"),
+    "label path": ("train", [*SMOKE, *COND, "model.cond=film"], "model.cond = 'film' is not accepted"),
+    "spectral norm": ("train", [*SMOKE, "model.spectral_norm=g"], "model.spectral_norm = 'g' is not accepted"),
+    "resume other class count": ("train", ["--config", "configs/smoke.yaml", "run.dir={crun}", *COND,
+                                           "model.num_classes=0", "train.steps=6"],
+                                 "changed model.num_classes (10 -> 0)"),
+    "sample class out of range": ("sample", ["{crun}", "--class", "10", "--out", "{tmp}/x.npz"],
+                                  "--class 10: use a class in 0..9"),
+    "sample class unconditional": ("sample", ["{run}", "--class", "1", "--out", "{tmp}/x.npz"],
+                                   "is an unconditional model (model.num_classes=0); drop --class"),
+    "sample class count edited": ("sample", ["{cckpt}", "--out", "{tmp}/x.npz", "--", "classes"],
+                                  "does not match meta.json's generator"),
+    "eval class count edited": ("eval", ["{cckpt}", "--", "classes"], "does not match meta.json's generator"),
     "keep_best metric": ("train", [*SMOKE, "train.eval_every=4", "train.keep_best=classifier/loss"],
                          "train.keep_best = 'classifier/loss' is not accepted; use <space>/<metric>"),
     "keep_best without eval": ("train", [*SMOKE, "train.keep_best=classifier/fd"], "needs train.eval_every > 0"),
@@ -110,8 +130,17 @@ def trained(tmp_path_factory):
     return run
 
 
-def _setup(tmp, trained, prepared):
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    run = tmp_path_factory.mktemp("conditional") / "run"
+    assert_ok(run_train("--config", "configs/smoke.yaml", f"run.dir={run}", *COND, "train.steps=4",
+                        "train.checkpoint_every=2", "log.sample_every=0"))
+    return run
+
+
+def _setup(tmp, trained, conditional, prepared):
     shutil.copytree(trained, tmp / "run")
+    shutil.copytree(conditional, tmp / "crun")
     shutil.copytree(prepared, tmp / "store")
     (tmp / ".partial.tmp-prepare").mkdir()  # a preparation of {tmp}/partial still running (or killed)
     (tmp / "bad.yaml").write_text("train:\n  steps: [1, 2\n")
@@ -135,11 +164,13 @@ def _run(command, args):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, trained, prepared, case):
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, trained, conditional, prepared, case):
     command, args, message = CASES[case]
-    _setup(tmp_path, trained, prepared)
+    _setup(tmp_path, trained, conditional, prepared)
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
-    fill = dict(tmp=tmp_path, run=tmp_path / "run", ckpt=ckpt, images=tmp_path / "images", store=tmp_path / "store")
+    fill = dict(tmp=tmp_path, run=tmp_path / "run", ckpt=ckpt, images=tmp_path / "images", crun=tmp_path / "crun",
+                store=tmp_path / "store",
+                cckpt=tmp_path / "crun" / "checkpoints" / "step-00000004")
     args = [a.format(**fill) for a in args]
     if "--" in args:  # damage the checkpoint (or the store) first
         args, how = args[:args.index("--")], args[-1]
@@ -151,6 +182,9 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, trained, 
         elif how == "newer store":
             manifest = tmp_path / "store" / "manifest.json"
             manifest.write_text(manifest.read_text().replace('"format_version": 1', '"format_version": 99'))
+        elif how == "classes":  # meta.json says 5 classes; the weights were trained for 10
+            meta = fill["cckpt"] / "meta.json"
+            meta.write_text(meta.read_text().replace('"num_classes": 10', '"num_classes": 5'))
         else:
             meta = (ckpt / "meta.json").read_text()
             (ckpt / "meta.json").write_text(meta.replace('"format_version": 1', '"format_version": 99'))
