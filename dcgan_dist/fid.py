@@ -14,7 +14,6 @@ are elsewhere (`metrics`, `evaluation`).
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from urllib.error import URLError
 
@@ -77,7 +76,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, SafetensorError, OSError, EOFError) as e:
+    except (torch.serialization.pickle.UnpicklingError, RuntimeError, SafetensorError, OSError, EOFError) as e:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         refused = [ln.split("error:", 1)[1].split(". ")[0].strip() for ln in lines if "WeightsUnpickler error:" in ln]
         first = f"torch.load(weights_only=True) refused it: {refused[0]}" if refused else lines[0]

@@ -14,6 +14,7 @@ from dcgan_dist import evaluation as E
 from dcgan_dist import metrics as M
 from dcgan_dist import sampling
 from dcgan_dist.data import load_dataset
+from dcgan_dist.errors import UserError
 
 
 def cli(main: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
