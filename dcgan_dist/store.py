@@ -331,13 +331,7 @@ def stage_store(src: str | Path, dest: str | Path, wait_minutes: float = 60.0, l
             shutil.copyfile(source.path / name, tmp / name)
         verify_store(tmp)
         fsync_dir(tmp)
-        old = dest.parent / f".{dest.name}.tmp-old"
-        if dest.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        fsync_dir(dest.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, dest)
         size = sum((dest / name).stat().st_size for name in names) / 2**30
         log(f"staged {src} -> {dest}: {size:.2f} GB copied and verified (sha256) in {time.monotonic() - began:.0f} s")
     return open_store(dest)
@@ -623,14 +617,20 @@ def _finish(tmp: Path, out: Path, plan: dict, units: list[dict], skipped: list[i
     fsync_dir(tmp)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
+    _swap_in(tmp, out)
+    return open_store(out)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the complete directory `tmp` to `out`; an `out` already there (--overwrite, a stale staged copy) is
+    set aside first and removed after, so `out` is never half-written."""
     old = out.parent / f".{out.name}.tmp-old"
-    if out.exists():  # --overwrite: set the old store aside, swap, then remove it
+    if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out, old)
     os.rename(tmp, out)
     fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
-    return open_store(out)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
