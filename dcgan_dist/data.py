@@ -98,12 +98,13 @@ def batch_source(cfg, rank: int, world_size: int, pin_memory: bool = False,
 
 def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str = "", download: bool = False,
                  skip_bad_files: bool = False, wait_minutes: float = 60.0, progress: bool = True,
-                 log=print) -> store.Store:
+                 log=print, announce=print) -> store.Store:
     """The store a built-in dataset or an image folder trains from, prepared on first use into
     `<cache_dir>/stores/` (default `user_cache_dir()`): one process prepares (a file lock, so concurrent ranks,
     runs or nodes sharing the cache prepare it once), the others wait for it, outside any collective. The name
     covers the dataset, size, channels and, for a folder, its files' names, sizes and times: an edited folder
-    is prepared afresh. A damaged cached store is prepared again."""
+    is prepared afresh. A damaged cached store is prepared again. `log` reports waits (rank 0 alone, in training);
+    `announce` the preparing process's own lines and warnings, whatever its rank: only one process prepares."""
     stores = Path(cache_dir or user_cache_dir()) / "stores"
     if name == "imagefolder":
         folder = Path(root)
@@ -132,9 +133,9 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
                 return store.open_store(path, size, channels)
             except UserError:
                 pass
-        log(f"preparing {name} ({root}) at {size}x{size} into {path} (once: later runs reuse it)")
+        announce(f"preparing {name} ({root}) at {size}x{size} into {path} (once: later runs reuse it)")
         prepare_store(root if name == "imagefolder" else name, path, size, channels, root=root, download=download,
-                      skip_bad_files=skip_bad_files, overwrite=True, progress=progress, log=log,
+                      skip_bad_files=skip_bad_files, overwrite=True, progress=progress, log=announce,
                       skip_option="data.skip_bad_files")
     return store.open_store(path, size, channels)
 

@@ -286,7 +286,7 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
                    classifier_size: int = 32, fid: bool | None = None, fid_weights: str | None = None,
                    image_size: int = 32, channels: int = 1, num_images: int | None = None, train_missing: bool = True,
                    compute_missing: bool = True, device: str | None = None, wait_minutes: float = 60.0,
-                   log=print) -> tuple[list[FeatureSpace | FidSpace], list[str]]:
+                   log=print, announce=print) -> tuple[list[FeatureSpace | FidSpace], list[str]]:
     """The feature spaces available for dataset `data`, and one note per space that is not (why, how to get it).
 
     Classifier: `classifier` (a .safetensors path), else `<cache_dir>/classifier-<data>-<size>.safetensors`
@@ -296,7 +296,8 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
     Its reference is the statistics of `data` at the generator's `image_size`/`channels` (`num_images`: the
     fixed subset trained on; None: the whole training split), cached under `<cache_dir or user cache>/fid-stats`;
     without `compute_missing`, missing statistics skip FID with a note. Under several ranks call it on every
-    rank together: one trains a missing classifier (a file lock, `wait_minutes`), the others wait for its file.
+    rank together: one trains a missing classifier (a file lock, `wait_minutes`), the others wait for its file;
+    `log` says so (rank 0 alone, in training), `announce` reports the training, from whichever rank does it.
     """
     spaces, notes = [], []
     fid_net, weights = None, None
@@ -309,11 +310,11 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
             # one process trains it (a file lock, no collective); the others wait for it and read it
             with fileio.exclusive(path.with_name(f".{path.name}.lock"), f"training {path}", wait_minutes, log):
                 if not path.is_file():
-                    log(f"no classifier for {data} at {path}: training one (once; dcgan-eval train-classifier "
-                        "does it ahead)")
-                    model, info = fit_classifier(data, root, classifier_size, log=log)
+                    announce(f"no classifier for {data} at {path}: training one (once; dcgan-eval "
+                             "train-classifier does it ahead)")
+                    model, info = fit_classifier(data, root, classifier_size, log=announce)
                     save_classifier(model, path, info)
-                    log(f"classifier held-out accuracy {info['accuracy']:.2%}, saved to {path}")
+                    announce(f"classifier held-out accuracy {info['accuracy']:.2%}, saved to {path}")
         model, meta = load_classifier(path)
         if meta["data"] != data:
             raise UserError(f"classifier {path} was trained on {meta['data']}, not {data}; "

@@ -65,8 +65,8 @@ if mode == "train":
     per_step = []  # this rank's STATS of every step, as train_step returned them
     step_fn = trainer.train_step
 
-    def recording_step(real, z):
-        out = step_fn(real, z)
+    def recording_step(real, z, y=None):
+        out = step_fn(real, z, y)
         per_step.append(out.tolist())
         return out
 
