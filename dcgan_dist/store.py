@@ -103,15 +103,25 @@ def decode_image(path: Path, size: int, channels: int, draft: bool = False) -> n
     return arr.transpose(2, 0, 1).copy()  # [C, S, S], C-contiguous and writable (PIL's array is read-only)
 
 
-def _decode_chunk(paths: list[str], size: int, channels: int) -> list[ImageArray | str]:
-    """A worker's task: each image decoded, or the one-line reason it cannot be (the parent decides)."""
-    out: list[ImageArray | str] = []
-    for p in paths:
-        try:
-            out.append(decode_image(Path(p), size, channels, draft=True))
-        except UserError as e:
-            out.append(str(e))
-    return out
+def _decode_into(task: tuple[str, int, list[str]], size: int, channels: int) -> list[str | None]:
+    """A worker's task (unit file, first slot, image paths): each image decoded and written into its slot of
+    the unit file, so no pixels cross a pipe; per image None, or the one-line reason it cannot be decoded (its
+    slot stays empty; the parent decides)."""
+    unit, slot, paths = task
+    errors: list[str | None] = []
+    fd = os.open(unit, os.O_WRONLY)
+    try:
+        for k, p in enumerate(paths):
+            try:
+                image = decode_image(Path(p), size, channels, draft=True)
+            except UserError as e:
+                errors.append(str(e))
+                continue
+            os.pwrite(fd, image.tobytes(), (slot + k) * image.nbytes)
+            errors.append(None)
+    finally:
+        os.close(fd)
+    return errors
 
 
 def folder_listing(folder: Path, files: list[Path]) -> str:
@@ -352,17 +362,18 @@ def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: st
     if not folder.is_dir():
         raise UserError(f"source {source!r} is not a folder nor a built-in dataset")
     check_out(out, overwrite, folder)
-    files = list_images(folder)
-    if not files:
-        raise UserError(f"source {source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    labels, class_names = folder_classes(folder, files)
-    plan = {"source": source, "size": size, "channels": channels, "shard_size": shard_size,
-            "skip_bad_files": skip_bad_files, "files": folder_listing(folder, files)}
-    info = {"class_names": class_names, "num_classes": len(class_names or []), "resize": FOLDER_RESIZE}
-    workers = min(workers or os.cpu_count() or 1, len(files))
+    workers = workers or os.cpu_count() or 1
     # spawn, not fork: the parent may hold torch's threads; the workers import only this module, numpy and PIL
+    # (started first: they start up while the folder is listed)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
+        files = list_images(folder)
+        if not files:
+            raise UserError(f"source {source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        labels, class_names = folder_classes(folder, files)
+        plan = {"source": source, "size": size, "channels": channels, "shard_size": shard_size,
+                "skip_bad_files": skip_bad_files, "files": folder_listing(folder, files)}
+        info = {"class_names": class_names, "num_classes": len(class_names or []), "resize": FOLDER_RESIZE}
         decoded = functools.partial(_decoded_folder, files, size, channels, pool, workers, skip_bad_files,
                                     skip_option)
         names = [str(p.relative_to(folder)) for p in files]
@@ -379,23 +390,24 @@ def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: st
 
 
 def _decoded_folder(files: list[Path], size: int, channels: int, pool, workers: int, skip_bad_files: bool,
-                    skip_option: str, start: int, stop: int) -> Iterator[tuple[int, ImageArray | None]]:
-    """(index, uint8 [C, S, S], or None for a skipped file) of files[start:stop], in order, decoded by `pool`'s
-    workers in chunks (or here, one at a time, without a pool)."""
-    n = max(1, min(_CHUNK, (stop - start) // (4 * workers))) if pool else 1  # a small job keeps every worker busy
-    chunks = [[str(p) for p in files[i:min(i + n, stop)]] for i in range(start, stop, n)]
-    decode = functools.partial(_decode_chunk, size=size, channels=channels)
-    results = pool.imap(decode, chunks) if pool else map(decode, chunks)  # imap keeps the order
-    i = start
-    for chunk in results:
-        for item in chunk:
-            if isinstance(item, str):  # the reason a file cannot be decoded
-                if not skip_bad_files:
-                    how = f"pass {skip_option}" if skip_option.startswith("-") else f"set {skip_option}=true"
-                    raise UserError(f"{item}; or {how} to skip such files")
-                item = None
-            yield i, item
-            i += 1
+                    skip_option: str, jobs: list[tuple[range, Path]]) -> Iterator[tuple[int, bool]]:
+    """Decode the files of each job (sources, unit file) into the unit file's slots (`_decode_into`) by `pool`'s
+    workers in chunks (or here, without a pool); yield (index, written: False for a skipped file) in order, once
+    the image is in its file. All chunks are queued at once: the workers go on decoding while the writer
+    finishes (hashes, fsyncs) a unit."""
+    total = sum(len(r) for r, _ in jobs)
+    n = max(1, min(_CHUNK, total // (4 * workers))) if pool else 1  # a small job keeps every worker busy
+    tasks = [(str(unit), i - r.start, [str(p) for p in files[i:min(i + n, r.stop)]])
+             for r, unit in jobs for i in range(r.start, r.stop, n)]
+    decode = functools.partial(_decode_into, size=size, channels=channels)
+    results = pool.imap(decode, tasks) if pool else map(decode, tasks)  # imap keeps the order
+    indices = (i for r, _ in jobs for i in r)
+    for errors in results:
+        for error in errors:
+            if error is not None and not skip_bad_files:
+                how = f"pass {skip_option}" if skip_option.startswith("-") else f"set {skip_option}=true"
+                raise UserError(f"{error}; or {how} to skip such files")
+            yield next(indices), error is None
 
 
 def prepare_arrays(images: np.ndarray, labels: np.ndarray | None, num_classes: int, out: Path, source: str,
@@ -409,7 +421,14 @@ def prepare_arrays(images: np.ndarray, labels: np.ndarray | None, num_classes: i
     plan = {**plan, "source": source, "size": s, "channels": c, "shard_size": shard_size, "count": n,
             "images": hashlib.sha256(np.ascontiguousarray(images)).hexdigest()}
     info = {"class_names": None, "num_classes": num_classes if labels is not None else 0, "resize": ARRAY_RESIZE}
-    decoded = lambda start, stop: ((i, images[i]) for i in range(start, stop))
+
+    def decoded(jobs: list[tuple[range, Path]]) -> Iterator[tuple[int, bool]]:
+        for r, unit in jobs:
+            with open(unit, "wb") as f:
+                for i in r:
+                    f.write(np.ascontiguousarray(images[i]).tobytes())
+            yield from ((i, True) for i in r)
+
     return _write(out, plan, n, decoded, None if labels is None else labels.tolist(), None, info, shard_size,
                   progress, log, rank, world)
 
@@ -429,15 +448,16 @@ def check_out(out: Path, overwrite: bool, source: Path | None) -> None:
 
 
 def _write(out: Path, plan: dict, num_sources: int,
-           decoded: Callable[[int, int], Iterable[tuple[int, ImageArray | None]]], labels: list[int] | None,
+           decoded: Callable[[list[tuple[range, Path]]], Iterable[tuple[int, bool]]], labels: list[int] | None,
            names: list[str] | None, info: dict, shard_size: int, progress: bool, log, rank: int = 0,
            world: int = 1, wait_minutes: float = 60.0) -> Store | None:
     """The one writer. The sources are cut into units of `shard_size`; rank `rank` of `world` decodes units
     rank, rank + world, ... into the temporary directory (a unit is finished once fsynced and its sidecar
     written; finished units of an earlier run under the same plan are kept, whatever its world size). Rank 0
     then packs the units into shards, writes labels and the manifest, and renames; the other ranks return None.
-    `decoded(start, stop)` yields (source index, uint8 [C, S, S] or None if skipped) for sources [start, stop),
-    in order; `labels` and `names` (for the manifest's skipped list) are per source."""
+    `decoded(jobs)` writes, for each (sources, unit file) job, source i's uint8 [C, S, S] image into slot
+    i - sources.start of the (empty) unit file, and yields (i, False if skipped else True) in order once it is
+    there; `labels` and `names` (for the manifest's skipped list) are per source."""
     assert shard_size >= 1
     tmp, units = temp_dir(out), -(-num_sources // shard_size)
     _begin(tmp, plan, log) if rank == 0 else _await_plan(tmp, plan, wait_minutes, log)
@@ -447,21 +467,22 @@ def _write(out: Path, plan: dict, num_sources: int,
         log(f"resuming an interrupted preparation: {len(mine) - len(todo)} finished unit(s) kept in {tmp}")
     began, written = time.monotonic(), 0
     bar = _progress_bar(sum(min(shard_size, num_sources - u * shard_size) for u in todo), 0, progress)
+    jobs = [(range(u * shard_size, min((u + 1) * shard_size, num_sources)), tmp / unit_name(u)) for u in todo]
+    item = plan["channels"] * plan["size"] ** 2
+    for _, path in jobs:  # what an earlier run left of them (a stale sidecar first: rank 0 trusts sidecars)
+        path.with_name(path.name + ".json").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        path.touch()
+    k, skipped = 0, []  # the job being filled, its skipped sources
     try:
-        for u in todo:
-            unit = _UnitWriter(tmp / unit_name(u))
-            try:
-                for i, image in decoded(u * shard_size, min((u + 1) * shard_size, num_sources)):
-                    bar.update(1)
-                    if image is None:
-                        unit.skipped.append(i)
-                    else:
-                        unit.add(image)
-                        written += 1
-            except BaseException:
-                unit.abandon()
-                raise
-            unit.finish()
+        for i, ok in decoded(jobs):
+            bar.update(1)
+            written += ok
+            skipped += [] if ok else [i]
+            sources, path = jobs[k]
+            if i == sources.stop - 1:
+                _finish_unit(path, len(sources), [j - sources.start for j in skipped], item, skipped)
+                k, skipped = k + 1, []
     finally:
         bar.close()
     elapsed = time.monotonic() - began
@@ -546,12 +567,26 @@ def _finished_unit(tmp: Path, u: int) -> dict | None:
     return sidecar
 
 
-class _UnitWriter:
-    """One file of raw uint8 images being written, hashed as it goes; finished = fsynced, then its sidecar
-    written (for a unit; a shard's entry goes into the manifest)."""
+def _finish_unit(path: Path, slots: int, empty: list[int], item: int, skipped: list[int]) -> None:
+    """A unit whose `slots` slots of `item` bytes are written, but for the `empty` ones (skipped sources, in
+    the store's indices `skipped`): closed up, hashed, fsynced, then its sidecar written (it is then finished)."""
+    if empty:
+        keep = sorted(set(range(slots)) - set(empty))
+        with open(path, "rb") as f:
+            rows = [os.pread(f.fileno(), item, k * item) for k in keep]
+        write_atomic(path, b"".join(rows))  # fsynced
+    else:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    entry = {"file": path.name, "count": slots - len(empty), "sha256": sha256_file(path), "skipped": skipped}
+    write_atomic(path.with_name(path.name + ".json"), json.dumps(entry).encode())
+
+
+class _ShardWriter:
+    """One shard being written from units that had skipped images, hashed as it goes; fsynced when finished."""
 
     def __init__(self, path: Path):
-        self.path, self.count, self.skipped = path, 0, []
+        self.path, self.count = path, 0
         self.file, self.hash = open(path, "wb"), hashlib.sha256()
 
     def add(self, image: np.ndarray) -> None:  # [C, S, S]
@@ -560,17 +595,11 @@ class _UnitWriter:
         self.hash.update(data)
         self.count += 1
 
-    def finish(self, sidecar: bool = True) -> dict:
+    def finish(self) -> dict:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        entry = {"file": self.path.name, "count": self.count, "sha256": self.hash.hexdigest(), "skipped": self.skipped}
-        if sidecar:
-            write_atomic(self.path.with_name(self.path.name + ".json"), json.dumps(entry).encode())
-        return entry
-
-    def abandon(self) -> None:
-        self.file.close()  # the next run rewrites it: it has no sidecar
+        return {"file": self.path.name, "count": self.count, "sha256": self.hash.hexdigest()}
 
 
 def _pack(tmp: Path, units: list[dict], shard_size: int, item_shape: tuple[int, ...]) -> list[dict]:
@@ -585,15 +614,15 @@ def _pack(tmp: Path, units: list[dict], shard_size: int, item_shape: tuple[int, 
         if unit["count"]:
             rows = np.memmap(tmp / unit["file"], dtype=np.uint8, mode="r", shape=(unit["count"], *item_shape))
             for image in rows:
-                shard = shard or _UnitWriter(tmp / shard_name(len(shards)))
+                shard = shard or _ShardWriter(tmp / shard_name(len(shards)))
                 shard.add(image)
                 if shard.count == shard_size:
-                    shards.append(shard.finish(sidecar=False))
+                    shards.append(shard.finish())
                     shard = None
         (tmp / unit["file"]).unlink()
     if shard is not None:
-        shards.append(shard.finish(sidecar=False))
-    return [{k: s[k] for k in ("file", "count", "sha256")} for s in shards]
+        shards.append(shard.finish())
+    return shards
 
 
 def _finish(tmp: Path, out: Path, plan: dict, units: list[dict], skipped: list[int], labels: list[int] | None,

@@ -19,6 +19,6 @@ def slow_decode_image(*args, **kwargs):
     return decode_image(*args, **kwargs)
 
 
-store.decode_image = slow_decode_image  # what store._decode_chunk calls (in this process with --workers 1)
+store.decode_image = slow_decode_image  # what store._decode_into calls (in this process with --workers 1)
 if __name__ == "__main__":
     cli.prepare_main()
