@@ -179,8 +179,11 @@ def prepare_main(argv: list[str] | None = None) -> None:
                      "`dcgan-prepare --verify STORE` checks a store's files against their sha256; `--stage STORE DEST` "
                      "copies one to node-local disk, verified.")
     parser.add_argument("source", nargs="?", help="an image folder (recursive; when every image sits in a "
-                        "first-level sub-folder, those are the classes) or a built-in dataset: mnist5k, mnist, "
-                        "fashion_mnist, cifar10, synthetic (a folder of such a name: write ./NAME)")
+                        "first-level sub-folder, those are the classes); Parquet files or a Hugging Face datasets "
+                        "directory (save_to_disk) with an image and an optional label column (needs pyarrow: pip "
+                        "install 'dcgan_dist[tables]'); or a built-in dataset: mnist5k, mnist, fashion_mnist, "
+                        "cifar10, synthetic, celeba (ROOT/celeba/img_align_celeba) (a folder of such a name: write "
+                        "./NAME)")
     parser.add_argument("--size", type=int, help="image size S: the shorter side is resized to S, then centre-cropped")
     parser.add_argument("--out", help="the store directory to write (STORE)")
     parser.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3 (default: the dataset's own; 3 for a "
@@ -190,6 +193,10 @@ def prepare_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default="data", help="where the built-in datasets live (default data)")
     parser.add_argument("--skip-bad-files", action="store_true", help="skip (and count) files that cannot be "
                         "decoded instead of stopping")
+    parser.add_argument("--image-column", help="a table's image column (default: its Hugging Face Image feature, "
+                        "else 'image' or 'img')")
+    parser.add_argument("--label-column", help="a table's label column (default: its ClassLabel feature, else "
+                        "'label' or 'labels' if present); 'none': no labels")
     parser.add_argument("--shard-size", type=int, default=None, help="images per shard file (default 4096)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     parser.add_argument("--verify", metavar="STORE", help="check every file of STORE against its sha256, then exit")
@@ -232,7 +239,7 @@ def prepare_main(argv: list[str] | None = None) -> None:
         prepare_store(args.source, args.out, args.size, args.channels, workers, args.root,
                       skip_bad_files=args.skip_bad_files, overwrite=args.overwrite,
                       shard_size=args.shard_size or store.SHARD_SIZE, progress=sys.stderr.isatty() and rank == 0,
-                      rank=rank, world=world)
+                      rank=rank, world=world, image_column=args.image_column, label_column=args.label_column)
         if rank == 0:
             print(f"train on it: dcgan-train --config CONFIG data.name=store data.root={args.out}")
 

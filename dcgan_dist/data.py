@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcgan_dist import fileio, store
+from dcgan_dist import fileio, store, tables
 from dcgan_dist.batches import InMemoryBatches, StoreBatches
 from dcgan_dist.catalog import DATASETS
 from dcgan_dist.errors import UserError
@@ -143,11 +143,16 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
 def prepare_store(source: str, out: str | Path, size: int, channels: int | None = None, workers: int | None = None,
                   root: str = "data", download: bool = False, skip_bad_files: bool = False, overwrite: bool = False,
                   shard_size: int = store.SHARD_SIZE, progress: bool = True, log=print,
-                  skip_option: str = "--skip-bad-files", rank: int = 0, world: int = 1) -> store.Store | None:
-    """`dcgan-prepare`: a built-in dataset (`BUILT_IN`, read under `root` as for training) or an image folder
-    -> the store `out` (see `store.py`). `channels` None: the dataset's own, 3 for a folder. With `world` > 1,
-    rank `rank`'s share of the work; rank 0 writes the store and returns it, the others return None."""
+                  skip_option: str = "--skip-bad-files", rank: int = 0, world: int = 1,
+                  image_column: str | None = None, label_column: str | None = None) -> store.Store | None:
+    """`dcgan-prepare`: a built-in dataset (`BUILT_IN`, read under `root` as for training), `celeba` (its aligned
+    JPEGs where torchvision keeps them: `<root>/celeba/img_align_celeba/`), an image folder, or a table of
+    encoded images (Parquet files, a Hugging Face `datasets` directory: `tables.py`) -> the store `out` (see
+    `store.py`). `channels` None: the dataset's own, 3 otherwise. With `world` > 1, rank `rank`'s share of the
+    work; rank 0 writes the store and returns it, the others return None."""
     out = Path(out)
+    common = dict(skip_bad_files=skip_bad_files, overwrite=overwrite, shard_size=shard_size, progress=progress,
+                  log=log, skip_option=skip_option, rank=rank, world=world)
     if source in BUILT_IN:
         fixed = DATASETS[source].channels
         if channels is not None and fixed is not None and channels != fixed:
@@ -158,11 +163,20 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
         return store.prepare_arrays(images.numpy(), None if labels is None else labels.numpy(),
                                     DATASETS[source].num_classes, out, source, {"root": root}, overwrite=overwrite,
                                     shard_size=shard_size, progress=progress, log=log, rank=rank, world=world)
-    if not Path(source).is_dir():
-        raise UserError(f"source {source!r} is neither a folder nor a built-in dataset ({', '.join(BUILT_IN)})")
-    return store.prepare_folder(Path(source), out, size, channels or 3, source, workers, skip_bad_files=skip_bad_files,
-                                overwrite=overwrite, shard_size=shard_size, progress=progress, log=log,
-                                skip_option=skip_option, rank=rank, world=world)
+    path = Path(source)
+    if source == "celeba" and not path.exists():
+        path = Path(root) / "celeba" / "img_align_celeba"
+        if not path.is_dir():
+            raise UserError(f"celeba: no folder {path}; download img_align_celeba.zip from the CelebA site and "
+                            f"unzip it into {path.parent}/ (or pass --root, or the folder itself as SOURCE)")
+    if path.is_file() or (path.is_dir() and tables.table_files(path) and not store.list_images(path)):
+        return store.prepare_table(path, out, size, channels or 3, workers, image_column, label_column, **common)
+    if image_column or label_column:
+        raise UserError(f"--image-column and --label-column are for Parquet or Arrow tables; {source} is not one")
+    if not path.is_dir():
+        raise UserError(f"source {source!r} is neither a folder, a Parquet/Arrow table, nor a built-in dataset "
+                        f"({', '.join((*BUILT_IN, 'celeba'))})")
+    return store.prepare_folder(path, out, size, channels or 3, source, workers, **common)
 
 
 def load_images(name: str, root: str, image_size: int, channels: int, **kwargs) -> torch.Tensor:

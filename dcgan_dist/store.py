@@ -21,8 +21,10 @@ No torch at import: the decoding workers import this module (the reader imports 
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -75,8 +77,10 @@ def list_images(root: Path, exclude: Path | None = None) -> list[Path]:
                   and (exclude is None or exclude not in p.parents))
 
 
-def decode_image(path: Path, size: int, channels: int, draft: bool = False) -> np.ndarray:
-    """One image file -> uint8 [C, S, S]: the shorter side resized to `size` (bilinear), then centre-cropped.
+def decode_image(path: Path, size: int, channels: int, draft: bool = False, encoded: bytes | None = None,
+                 fix: str = "remove or replace the file") -> np.ndarray:
+    """One image file (or `encoded` bytes, `path` then naming them in messages) -> uint8 [C, S, S]: the
+    shorter side resized to `size` (bilinear), then centre-cropped.
 
     `draft`: a JPEG at least twice `size` is decoded at a reduced scale (1/2, 1/4 or 1/8, never below `size`),
     several times faster for large photos; its pixels then differ slightly from a full decode.
@@ -84,7 +88,7 @@ def decode_image(path: Path, size: int, channels: int, draft: bool = False) -> n
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path if encoded is None else io.BytesIO(encoded)) as im:
             mode = "L" if channels == 1 else "RGB"
             if draft and im.format == "JPEG" and min(im.size[0] // size, im.size[1] // size) >= 2:
                 im.draft(mode, (size, size))
@@ -98,22 +102,28 @@ def decode_image(path: Path, size: int, channels: int, draft: bool = False) -> n
         raise UserError(f"image {path} vanished while it was being read; is something else changing "
                         "the folder? Run again once it is stable") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UserError(f"cannot decode image {path}: {e}; remove or replace the file") from None
+        raise UserError(f"cannot decode image {path}: {e}; {fix}") from None
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     return arr.transpose(2, 0, 1).copy()  # [C, S, S], C-contiguous and writable (PIL's array is read-only)
 
 
-def _decode_into(task: tuple[str, int, list[str]], size: int, channels: int) -> list[str | None]:
-    """A worker's task (unit file, first slot, image paths): each image decoded and written into its slot of
-    the unit file, so no pixels cross a pipe; per image None, or the one-line reason it cannot be decoded (its
-    slot stays empty; the parent decides)."""
-    unit, slot, paths = task
+def _decode_into(task: tuple[str, int, list], size: int, channels: int) -> list[str | None]:
+    """A worker's task (unit file, first slot, images: paths, or (name, encoded bytes or None)): each image
+    decoded and written into its slot of the unit file, so no pixels cross a pipe; per image None, or the
+    one-line reason it cannot be decoded (its slot stays empty; the parent decides)."""
+    unit, slot, items = task
     errors: list[str | None] = []
     fd = os.open(unit, os.O_WRONLY)
     try:
-        for k, p in enumerate(paths):
+        for k, item in enumerate(items):
             try:
-                image = decode_image(Path(p), size, channels, draft=True)
+                if isinstance(item, str):
+                    image = decode_image(Path(item), size, channels, draft=True)
+                elif item[1] is None:
+                    raise UserError(f"{item[0]} has no image bytes")
+                else:
+                    image = decode_image(item[0], size, channels, draft=True, encoded=item[1],
+                                         fix="fix or drop that row")
             except UserError as e:
                 errors.append(str(e))
                 continue
@@ -374,10 +384,10 @@ def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: st
         plan = {"source": source, "size": size, "channels": channels, "shard_size": shard_size,
                 "skip_bad_files": skip_bad_files, "files": folder_listing(folder, files)}
         info = {"class_names": class_names, "num_classes": len(class_names or []), "resize": FOLDER_RESIZE}
-        decoded = functools.partial(_decoded_folder, files, size, channels, pool, workers, skip_bad_files,
-                                    skip_option)
-        names = [str(p.relative_to(folder)) for p in files]
-        store = _write(out, plan, len(files), decoded, labels, names, info, shard_size, progress, log, rank, world)
+        decoded = functools.partial(_decoded, lambda a, b: [str(p) for p in files[a:b]], size, channels, pool,
+                                    workers, skip_bad_files, skip_option)
+        store = _write(out, plan, len(files), decoded, labels, lambda i: str(files[i].relative_to(folder)), info,
+                       shard_size, progress, log, rank, world)
     finally:
         if pool is not None:
             pool.terminate()
@@ -389,18 +399,19 @@ def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: st
     return store
 
 
-def _decoded_folder(files: list[Path], size: int, channels: int, pool, workers: int, skip_bad_files: bool,
-                    skip_option: str, jobs: list[tuple[range, Path]]) -> Iterator[tuple[int, bool]]:
-    """Decode the files of each job (sources, unit file) into the unit file's slots (`_decode_into`) by `pool`'s
-    workers in chunks (or here, without a pool); yield (index, written: False for a skipped file) in order, once
-    the image is in its file. All chunks are queued at once: the workers go on decoding while the writer
-    finishes (hashes, fsyncs) a unit."""
+def _decoded(items_of: Callable[[int, int], list], size: int, channels: int, pool, workers: int,
+             skip_bad_files: bool, skip_option: str, jobs: list[tuple[range, Path]]) -> Iterator[tuple[int, bool]]:
+    """Decode the sources of each job (sources, unit file) into the unit file's slots (`_decode_into`) by
+    `pool`'s workers in chunks (or here, without a pool); yield (index, written: False for a skipped source) in
+    order, once the image is in its file. `items_of(start, stop)`: the sources' paths or (name, bytes). Up to
+    16 chunks a worker are queued ahead, across units: the workers go on decoding while the writer finishes
+    (hashes, fsyncs) a unit, and a table's encoded bytes are read only that far ahead."""
     total = sum(len(r) for r, _ in jobs)
     n = max(1, min(_CHUNK, total // (4 * workers))) if pool else 1  # a small job keeps every worker busy
-    tasks = [(str(unit), i - r.start, [str(p) for p in files[i:min(i + n, r.stop)]])
-             for r, unit in jobs for i in range(r.start, r.stop, n)]
+    tasks = ((str(unit), i - r.start, items_of(i, min(i + n, r.stop)))
+             for r, unit in jobs for i in range(r.start, r.stop, n))
     decode = functools.partial(_decode_into, size=size, channels=channels)
-    results = pool.imap(decode, tasks) if pool else map(decode, tasks)  # imap keeps the order
+    results = _in_order(pool, decode, tasks, 16 * workers) if pool else map(decode, tasks)
     indices = (i for r, _ in jobs for i in r)
     for errors in results:
         for error in errors:
@@ -408,6 +419,55 @@ def _decoded_folder(files: list[Path], size: int, channels: int, pool, workers: 
                 how = f"pass {skip_option}" if skip_option.startswith("-") else f"set {skip_option}=true"
                 raise UserError(f"{error}; or {how} to skip such files")
             yield next(indices), error is None
+
+
+def _in_order(pool, fn: Callable, tasks: Iterator, limit: int) -> Iterator:
+    """fn(task) of each task, run by `pool`, in order, with at most `limit` tasks submitted and not yet taken."""
+    ahead: collections.deque = collections.deque()
+    for task in tasks:
+        ahead.append(pool.apply_async(fn, (task,)))
+        if len(ahead) >= limit:
+            yield ahead.popleft().get()
+    while ahead:
+        yield ahead.popleft().get()
+
+
+def prepare_table(source: Path, out: Path, size: int, channels: int, workers: int | None = None,
+                  image_column: str | None = None, label_column: str | None = None, skip_bad_files: bool = False,
+                  overwrite: bool = False, shard_size: int = SHARD_SIZE, progress: bool = True, log=print,
+                  skip_option: str = "--skip-bad-files", rank: int = 0, world: int = 1) -> Store | None:
+    """Decode the encoded images of a Parquet / Hugging Face datasets table (`tables.py`) into the store `out`,
+    with its labels and class names where it has them; otherwise as `prepare_folder`."""
+    from dcgan_dist.tables import open_table
+
+    check_out(out, overwrite, source if source.is_dir() else None)
+    table = open_table(source, image_column, label_column)
+    if not len(table):
+        raise UserError(f"source {source} holds no rows")
+    labels = table.labels()
+    num_classes = len(table.class_names) if table.class_names else (max(labels) + 1 if labels else 0)
+    if labels and max(labels) >= num_classes:
+        raise UserError(f"label column {table.label_column!r} holds class {max(labels)}, but its feature names "
+                        f"{num_classes} classes; fix the table or pass --label-column none")
+    plan = {"source": str(source), "size": size, "channels": channels, "shard_size": shard_size,
+            "skip_bad_files": skip_bad_files, "files": table.listing(), "image_column": table.image_column,
+            "label_column": table.label_column}
+    info = {"class_names": table.class_names, "num_classes": num_classes, "resize": FOLDER_RESIZE}
+    workers = workers or os.cpu_count() or 1
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        decoded = functools.partial(_decoded, table.encoded, size, channels, pool, workers, skip_bad_files,
+                                    skip_option)
+        store = _write(out, plan, len(table), decoded, labels, lambda i: f"row {i}", info, shard_size, progress,
+                       log, rank, world)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if store is not None and store.manifest["skipped"]:
+        log(f"warning: skipped {len(store.manifest['skipped'])} of {len(table)} row(s) whose image cannot be "
+            f"decoded ({skip_option})")
+    return store
 
 
 def prepare_arrays(images: np.ndarray, labels: np.ndarray | None, num_classes: int, out: Path, source: str,
@@ -449,7 +509,7 @@ def check_out(out: Path, overwrite: bool, source: Path | None) -> None:
 
 def _write(out: Path, plan: dict, num_sources: int,
            decoded: Callable[[list[tuple[range, Path]]], Iterable[tuple[int, bool]]], labels: list[int] | None,
-           names: list[str] | None, info: dict, shard_size: int, progress: bool, log, rank: int = 0,
+           name_of: Callable[[int], str] | None, info: dict, shard_size: int, progress: bool, log, rank: int = 0,
            world: int = 1, wait_minutes: float = 60.0) -> Store | None:
     """The one writer. The sources are cut into units of `shard_size`; rank `rank` of `world` decodes units
     rank, rank + world, ... into the temporary directory (a unit is finished once fsynced and its sidecar
@@ -457,7 +517,7 @@ def _write(out: Path, plan: dict, num_sources: int,
     then packs the units into shards, writes labels and the manifest, and renames; the other ranks return None.
     `decoded(jobs)` writes, for each (sources, unit file) job, source i's uint8 [C, S, S] image into slot
     i - sources.start of the (empty) unit file, and yields (i, False if skipped else True) in order once it is
-    there; `labels` and `names` (for the manifest's skipped list) are per source."""
+    there; `labels` are per source, `name_of(i)` names source i in the manifest's skipped list."""
     assert shard_size >= 1
     tmp, units = temp_dir(out), -(-num_sources // shard_size)
     _begin(tmp, plan, log) if rank == 0 else _await_plan(tmp, plan, wait_minutes, log)
@@ -494,7 +554,7 @@ def _write(out: Path, plan: dict, num_sources: int,
     skipped = sorted(i for unit in sidecars for i in unit["skipped"])
     if len(skipped) == num_sources:
         raise UserError(f"source {plan['source']!r}: none of its {num_sources} images can be decoded")
-    store = _finish(tmp, out, plan, sidecars, skipped, labels, [names[i] for i in skipped] if names else [], info)
+    store = _finish(tmp, out, plan, sidecars, skipped, labels, [name_of(i) for i in skipped] if name_of else [], info)
     log(f"prepared {store.count} images ({store.channels}x{store.image_size}x{store.image_size}, "
         f"{len(store.manifest['shards'])} shard(s)) in {out}: {rate}"
         + (f", {store.count - written} kept from an interrupted run or decoded by other ranks"
