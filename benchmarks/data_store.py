@@ -1,6 +1,6 @@
 """The prepared store: preparation speed, a training rank's private memory, and batch delivery.
 
-    python benchmarks/data_store.py [--parts prep uss delivery] [--jpegs 10000] [--uss-gb 1 8]
+    python benchmarks/data_store.py [--parts prep uss delivery] [--jpegs 16000] [--uss-gb 1 8]
                                     [--steps 300] [--repeats 3] [--dir DIR]
 
 prep      `dcgan-prepare`'s decoding of CelebA-like JPEGs (made here: 178x218, smooth photo-like content with
@@ -183,7 +183,7 @@ def bench_delivery(work: Path, repeats: int, big: Path | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", nargs="+", default=["prep", "uss", "delivery"], choices=["prep", "uss", "delivery"])
-    ap.add_argument("--jpegs", type=int, default=10000)
+    ap.add_argument("--jpegs", type=int, default=16000)
     ap.add_argument("--uss-gb", type=float, nargs="+", default=[1, 8])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)

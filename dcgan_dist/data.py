@@ -146,8 +146,9 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
                   skip_option: str = "--skip-bad-files", rank: int = 0, world: int = 1,
                   image_column: str | None = None, label_column: str | None = None) -> store.Store | None:
     """`dcgan-prepare`: a built-in dataset (`BUILT_IN`, read under `root` as for training), `celeba` (its aligned
-    JPEGs where torchvision keeps them: `<root>/celeba/img_align_celeba/`), an image folder, or a table of
-    encoded images (Parquet files, a Hugging Face `datasets` directory: `tables.py`) -> the store `out` (see
+    JPEGs where torchvision keeps them: `<root>/celeba/img_align_celeba/`), `lsun:CATEGORY` (`<root>/CATEGORY_lmdb`,
+    as torchvision reads LSUN), an image folder, or a table of encoded images (Parquet files, a Hugging Face
+    `datasets` directory, an LMDB database: `tables.py`) -> the store `out` (see
     `store.py`). `channels` None: the dataset's own, 3 otherwise. With `world` > 1, rank `rank`'s share of the
     work; rank 0 writes the store and returns it, the others return None."""
     out = Path(out)
@@ -169,13 +170,19 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
         if not path.is_dir():
             raise UserError(f"celeba: no folder {path}; download img_align_celeba.zip from the CelebA site and "
                             f"unzip it into {path.parent}/ (or pass --root, or the folder itself as SOURCE)")
-    if path.is_file() or (path.is_dir() and tables.table_files(path) and not store.list_images(path)):
+    if source.startswith("lsun:") and not path.exists():
+        path = Path(root) / f"{source[5:]}_lmdb"
+        if not tables.is_lmdb(path):
+            raise UserError(f"{source}: no LMDB database {path} (data.mdb); download the category with LSUN's "
+                            "download.py and unzip it there (or pass --root, or the directory itself as SOURCE)")
+    if tables.is_lmdb(path) or path.is_file() or (path.is_dir() and tables.table_files(path)
+                                                  and not store.list_images(path)):
         return store.prepare_table(path, out, size, channels or 3, workers, image_column, label_column, **common)
     if image_column or label_column:
         raise UserError(f"--image-column and --label-column are for Parquet or Arrow tables; {source} is not one")
     if not path.is_dir():
-        raise UserError(f"source {source!r} is neither a folder, a Parquet/Arrow table, nor a built-in dataset "
-                        f"({', '.join((*BUILT_IN, 'celeba'))})")
+        raise UserError(f"source {source!r} is neither a folder, a Parquet/Arrow table, an LMDB database, nor a "
+                        f"built-in dataset ({', '.join((*BUILT_IN, 'celeba', 'lsun:CATEGORY'))})")
     return store.prepare_folder(path, out, size, channels or 3, source, workers, **common)
 
 

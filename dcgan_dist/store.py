@@ -436,12 +436,16 @@ def prepare_table(source: Path, out: Path, size: int, channels: int, workers: in
                   image_column: str | None = None, label_column: str | None = None, skip_bad_files: bool = False,
                   overwrite: bool = False, shard_size: int = SHARD_SIZE, progress: bool = True, log=print,
                   skip_option: str = "--skip-bad-files", rank: int = 0, world: int = 1) -> Store | None:
-    """Decode the encoded images of a Parquet / Hugging Face datasets table (`tables.py`) into the store `out`,
+    """Decode the encoded images of a Parquet / Hugging Face datasets table or an LMDB database (`tables.py`)
+    into the store `out`,
     with its labels and class names where it has them; otherwise as `prepare_folder`."""
-    from dcgan_dist.tables import open_table
+    from dcgan_dist.tables import is_lmdb, open_lmdb, open_table
 
     check_out(out, overwrite, source if source.is_dir() else None)
-    table = open_table(source, image_column, label_column)
+    if is_lmdb(source) and (image_column or label_column):
+        raise UserError(f"{source} is an LMDB database (encoded images, no labels): it has no columns to choose; "
+                        "drop --image-column and --label-column")
+    table = open_lmdb(source) if is_lmdb(source) else open_table(source, image_column, label_column)
     if not len(table):
         raise UserError(f"source {source} holds no rows")
     labels = table.labels()

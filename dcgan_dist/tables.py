@@ -1,6 +1,7 @@
 """Tables of encoded images as `dcgan-prepare` sources: Parquet files (as the Hugging Face hub serves datasets)
 and Hugging Face `datasets` directories (`save_to_disk`'s Arrow files), read with pyarrow (the optional extra
-`pip install 'dcgan_dist[tables]'`); the `datasets` library itself is not needed.
+`pip install 'dcgan_dist[tables]'`; the `datasets` library itself is not needed); and LSUN's LMDB databases as
+torchvision reads them (`<root>/<category>_lmdb`, the `lmdb` package of the same extra).
 
 A table holds one image column (an Hugging Face `Image` feature, a struct of encoded `bytes` and a `path`, or a
 plain binary column) and optionally an integer label column (a `ClassLabel` feature names its classes). Columns
@@ -189,3 +190,53 @@ def open_table(source: Path, image_column: str | None = None, label_column: str 
             raise UserError(f"{path} has no column {missing[0]!r}, which {files[0]} has; the files of a source "
                             "must share their columns")
     return Table(files, image, label, class_names, [sum(_part_rows(p)) for p in files])
+
+
+@dataclass
+class LmdbTable:
+    """An LSUN category: an LMDB database whose values are encoded images, in key order; no labels."""
+    path: Path
+    keys: list[bytes]
+    image_column: str = "value"
+    label_column: None = None
+    class_names: None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def listing(self) -> str:
+        return "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(self.path.iterdir()))
+
+    def labels(self) -> None:
+        return None
+
+    def encoded(self, start: int, stop: int) -> list[tuple[str, bytes | None]]:
+        with _lmdb_env(self.path).begin(buffers=False) as txn:
+            return [(f"key {k.decode(errors='replace')} of {self.path}", txn.get(k)) for k in self.keys[start:stop]]
+
+
+_ENVS: dict[Path, object] = {}
+
+
+def _lmdb_env(path: Path):
+    try:
+        import lmdb
+    except ImportError:
+        raise UserError("reading LSUN's LMDB databases needs lmdb: pip install 'dcgan_dist[tables]'") from None
+    if path not in _ENVS:  # one environment a process (LMDB allows no more); read-only, no lock file written
+        try:
+            _ENVS[path] = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+        except lmdb.Error as e:
+            raise UserError(f"cannot open the LMDB database {path}: {e}") from None
+    return _ENVS[path]
+
+
+def is_lmdb(path: Path) -> bool:
+    return path.is_dir() and (path / "data.mdb").is_file()
+
+
+def open_lmdb(path: Path) -> LmdbTable:
+    """An LMDB directory (`data.mdb`) as a table of encoded images in key order."""
+    with _lmdb_env(path).begin() as txn:
+        keys = list(txn.cursor().iternext(keys=True, values=False))
+    return LmdbTable(path, keys)

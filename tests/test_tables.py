@@ -101,3 +101,22 @@ def test_celeba_is_read_where_torchvision_keeps_it(tmp_path):
     assert got.count == 4 and got.labels is None
     assert np.array_equal(got.gather(torch.arange(4)).numpy(),
                           prepare(aligned, tmp_path / "direct").gather(torch.arange(4)).numpy())
+
+
+def test_an_lsun_category_is_read_from_its_lmdb_as_torchvision_keeps_it(tmp_path):
+    import lmdb
+
+    one_line_error(cli("lsun:bedroom_train", "--root", str(tmp_path), "--size", "32", "--out", str(tmp_path / "x")),
+                   "bedroom_train_lmdb")
+    files = files_of(make_folder(tmp_path / "images", per_class=3))
+    env = lmdb.open(str(tmp_path / "bedroom_train_lmdb"), map_size=2**26)
+    with env.begin(write=True) as txn:  # keys in the folder's order (LMDB iterates keys sorted, as LSUN's ids are)
+        for k, p in enumerate(files):
+            txn.put(f"{k:040x}".encode(), p.read_bytes())
+    env.close()
+    got = prepare("lsun:bedroom_train", tmp_path / "store", root=str(tmp_path), workers=2)
+    want = prepare(tmp_path / "images", tmp_path / "folder")
+    assert got.count == 6 and got.labels is None
+    assert torch.equal(got.gather(torch.arange(6)), want.gather(torch.arange(6)))
+    one_line_error(cli(str(tmp_path / "bedroom_train_lmdb"), "--size", "32", "--out", str(tmp_path / "y"),
+                       "--label-column", "y"), "has no columns to choose")
