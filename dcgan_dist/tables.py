@@ -160,7 +160,8 @@ def open_table(source: Path, image_column: str | None = None, label_column: str 
     """The table at `source`. Columns None: found (see the module); label_column "none": no labels."""
     files = table_files(source)
     if not files:
-        raise UserError(f"source {source} holds no Parquet or Arrow files")
+        raise UserError(f"source {source} is not a Parquet (.parquet) or Arrow (.arrow) file" if source.is_file()
+                        else f"source {source} holds no Parquet or Arrow files")
     schema = _schema(files[0])
     features = {}
     if schema.metadata and b"huggingface" in schema.metadata:

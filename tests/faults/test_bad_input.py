@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -90,11 +92,21 @@ CASES = {
     "wait minutes": ("train", [*SMOKE, "data.wait_minutes=0"], "data.wait_minutes = 0"),
     # stores: preparing, staging, training from one
     "prepare source missing": ("prepare", ["{tmp}/none", "--size", "32", "--out", "{tmp}/s"],
-                               "source '{tmp}/none' is neither a folder nor a built-in dataset"),
+                               "source '{tmp}/none' is neither a folder, a Parquet/Arrow table, an LMDB database"),
     "prepare source empty": ("prepare", ["{tmp}/empty", "--size", "32", "--out", "{tmp}/s"], "holds no images"),
     "prepare size": ("prepare", ["{images}", "--size", "48", "--out", "{tmp}/s"], "--size 48: training takes"),
     "prepare into source": ("prepare", ["{images}", "--size", "32", "--out", "{images}/s"], "is inside the source"),
     "prepare over a store": ("prepare", ["synthetic", "--size", "32", "--out", "{store}"], "already exists"),
+    "prepare not a table": ("prepare", ["{tmp}/bad.yaml", "--size", "32", "--out", "{tmp}/s"],
+                            "is not a Parquet (.parquet) or Arrow (.arrow) file"),
+    "prepare damaged table": ("prepare", ["{tmp}/junk.parquet", "--size", "32", "--out", "{tmp}/s"],
+                              "cannot read table {tmp}/junk.parquet"),
+    "prepare table column": ("prepare", ["{tmp}/t.parquet", "--size", "32", "--out", "{tmp}/s", "--image-column",
+                                         "pic"], "--image-column 'pic': {tmp}/t.parquet has no such column"),
+    "prepare celeba missing": ("prepare", ["celeba", "--root", "{tmp}", "--size", "32", "--out", "{tmp}/s"],
+                               "celeba: no folder {tmp}/celeba/img_align_celeba"),
+    "prepare lsun missing": ("prepare", ["lsun:church_outdoor_train", "--root", "{tmp}", "--size", "32", "--out",
+                                         "{tmp}/s"], "no LMDB database {tmp}/church_outdoor_train_lmdb"),
     "store size differs": ("train", [*SMOKE, "data.name=store", "data.root={store}", "model.image_size=64"],
                            "model.image_size = 64 is not accepted; the store at data.root={store} holds 32x32"),
     "store channels differ": ("train", [*SMOKE, "data.name=store", "data.root={store}", "model.channels=3"],
@@ -153,6 +165,8 @@ def _setup(tmp, trained, conditional, prepared):
     for name in "acd":
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / f"{name}.png")
     (images / "b.png").write_bytes(b"not an image")
+    (tmp / "junk.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
+    pq.write_table(pa.table({"image": [(images / "a.png").read_bytes()]}), tmp / "t.parquet")
 
 
 def _run(command, args):
