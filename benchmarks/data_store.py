@@ -6,14 +6,17 @@
 prep      `dcgan-prepare`'s decoding of CelebA-like JPEGs (made here: 178x218, smooth photo-like content with
           grain, quality 90) to 64x64, with 1 and with 2 worker processes; images/s, and the ratio 2 / 1
           (target >= 1.8 on a 2-core machine). The real `dcgan-prepare`; the rate is the one it prints (from
-          its writer's start, so the workers' start-up is included, the command's own import is not).
+          its writer's start, so the workers' start-up is included, the command's own import is not). Beside it
+          the machine's own ceiling for this work: 2 independent processes decoding halves of 4,000 of the
+          JPEGs (no writer, no pool; start-up excluded) over one process decoding them all.
 uss       a real 2-rank training run (`accelerate launch launch/train.py`, tiny networks, batch 64 a rank) from
           stores of 1 GB and 8 GB at 64x64x3: each rank's private memory (USS, from /proc/PID/smaps) once the
           run is warm (the first logged step) and after `--steps` more; growth target < 100 MB. A rank that
           held the dataset, as an in-memory copy does, would grow by the store's size.
 delivery  `next()` of the store's batch source (`StoreBatches`, batch 128) against the in-memory tensor's
           (`InMemoryBatches`, the same images in RAM, the same order) at 64x64x3, warm (pages in the page
-          cache); ratio store / memory, per repeat (target >= 0.9). Then cold: the 8 GB store's pages evicted
+          cache); ratio store / memory, per repeat (target >= 0.9); and the floor of any per-image read
+          from Python: a bare loop of one `os.preadv` an image, nothing else. Then cold: the 8 GB store's pages evicted
           from the page cache first (posix_fadvise DONTNEED on every shard, so each read goes to disk, as from a
           store larger than free memory), images/s over random batches.
 
@@ -22,6 +25,7 @@ Scratch data goes under --dir (default: a temporary directory next to the system
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -38,7 +42,7 @@ import torch
 from PIL import Image
 
 from dcgan_dist.batches import InMemoryBatches, StoreBatches
-from dcgan_dist.store import open_store, prepare_arrays
+from dcgan_dist.store import decode_image, open_store, prepare_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 ITEM = 3 * 64 * 64  # bytes of one 64x64 RGB image
@@ -70,11 +74,41 @@ def bench_prep(work: Path, jpegs: int, repeats: int) -> None:
             rates[workers].append(float(re.search(r"\((\d+) images/s\)", proc.stdout).group(1)))
             shutil.rmtree(out)
     ratios = [b / a for a, b in zip(rates[1], rates[2])]
+    ceiling = [decoders_ratio(sorted(src.iterdir())[:4000]) for _ in range(repeats)]
     print("| workers | images/s (median) | all repeats |\n|---|---|---|")
     for w, r in rates.items():
         print(f"| {w} | {statistics.median(r):,.0f} | {', '.join(f'{x:,.0f}' for x in r)} |")
     print(f"ratio 2 workers / 1: {statistics.median(ratios):.2f} (per repeat {', '.join(f'{x:.2f}' for x in ratios)};"
           " target >= 1.8)")
+    print(f"this machine's ceiling: 2 independent decoding processes / 1 (no writer, start-up excluded): "
+          f"{statistics.median(ceiling):.2f} (per repeat {', '.join(f'{x:.2f}' for x in ceiling)})")
+
+
+def _decode_all(files: list[Path], barrier=None, times=None) -> float:
+    if barrier is not None:
+        barrier.wait()
+    start = time.perf_counter()
+    for f in files:
+        decode_image(f, 64, 3, draft=True)
+    elapsed = time.perf_counter() - start
+    if times is not None:
+        times.put(elapsed)
+    return elapsed
+
+
+def decoders_ratio(files: list[Path]) -> float:
+    """Images/s of 2 processes each decoding half of `files` (started, then released together) over one
+    process decoding all: what 2 cores give this decoding with nothing else running."""
+    one = len(files) / _decode_all(files)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, times = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_decode_all, args=(files[k::2], barrier, times)) for k in range(2)]
+    for p in procs:
+        p.start()
+    slowest = max(times.get(), times.get())
+    for p in procs:
+        p.join()
+    return len(files) / slowest / one
 
 
 def make_store(work: Path, gigabytes: float) -> Path:
@@ -148,6 +182,18 @@ def rate(source, batches: int) -> float:
     return batches * source.order.batch_size / (time.perf_counter() - start)
 
 
+def bare_reads(opened, n: int, seed: int) -> float:
+    """Images/s of the tightest Python loop over one `os.preadv` an image into one buffer: the store's floor."""
+    shard, offset = np.divmod(np.random.default_rng(seed).integers(0, opened.count, n), opened.shard_size)
+    fds, item = opened._fds, opened.item_bytes
+    calls = [(fds[k], o * item) for k, o in zip(shard.tolist(), offset.tolist())]
+    buf = [memoryview(bytearray(item))]
+    start = time.perf_counter()
+    for fd, at in calls:
+        os.preadv(fd, buf, at)
+    return n / (time.perf_counter() - start)
+
+
 def bench_delivery(work: Path, repeats: int, big: Path | None) -> None:
     store = make_store(work, 0.5)  # 43,690 images: warm in the page cache, and in RAM for the baseline
     opened = open_store(store)
@@ -168,6 +214,9 @@ def bench_delivery(work: Path, repeats: int, big: Path | None) -> None:
           f"{', '.join(f'{x:,.0f}' for x in disk)} |")
     print(f"ratio store / memory: {statistics.median(ratios):.2f} (per repeat "
           f"{', '.join(f'{x:.2f}' for x in ratios)}; target >= 0.9)")
+    floor = [bare_reads(opened, 600 * 128, seed=r) for r in range(repeats)]
+    print(f"| a bare `os.preadv` loop, one call an image, nothing else (any per-image read from Python) | "
+          f"{statistics.median(floor):,.0f} | {', '.join(f'{x:,.0f}' for x in floor)} |")
     if big is not None:
         cold = open_store(big)
         free = psutil.virtual_memory().available / 2**30

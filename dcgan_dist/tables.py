@@ -57,11 +57,11 @@ class Table:
     image_column: str
     label_column: str | None
     class_names: list[str] | None
-    counts: list[int]
+    parts: list[list[int]]  # per file, the rows of each part (a Parquet row group; an Arrow file is one)
     _open: tuple = (None, None, None)  # (file, part, its rows as a pyarrow table): rows are read in order
 
     def __len__(self) -> int:
-        return sum(self.counts)
+        return sum(map(sum, self.parts))
 
     def listing(self) -> str:
         """What identifies the table for a resumed preparation: its files' names, sizes and times."""
@@ -83,10 +83,10 @@ class Table:
     def encoded(self, start: int, stop: int) -> list[tuple[str, bytes | None]]:
         """(name for messages, encoded image or None) of rows [start, stop) of the whole table."""
         out, base = [], 0
-        for path, count in zip(self.files, self.counts):
-            row = max(start, base) - base
+        for path, parts in zip(self.files, self.parts):
+            row, count = max(start, base) - base, sum(parts)
             while row < min(stop, base + count) - base:
-                first, part = self._part_of(path, row)
+                first = self._part_of(path, parts, row)
                 rows = self._open[2].slice(row - first, min(stop - base, first + self._open[2].num_rows) - row)
                 out += [(f"row {row + k} of {path}", v.get("bytes") if isinstance(v, dict) else v)
                         for k, v in enumerate(rows.column(self.image_column).to_pylist())]
@@ -94,14 +94,14 @@ class Table:
             base += count
         return out
 
-    def _part_of(self, path: Path, row: int) -> tuple[int, int]:
-        """(first row, index) of the part of `path` holding `row`, made the open one."""
+    def _part_of(self, path: Path, parts: list[int], row: int) -> int:
+        """The first row of the part of `path` holding `row`, made the open one."""
         first = 0
-        for part, rows in enumerate(_part_rows(path)):
+        for part, rows in enumerate(parts):
             if row < first + rows:
                 if self._open[:2] != (path, part):
                     self._open = (path, part, _part(path, part, self.image_column))
-                return first, part
+                return first
             first += rows
         raise IndexError(row)
 
@@ -190,7 +190,7 @@ def open_table(source: Path, image_column: str | None = None, label_column: str 
         if missing:
             raise UserError(f"{path} has no column {missing[0]!r}, which {files[0]} has; the files of a source "
                             "must share their columns")
-    return Table(files, image, label, class_names, [sum(_part_rows(p)) for p in files])
+    return Table(files, image, label, class_names, [_part_rows(p) for p in files])
 
 
 @dataclass
