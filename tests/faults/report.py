@@ -28,7 +28,8 @@ def main() -> int:
     args, pytest_args = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "faults.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/faults", f"--junitxml={xml}",
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
+               "tests/faults", f"--junitxml={xml}",
                *pytest_args]
         proc = subprocess.run(cmd, cwd=REPO)
         cases = ET.parse(xml).getroot().iter("testcase")
