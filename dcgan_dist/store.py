@@ -9,8 +9,9 @@ reads image by image through the page cache, so no rank decodes images or holds 
     STORE/labels.i64          raw int64 [count], when the source has labels
 
 Writing goes to the hidden sibling `.STORE.tmp-prepare/`, renamed to STORE once the manifest is in it, so
-STORE is either absent or complete. The sources (the sorted file list) are decoded in units of shard_size
-sources, each its own file with a sidecar (count, sha256, skipped sources) once finished; several ranks
+STORE is either absent or complete. The sources (the sorted file list, or a table's rows) are decoded in units
+of shard_size sources, each its own file that the decoding workers write into by slot, with a sidecar (count,
+sha256, skipped sources) once finished; several ranks
 (`dcgan-prepare` under `accelerate launch` or `srun`) share the units round-robin. A killed preparation, run
 again with the same arguments (with any number of ranks), keeps the units it finished (each checked against
 its sidecar's sha256) and decodes only the rest. Rank 0 then packs the units into shards (a rename when no file
@@ -44,7 +45,6 @@ from dcgan_dist.fileio import exclusive, fsync_dir, sha256_file, write_atomic
 if TYPE_CHECKING:
     import torch
 
-ImageArray = np.ndarray  # uint8 [C, S, S]
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LABELS = "labels.i64"
@@ -437,8 +437,7 @@ def prepare_table(source: Path, out: Path, size: int, channels: int, workers: in
                   overwrite: bool = False, shard_size: int = SHARD_SIZE, progress: bool = True, log=print,
                   skip_option: str = "--skip-bad-files", rank: int = 0, world: int = 1) -> Store | None:
     """Decode the encoded images of a Parquet / Hugging Face datasets table or an LMDB database (`tables.py`)
-    into the store `out`,
-    with its labels and class names where it has them; otherwise as `prepare_folder`."""
+    into the store `out`, with its labels and class names where it has them; otherwise as `prepare_folder`."""
     from dcgan_dist.tables import is_lmdb, open_lmdb, open_table
 
     check_out(out, overwrite, source if source.is_dir() else None)
