@@ -181,7 +181,7 @@ def test_an_existing_store_and_bad_arguments_are_refused(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="exists and is not a store"):
         prepare(src, tmp_path / "other", overwrite=True)
-    with pytest.raises(UserError, match="neither a folder nor a built-in dataset"):
+    with pytest.raises(UserError, match="is neither a folder, a Parquet/Arrow table"):
         prepare(tmp_path / "nothing", tmp_path / "t")
     with pytest.raises(UserError, match=r"mnist5k has 1 channel\(s\), not 3"):
         prepare("mnist5k", tmp_path / "t", channels=3)
