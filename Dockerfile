@@ -14,13 +14,14 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 
 # The package and its dependencies, with the base image's torch pinned so that pip keeps it (an
-# unpinned torchvision from PyPI would drag in another torch and its CUDA libraries).
+# unpinned torchvision from PyPI would drag in another torch and its CUDA libraries). The [tables] extra:
+# dcgan-prepare reads Parquet, Hugging Face datasets directories and LSUN inside the image too.
 COPY pyproject.toml README.md ./
 COPY dcgan_dist/ dcgan_dist/
 COPY launch/ launch/
 COPY configs/ configs/
 RUN python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > /tmp/constraints.txt \
-    && pip install -c /tmp/constraints.txt . \
+    && pip install -c /tmp/constraints.txt ".[tables]" \
     && rm /tmp/constraints.txt
 
 # Run as an ordinary user; runs/ and data/ are where a mounted volume goes.
