@@ -180,10 +180,10 @@ def prepare_main(argv: list[str] | None = None) -> None:
                      "copies one to node-local disk, verified.")
     parser.add_argument("source", nargs="?", help="an image folder (recursive; when every image sits in a "
                         "first-level sub-folder, those are the classes); Parquet files or a Hugging Face datasets "
-                        "directory (save_to_disk) with an image and an optional label column (needs pyarrow: pip "
-                        "install 'dcgan_dist[tables]'); or a built-in dataset: mnist5k, mnist, fashion_mnist, "
-                        "cifar10, synthetic, celeba (ROOT/celeba/img_align_celeba) (a folder of such a name: write "
-                        "./NAME)")
+                        "directory (save_to_disk) with an image and an optional label column (needs pip install "
+                        "'dcgan_dist[tables]'); or a named dataset: mnist5k, mnist, fashion_mnist, cifar10, "
+                        "synthetic, celeba (ROOT/celeba/img_align_celeba), lsun:CATEGORY (ROOT/CATEGORY_lmdb) (a "
+                        "folder of such a name: write ./NAME)")
     parser.add_argument("--size", type=int, help="image size S: the shorter side is resized to S, then centre-cropped")
     parser.add_argument("--out", help="the store directory to write (STORE)")
     parser.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3 (default: the dataset's own; 3 for a "

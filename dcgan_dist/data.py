@@ -148,9 +148,9 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
     """`dcgan-prepare`: a built-in dataset (`BUILT_IN`, read under `root` as for training), `celeba` (its aligned
     JPEGs where torchvision keeps them: `<root>/celeba/img_align_celeba/`), `lsun:CATEGORY` (`<root>/CATEGORY_lmdb`,
     as torchvision reads LSUN), an image folder, or a table of encoded images (Parquet files, a Hugging Face
-    `datasets` directory, an LMDB database: `tables.py`) -> the store `out` (see
-    `store.py`). `channels` None: the dataset's own, 3 otherwise. With `world` > 1, rank `rank`'s share of the
-    work; rank 0 writes the store and returns it, the others return None."""
+    `datasets` directory, an LMDB database: `tables.py`) -> the store `out` (see `store.py`). `channels` None:
+    the dataset's own, 3 otherwise. With `world` > 1, rank `rank`'s share of the work; rank 0 writes the store
+    and returns it, the others return None."""
     out = Path(out)
     common = dict(skip_bad_files=skip_bad_files, overwrite=overwrite, shard_size=shard_size, progress=progress,
                   log=log, skip_option=skip_option, rank=rank, world=world)

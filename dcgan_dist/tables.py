@@ -41,6 +41,11 @@ def table_files(source: Path) -> list[Path]:
     return []
 
 
+def _listing(files: list[Path]) -> str:
+    """What identifies a table for a resumed preparation: its files' names, sizes and times."""
+    return "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 def _pyarrow():
     try:
         import pyarrow
@@ -64,8 +69,7 @@ class Table:
         return sum(map(sum, self.parts))
 
     def listing(self) -> str:
-        """What identifies the table for a resumed preparation: its files' names, sizes and times."""
-        return "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in self.files)
+        return _listing(self.files)
 
     def labels(self) -> list[int] | None:
         if self.label_column is None:
@@ -206,7 +210,7 @@ class LmdbTable:
         return len(self.keys)
 
     def listing(self) -> str:
-        return "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(self.path.iterdir()))
+        return _listing([self.path / "data.mdb"])  # not lock.mdb, which readers elsewhere touch
 
     def labels(self) -> None:
         return None
