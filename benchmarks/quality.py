@@ -18,7 +18,8 @@ import torch
 from dcgan_dist import checkpoint, evaluation
 from dcgan_dist.models import Generator
 
-COLUMNS = ("fd", "fd_floor", "kid", "precision", "recall", "inception_score", "coverage", "confidence", "class_kl")
+COLUMNS = ("fd", "fd_floor", "kid", "precision", "recall", "inception_score", "coverage", "confidence", "class_kl",
+           "class_share_min", "class_share_max")
 
 
 def main() -> None:
@@ -34,7 +35,8 @@ def main() -> None:
         print("quality: no run to score (run `make demo` first, or pass run directories)")
         return
     rows, spaces_for = [], {}
-    heads = ("fd", "floor", "fd/floor", "kid", "precision", "recall", "IS", "coverage", "confidence", "class_kl")
+    heads = ("fd", "floor", "fd/floor", "kid", "precision", "recall", "IS", "coverage", "confidence", "class_kl",
+             "min share", "max share")
     print(f"{'run':<24}{'step':>6} {'G':<4}" + "".join(f"{c:>11}" for c in heads))
     for run in runs:
         for ckpt in checkpoint.complete_checkpoints(run / "checkpoints")[::-1]:  # oldest first

@@ -378,6 +378,7 @@ _FID_FILE = "pt_inception-2015-12-05-6726825d.pth"  # fid.FID_WEIGHTS_FILE (not 
 _EVAL_ROWS = (("fd", "Fréchet distance"), ("kid", "KID"),
               ("precision", "precision"), ("recall", "recall"), ("inception_score", "inception score"),
               ("coverage", "class coverage"), ("confidence", "mean confidence"), ("class_kl", "class KL (nats)"),
+              ("class_share_min", "smallest class share"), ("class_share_max", "largest class share"),
               ("class_accuracy", "requested class"))  # conditional models: share classified as the class asked for
 
 

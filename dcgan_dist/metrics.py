@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 COVERAGE_MIN_SHARE = 0.02  # a class is covered when it holds at least 2% of the samples
-CLASS_METRICS = ("inception_score", "coverage", "confidence", "class_kl")
 
 
 def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
@@ -107,10 +106,12 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: 
 
 
 def class_metrics(probs: torch.Tensor, data_hist: torch.Tensor) -> dict[str, float]:
-    """Inception score, coverage, confidence and class KL of softmax outputs [N, K] against the data's shares [K]."""
+    """Inception score, coverage, confidence and class KL of softmax outputs [N, K] against the data's shares [K],
+    and the smallest and largest class share (how balanced the predicted classes are)."""
     hist = class_histogram(probs, len(data_hist))
     return {"inception_score": inception_score(probs), "coverage": coverage(hist),
-            "confidence": mean_confidence(probs), "class_kl": class_kl(hist, data_hist)}
+            "confidence": mean_confidence(probs), "class_kl": class_kl(hist, data_hist),
+            "class_share_min": float(hist.min()), "class_share_max": float(hist.max())}
 
 
 def reference_metrics(feats: torch.Tensor, ref_a: torch.Tensor, ref_b: torch.Tensor) -> dict[str, float]:

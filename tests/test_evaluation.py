@@ -73,6 +73,8 @@ def test_class_histogram_coverage_and_kl():
     assert M.class_kl(half, uniform) == pytest.approx(np.log(5))  # sum 0.5 log(0.5 / 0.1)
     probs = torch.eye(10)[torch.tensor([0, 0, 1, 9])]
     assert M.class_histogram(probs, 10).tolist() == [0.5, 0.25] + [0.0] * 7 + [0.25]
+    shares = M.class_metrics(torch.eye(10)[torch.tensor([0, 0, 0] + list(range(1, 10)) * 2)], uniform)
+    assert shares["class_share_min"] == pytest.approx(2 / 21) and shares["class_share_max"] == pytest.approx(3 / 21)
 
 
 def test_inception_score_and_confidence_on_constructed_predictions():
@@ -159,13 +161,15 @@ def test_eval_command_on_a_tiny_mnist5k_run(tmp_path, classifier, mnist_run):
                TORCH_HOME=str(tmp_path / "torch"))
     assert_ok(proc)
     assert "EMA generator" in proc.stdout and "Fréchet distance" in proc.stdout and "class coverage" in proc.stdout
+    assert "smallest class share" in proc.stdout and "largest class share" in proc.stdout
     assert "FID/KID skipped: no TF-Inception weights (pt_inception-2015-12-05)" in proc.stdout
     report = json.loads(out.read_text())
     m = report["metrics"]
     assert report["ema"] is True and report["num"] == 600 and report["data"] == "mnist5k"
     for key in ("fd", "fd_floor", "kid", "precision", "recall", "inception_score", "coverage", "confidence",
-                "class_kl"):
+                "class_kl", "class_share_min", "class_share_max"):
         assert np.isfinite(m[f"classifier/{key}"]), key
+    assert 0 <= m["classifier/class_share_min"] <= 0.1 <= m["classifier/class_share_max"] <= 1
     assert 0 <= m["classifier/coverage"] <= 10 and 1 <= m["classifier/inception_score"] <= 10
     assert m["classifier/fd"] > m["classifier/fd_floor"] > 0  # 20 steps of training is far from the data
     assert report["real"]["classifier/coverage"] == 10
