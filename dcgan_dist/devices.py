@@ -23,17 +23,18 @@ def accelerator_type() -> str:
 
 
 def native_bf16(device: str) -> bool:
-    """Whether bf16 runs in hardware on `device`: a CUDA GPU with bf16 units (Ampere and later), an XPU, or a
-    CPU with AVX512-BF16 or AMX (where bf16 convolutions run ~1.7-3x faster than fp32; emulated, slower).
-    MPS: no (bf16 there needs macOS 14 and is not faster than fp16/fp32 for these convolutions)."""
+    """Whether bf16 runs faster than fp32 in hardware on `device`: a CUDA GPU with bf16 units (Ampere and later),
+    an XPU, or a CPU with AMX (bf16 steps 1.7-3x fp32's speed, docs/PERFORMANCE.md). Not a CPU with AVX512-BF16
+    alone: there oneDNN's bf16 convolutions ran these models at 0.8x fp32's images/s; emulated bf16 is slower
+    still. MPS: no (bf16 there needs macOS 14 and is not faster than fp16/fp32 for these convolutions)."""
     if device == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device == "xpu":
         return torch.xpu.is_bf16_supported()
     if device == "mps":
         return False
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe is not None and probe() for probe in probes)  # private probes: absent -> no
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # a private probe: absent -> no
+    return probe is not None and bool(probe())
 
 
 def fused_adam(device: str) -> bool:

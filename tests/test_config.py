@@ -50,7 +50,7 @@ def test_global_batch_is_split_over_ranks():
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
     auto = load_config(None, ["train.mixed_precision=auto"])
-    has = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    has = torch.cpu._is_amx_tile_supported()  # AVX512-BF16 alone runs these models slower in bf16 than in fp32
     assert devices.native_bf16("cpu") == has and not devices.native_bf16("mps")
     for device, bf16 in (("cpu", has), ("cuda", True), ("cuda", False), ("xpu", True), ("mps", False)):
         cfg = validate_world(auto, 1, device, bf16)
