@@ -23,6 +23,7 @@ No torch at import: the decoding workers import this module (the reader imports 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import io
@@ -373,10 +374,7 @@ def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: st
         raise UserError(f"source {source!r} is not a folder nor a built-in dataset")
     check_out(out, overwrite, folder)
     workers = workers or os.cpu_count() or 1
-    # spawn, not fork: the parent may hold torch's threads; the workers import only this module, numpy and PIL
-    # (started first: they start up while the folder is listed)
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
+    with _decoding_pool(workers) as pool:  # started first: the workers start up while the folder is listed
         files = list_images(folder)
         if not files:
             raise UserError(f"source {source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -388,15 +386,24 @@ def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: st
                                     workers, skip_bad_files, skip_option)
         store = _write(out, plan, len(files), decoded, labels, lambda i: str(files[i].relative_to(folder)), info,
                        shard_size, progress, log, rank, world)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     if store is not None and store.manifest["skipped"]:
         skipped = store.manifest["skipped"]
         log(f"warning: skipped {len(skipped)} of {len(files)} image(s) that cannot be decoded ({skip_option}): "
             + ", ".join(str(folder / name) for name in skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
     return store
+
+
+@contextlib.contextmanager
+def _decoding_pool(workers: int) -> Iterator:
+    """`workers` decoding processes, or None for one (decode in this process); stopped on the way out.
+    spawn, not fork: the parent may hold torch's threads; the workers import only this module, numpy and PIL."""
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
 
 def _decoded(items_of: Callable[[int, int], list], size: int, channels: int, pool, workers: int,
@@ -457,16 +464,11 @@ def prepare_table(source: Path, out: Path, size: int, channels: int, workers: in
             "label_column": table.label_column}
     info = {"class_names": table.class_names, "num_classes": num_classes, "resize": FOLDER_RESIZE}
     workers = workers or os.cpu_count() or 1
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
+    with _decoding_pool(workers) as pool:
         decoded = functools.partial(_decoded, table.encoded, size, channels, pool, workers, skip_bad_files,
                                     skip_option)
         store = _write(out, plan, len(table), decoded, labels, lambda i: f"row {i}", info, shard_size, progress,
                        log, rank, world)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     if store is not None and store.manifest["skipped"]:
         log(f"warning: skipped {len(store.manifest['skipped'])} of {len(table)} row(s) whose image cannot be "
             f"decoded ({skip_option})")

@@ -13,6 +13,7 @@ Arrow file, so a table larger than memory prepares.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,54 +111,52 @@ class Table:
         raise IndexError(row)
 
 
-def _part(path: Path, part: int, column: str):
-    """One column of a Parquet row group, or of a whole Arrow file (memory-mapped: read lazily)."""
+@contextmanager
+def _reading(path: Path):
+    """pyarrow, with any failure to read `path` turned into a one-line UserError."""
     pa = _pyarrow()
     try:
-        if path.suffix == ".parquet":
-            return pa.parquet.ParquetFile(path).read_row_group(part, columns=[column])
-        return _whole(path, [column])
+        yield pa
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"cannot read table {path}: {e}") from None
+
+
+def _ipc(path: Path):
+    """A reader of an Arrow file, memory-mapped: the IPC file format, or the stream format save_to_disk writes."""
+    pa = _pyarrow()
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path)))
+    except pa.ArrowInvalid:
+        return pa.ipc.open_stream(pa.memory_map(str(path)))
+
+
+def _part(path: Path, part: int, column: str):
+    """One column of a Parquet row group, or of a whole Arrow file (memory-mapped: read lazily)."""
+    if path.suffix != ".parquet":
+        return _whole(path, [column])
+    with _reading(path) as pa:
+        return pa.parquet.ParquetFile(path).read_row_group(part, columns=[column])
 
 
 def _whole(path: Path, columns: list[str]):
-    pa = _pyarrow()
-    try:
+    with _reading(path) as pa:
         if path.suffix == ".parquet":
             return pa.parquet.ParquetFile(path).read(columns=columns)
-        source = pa.memory_map(str(path))
-        try:
-            return pa.ipc.open_file(source).read_all().select(columns)
-        except pa.ArrowInvalid:
-            return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().select(columns)  # save_to_disk's
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"cannot read table {path}: {e}") from None
+        return _ipc(path).read_all().select(columns)
 
 
 def _part_rows(path: Path) -> list[int]:
     """The row count of each row group of a Parquet file; an Arrow file is one part."""
-    pa = _pyarrow()
-    try:
-        if path.suffix == ".parquet":
-            meta = pa.parquet.ParquetFile(path).metadata
-            return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    if path.suffix != ".parquet":
         return [_whole(path, []).num_rows]
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"cannot read table {path}: {e}") from None
+    with _reading(path) as pa:
+        meta = pa.parquet.ParquetFile(path).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
 
 def _schema(path: Path):
-    pa = _pyarrow()
-    try:
-        if path.suffix == ".parquet":
-            return pa.parquet.read_schema(path)
-        try:
-            return pa.ipc.open_file(pa.memory_map(str(path))).schema
-        except pa.ArrowInvalid:
-            return pa.ipc.open_stream(pa.memory_map(str(path))).schema
-    except (OSError, pa.ArrowException) as e:
-        raise UserError(f"cannot read table {path}: {e}") from None
+    with _reading(path) as pa:
+        return pa.parquet.read_schema(path) if path.suffix == ".parquet" else _ipc(path).schema
 
 
 def open_table(source: Path, image_column: str | None = None, label_column: str | None = None) -> Table:
