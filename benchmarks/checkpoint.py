@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dcgan_dist import checkpoint
-from dcgan_dist.models import Discriminator, Generator
+from dcgan_dist.gan.models import Discriminator, Generator
 
 
 def state() -> dict:

@@ -40,7 +40,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from dcgan_dist.config import load_config
-from dcgan_dist.trainer import Trainer
+from dcgan_dist.train.trainer import Trainer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

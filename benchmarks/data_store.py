@@ -41,8 +41,8 @@ import psutil
 import torch
 from PIL import Image
 
-from dcgan_dist.batches import InMemoryBatches, StoreBatches
-from dcgan_dist.store import decode_image, open_store, prepare_arrays
+from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
+from dcgan_dist.data.store import decode_image, open_store, prepare_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 ITEM = 3 * 64 * 64  # bytes of one 64x64 RGB image

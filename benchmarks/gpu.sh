@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgan_dist.models import Discriminator, Generator, init_weights
+from dcgan_dist.gan.models import Discriminator, Generator, init_weights
 
 p = argparse.ArgumentParser()
 p.add_argument("part", choices=["env", "trainer", "plain", "summary"])
@@ -162,7 +162,7 @@ def cleanup():
 def bench_trainer(batch, cl, comp):
     from dcgan_dist.config import load_config
     from dcgan_dist.errors import UserError
-    from dcgan_dist.trainer import Trainer
+    from dcgan_dist.train.trainer import Trainer
     ov = [f"model.image_size={a.size}", f"train.batch_size={batch}", "data.name=synthetic",
           f"data.num_images={batch}", "model.channels=1", f"model.g_width={a.width}", f"model.d_width={a.width}",
           f"train.mixed_precision={a.precision}", f"train.channels_last={bool(cl)}", f"train.compile={bool(comp)}",

@@ -33,10 +33,10 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dcgan_dist.batches import ShardedBatches
 from dcgan_dist.config import load_config
-from dcgan_dist.data import load_images, to_model_range
-from dcgan_dist.trainer import Trainer
+from dcgan_dist.data.batches import ShardedBatches
+from dcgan_dist.data.sources import load_images, to_model_range
+from dcgan_dist.train.trainer import Trainer
 
 
 class SeedMNIST(Dataset):

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from dcgan_dist import checkpoint, evaluation
-from dcgan_dist.models import Generator
+from dcgan_dist import checkpoint
+from dcgan_dist.gan.models import Generator
+from dcgan_dist.quality import evaluation
 
 COLUMNS = ("fd", "fd_floor", "kid", "precision", "recall", "inception_score", "coverage", "confidence", "class_kl",
            "class_share_min", "class_share_max")

@@ -43,8 +43,8 @@ def worker(args):
     import torch.distributed as dist
 
     from dcgan_dist.config import load_config
-    from dcgan_dist.data import to_model_range
-    from dcgan_dist.trainer import Trainer
+    from dcgan_dist.data.sources import to_model_range
+    from dcgan_dist.train.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ov = [f"model.image_size={args.size}", f"train.batch_size={args.batch}", "data.name=synthetic",

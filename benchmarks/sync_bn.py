@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dcgan_dist.sync_bn import convert_sync_batchnorm
+from dcgan_dist.train.sync_bn import convert_sync_batchnorm
 
 WIDTHS = (64, 128, 256, 512)
 

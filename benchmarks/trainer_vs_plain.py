@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from dcgan_dist.config import load_config
-from dcgan_dist.models import Discriminator, Generator, init_weights
-from dcgan_dist.trainer import Trainer
+from dcgan_dist.gan.models import Discriminator, Generator, init_weights
+from dcgan_dist.train.trainer import Trainer
 
 
 def overrides(size: int, batch: int, run_dir: str) -> list[str]:

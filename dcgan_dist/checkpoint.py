@@ -20,10 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dcgan_dist.catalog import IMAGE_SIZES
 from dcgan_dist.errors import RunError, UserError
 from dcgan_dist.fileio import fsync_dir, sha256_file, write_atomic
-from dcgan_dist.models import CONDS, Discriminator, Generator
+from dcgan_dist.gan.models import CONDS, Discriminator, Generator
+from dcgan_dist.registry import IMAGE_SIZES
 
 FORMAT_VERSION = 1
 
@@ -283,3 +283,12 @@ def _fsync_and_hash(path: Path) -> str:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     return sha256_file(path)
+
+
+def load_generator(arg: str, ema: bool = True) -> tuple[Generator, dict, bool]:
+    """(generator in eval mode, its checkpoint's meta, whether it is an EMA generator) from a checkpoint dir,
+    run dir or generator*.safetensors: the weights `choose_generator` picks, verified."""
+    ckpt_dir, stem, meta = choose_generator(arg, ema)
+    generator = Generator(**meta["generator"])  # checked against the file's tensors by read_meta
+    generator.load_state_dict(load_tensors(ckpt_dir, stem))
+    return generator.eval(), meta, is_ema(stem, meta)

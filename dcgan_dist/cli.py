@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dcgan_dist import launcher
+
 EXIT_USER_ERROR = 2
 EXIT_RUN_ERROR = 1
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint: requeue with train.resume=auto
@@ -33,14 +35,14 @@ def _run(fn: Callable[[], None], disk_full: str = DISK_FULL_TRAIN) -> None:
     try:
         fn()
     except (UserError, RunError) as e:
-        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
+        if launcher.place().rank == 0:  # one line per job, not one per rank
             print(f"error: {e}", file=sys.stderr, flush=True)
         else:  # the other ranks hit the same error: let rank 0 print before the launcher tears the job down
             time.sleep(3)
         sys.exit(EXIT_USER_ERROR if isinstance(e, UserError) else EXIT_RUN_ERROR)
     except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors
-        rank = os.environ.get("RANK", "0")
-        if rank == "0" or not any(m in str(e) for m in PEER_LOST):
+        rank = launcher.place().rank
+        if rank == 0 or not any(m in str(e) for m in PEER_LOST):
             raise
         # Another rank failed first and printed why (or its traceback); this one only lost the connection.
         print(f"error: rank {rank} stopped: another rank of the job failed first (its error is above)",
@@ -76,7 +78,7 @@ def train_main(argv: list[str] | None = None) -> None:
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return
-        from dcgan_dist.trainer import Trainer
+        from dcgan_dist.train.trainer import Trainer
 
         with Trainer(cfg, overwrite=args.overwrite) as trainer:  # closed before the interpreter's teardown
             complete = trainer.train()
@@ -103,8 +105,9 @@ def sample_main(argv: list[str] | None = None) -> None:
     def sample() -> None:
         import torch
 
-        from dcgan_dist import sampling
+        from dcgan_dist import checkpoint
         from dcgan_dist.errors import UserError
+        from dcgan_dist.gan import sampling
 
         if args.num < 1:
             raise UserError(f"--num {args.num}: ask for at least one image")
@@ -112,7 +115,7 @@ def sample_main(argv: list[str] | None = None) -> None:
         if out.suffix not in (".npz", ".png"):
             raise UserError(f"--out {out}: use a .npz (uint8 NHWC array) or .png (grid) file name")
         def load():
-            generator, _, _ = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+            generator, _, _ = checkpoint.load_generator(args.checkpoint, ema=not args.no_ema)
             k = generator.num_classes
             if args.label is not None and not 0 <= args.label < k:
                 fix = f"use a class in 0..{k - 1}" if k else \
@@ -209,9 +212,9 @@ def prepare_main(argv: list[str] | None = None) -> None:
         parser.error("give SOURCE, --size and --out (or --verify STORE, or --stage STORE DEST)")
 
     def prepare() -> None:
-        from dcgan_dist import store
-        from dcgan_dist.catalog import IMAGE_SIZES
+        from dcgan_dist.data import store
         from dcgan_dist.errors import UserError
+        from dcgan_dist.registry import IMAGE_SIZES
 
         if args.stage:
             store.stage_store(*args.stage)
@@ -228,13 +231,13 @@ def prepare_main(argv: list[str] | None = None) -> None:
             raise UserError(f"--workers {args.workers}: use 1 or more processes")
         if args.shard_size is not None and args.shard_size < 1:
             raise UserError(f"--shard-size {args.shard_size}: use 1 or more images per shard")
-        from dcgan_dist.data import prepare_store
+        from dcgan_dist.data.sources import prepare_store
 
         # Under `accelerate launch`/torchrun (RANK, WORLD_SIZE) or `srun` (SLURM_PROCID, SLURM_NTASKS) the ranks
         # share the work through --out's temporary directory (no network): --out must be on a filesystem all see.
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-        workers = args.workers or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        where = launcher.place()
+        rank, world = where.rank, where.world_size
+        workers = args.workers or max(1, len(os.sched_getaffinity(0)) // where.local_world_size)
         # the bar only on a terminal: a log file gets the summary line (with images/s) instead
         prepare_store(args.source, args.out, args.size, args.channels, workers, args.root,
                       skip_bad_files=args.skip_bad_files, overwrite=args.overwrite,
@@ -283,9 +286,11 @@ def eval_main(argv: list[str] | None = None) -> None:
     def evaluate() -> None:
         import json
 
-        from dcgan_dist import evaluation, sampling
-        from dcgan_dist.catalog import DATASETS
+        from dcgan_dist import checkpoint
         from dcgan_dist.errors import UserError
+        from dcgan_dist.gan import sampling
+        from dcgan_dist.quality import evaluation
+        from dcgan_dist.registry import DATASETS
 
         if args.fid_standard and (args.ref_num is not None or args.num not in (None, evaluation.STANDARD_NUM)):
             raise UserError("--fid-standard fixes --num at 50000 and the reference at the whole training split; "
@@ -314,7 +319,7 @@ def eval_main(argv: list[str] | None = None) -> None:
                 raise UserError(f"{args.checkpoint}: arr_0 has {channels} channel(s) but {data} images have {wanted}; "
                                 "score samples against a dataset with the same channels (--data)")
         else:
-            generator, meta, ema = sampling.load_generator(args.checkpoint, ema=not args.no_ema)
+            generator, meta, ema = checkpoint.load_generator(args.checkpoint, ema=not args.no_ema)
             num, image_size, channels = num or 5000, generator.image_size, generator.channels
             data_cfg, step = meta.get("config", {}).get("data", {}), meta.get("step")
             data, root = args.data or data_cfg.get("name"), args.data_root or data_cfg.get("root", "data")
@@ -403,7 +408,7 @@ def _fid_stats_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     def stats() -> None:
-        from dcgan_dist import evaluation, fid
+        from dcgan_dist.quality import evaluation, fid
 
         net, weights = fid.build_fid_inception(args.fid_weights)
         ref = evaluation.fid_reference(net, weights["sha256"], args.data, args.data_root, args.image_size,
@@ -423,7 +428,7 @@ def _convert_fid_weights_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     def convert() -> None:
-        from dcgan_dist import fid
+        from dcgan_dist.quality import fid
 
         sha = fid.convert_weights(args.src, args.out)
         print(f"wrote {args.out} (sha256 {sha})")
@@ -443,12 +448,12 @@ def _train_classifier_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     def train() -> None:
-        from dcgan_dist import evaluation, features
         from dcgan_dist.errors import UserError
+        from dcgan_dist.quality import evaluation, features
 
         if args.image_size < 8 or args.epochs < 1:
             raise UserError("--image-size must be at least 8 and --epochs at least 1")
-        from dcgan_dist.data import user_cache_dir
+        from dcgan_dist.data.sources import user_cache_dir
 
         out = Path(args.out) if args.out else features.classifier_path(
             args.cache_dir or user_cache_dir(), args.data, args.image_size)

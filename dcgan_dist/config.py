@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from dcgan_dist.catalog import (
+from dcgan_dist.errors import UserError
+from dcgan_dist.registry import (
     AUGMENT_POLICIES,
     DATASETS,
     HIGHER_IS_BETTER,
@@ -27,7 +28,6 @@ from dcgan_dist.catalog import (
     METRIC_SPACES,
     parse_augment,
 )
-from dcgan_dist.errors import UserError
 
 
 @dataclass

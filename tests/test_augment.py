@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dcgan_dist import augment
+from dcgan_dist.gan import augment
 
 
 def _images(b=16, c=1, s=16):

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, assert_ok, env, run_train
-from dcgan_dist import checkpoint, train_state
+from dcgan_dist import checkpoint
 from dcgan_dist.errors import UserError
+from dcgan_dist.train import state as train_state
 
 
 def cli(fn, *args):

@@ -5,9 +5,9 @@ import torch
 import yaml
 
 from conftest import run_train
-from dcgan_dist import devices
 from dcgan_dist.config import Config, load_config, validate_world
 from dcgan_dist.errors import UserError
+from dcgan_dist.train import devices
 
 
 def test_defaults_and_typed_overrides():
@@ -20,7 +20,7 @@ def test_defaults_and_typed_overrides():
 
 
 def test_every_recipe_loads(tmp_path):
-    from dcgan_dist.data import prepare_store
+    from dcgan_dist.data.sources import prepare_store
 
     store = tmp_path / "store"  # for the recipes that train from a prepared store
     prepare_store("synthetic", store, 64, 3, progress=False, log=lambda *_: None)

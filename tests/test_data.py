@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan_dist.batches import ShardedBatches
-from dcgan_dist.data import load_images, synthetic_shapes, to_model_range
+from dcgan_dist.data.batches import ShardedBatches
+from dcgan_dist.data.sources import load_images, synthetic_shapes, to_model_range
 from dcgan_dist.errors import UserError
 
 

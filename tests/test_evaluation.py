@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import REPO, accelerate_launch, assert_ok, env, run_train
-from dcgan_dist import evaluation as E
-from dcgan_dist import metrics as M
-from dcgan_dist import sampling
-from dcgan_dist.data import load_dataset
+from dcgan_dist.data.sources import load_dataset
 from dcgan_dist.errors import UserError
+from dcgan_dist.gan import sampling
+from dcgan_dist.quality import evaluation as E
+from dcgan_dist.quality import metrics as M
 
 
 def cli(main: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
@@ -261,7 +261,7 @@ def test_two_rank_evaluate_equals_one_process(tmp_path, classifier, mnist_run):
     assert_ok(proc)
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world"] == 2
-    from dcgan_dist.sampling import load_generator
+    from dcgan_dist.checkpoint import load_generator
 
     generator, _, _ = load_generator(str(mnist_run))
     model, meta = E.load_classifier(classifier)
@@ -288,7 +288,7 @@ def test_eval_during_two_rank_training_equals_one_process_and_keeps_the_best(tmp
     evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/classifier/fd" in r]
     assert [r["step"] for r in evals] == [4, 8, 12]
     # the values equal one process evaluating the same (EMA) generator on the same noise
-    from dcgan_dist.sampling import load_generator
+    from dcgan_dist.checkpoint import load_generator
 
     model, meta = E.load_classifier(classifier)
     space = E.classifier_space(model, meta, *E.labelled_data("mnist5k", "data", 32))

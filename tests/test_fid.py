@@ -15,11 +15,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import accelerate_launch, assert_ok
-from dcgan_dist import evaluation as E
-from dcgan_dist import fid
-from dcgan_dist import metrics as M
-from dcgan_dist.data import load_images
+from dcgan_dist.data.sources import load_images
 from dcgan_dist.errors import UserError
+from dcgan_dist.quality import evaluation as E
+from dcgan_dist.quality import fid
+from dcgan_dist.quality import metrics as M
 
 
 def run_main(main, args, capsys) -> tuple[int, str, str]:
@@ -278,7 +278,7 @@ def test_fid_during_two_rank_training_equals_one_process(torch_home, weights, tm
     assert "FID reference" not in proc.stdout  # read, not computed
     records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     (record,) = [r for r in records if "eval/inception/fd" in r]
-    from dcgan_dist.sampling import load_generator
+    from dcgan_dist.checkpoint import load_generator
 
     generator, _, _ = load_generator(str(run / "checkpoints" / "step-00000004"))
     spaces, _ = E.feature_spaces("synthetic", "data", cache, image_size=32, channels=1, num_images=32,

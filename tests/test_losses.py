@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from dcgan_dist.losses import AdversarialLoss
+from dcgan_dist.gan.losses import AdversarialLoss
 
 
 def test_bce_on_logits_equals_the_seed_sigmoid_and_bceloss():

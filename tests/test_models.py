@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dcgan_dist.config import load_config
-from dcgan_dist.models import Discriminator, Generator, init_weights
+from dcgan_dist.gan.models import Discriminator, Generator, init_weights
 
 
 # A literal transcription of the reference recipe's networks (docs/DCGAN.md#the-reference-recipe), Sigmoid included.

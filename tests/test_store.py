@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from conftest import REPO, accelerate_launch, assert_ok, env, free_port, run_train, snapshot
-from dcgan_dist import checkpoint, store
-from dcgan_dist.batches import InMemoryBatches, StoreBatches
+from dcgan_dist import checkpoint
 from dcgan_dist.config import load_config
-from dcgan_dist.data import batch_source, load_dataset, prepare_store
+from dcgan_dist.data import store
+from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
+from dcgan_dist.data.sources import batch_source, load_dataset, prepare_store
 from dcgan_dist.errors import UserError
 
 SIZES = [(40, 60), (70, 45), (100, 130), (33, 33)]  # (h, w); 100x130 JPEGs take the draft path at 32

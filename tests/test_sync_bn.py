@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dcgan_dist.sync_bn import DistributedBatchNorm, check_consistency, convert_sync_batchnorm
+from dcgan_dist.train.sync_bn import DistributedBatchNorm, check_consistency, convert_sync_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist" / "sync_bn_worker.py"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_store import cli, make_folder, one_line_error, prepare
 
-from dcgan_dist import store
+from dcgan_dist.data import store
 from dcgan_dist.errors import UserError
 
 

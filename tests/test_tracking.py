@@ -11,7 +11,7 @@ import pytest
 from wandb.proto import wandb_internal_pb2
 
 from conftest import REPO, accelerate_launch, assert_ok, env, run_train
-from dcgan_dist.stats import STATS
+from dcgan_dist.train.stats import STATS
 
 WORKER = str(REPO / "tests" / "dist" / "train_worker.py")
 SCALARS = ["loss/D", "loss/D_real", "loss/D_fake", "loss/G", "D/real", "D/fake_before", "D/fake_after", "D/accuracy",

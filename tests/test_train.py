@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import FAULTY_TRAIN, REPO, assert_ok, env, run_train
-from dcgan_dist.models import Generator
+from dcgan_dist.gan.models import Generator
 
 
 def sample(*args):
@@ -135,7 +135,7 @@ def test_sample_command_bad_input(tmp_path, smoke_args):
 def test_ema_update_rule_with_warmup(tmp_path):
     """EMA_t = d_t EMA_{t-1} + (1 - d_t) G_t with d_t = decay * min(1, t / warmup); BN buffers copied from G."""
     from dcgan_dist.config import load_config
-    from dcgan_dist.trainer import Trainer
+    from dcgan_dist.train.trainer import Trainer
 
     cfg = load_config("configs/smoke.yaml", [f"run.dir={tmp_path / 'run'}", "log.wandb.mode=disabled",
                                              "model.ema.decay=0.9", "model.ema.warmup_steps=4"])
@@ -160,7 +160,7 @@ def test_ema_update_rule_with_warmup(tmp_path):
 def test_conditional_run_grid_rows_and_class_sampling(tmp_path, smoke_args, extra):
     from PIL import Image
 
-    from dcgan_dist import sampling
+    from dcgan_dist.gan import sampling
 
     proc = run_train(*smoke_args, "data.name=mnist5k", "data.num_images=null", "model.num_classes=10",
                      "train.steps=4", "log.num_samples=20", *extra)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dcgan_dist.sync_bn import check_consistency, convert_sync_batchnorm
+from dcgan_dist.train.sync_bn import check_consistency, convert_sync_batchnorm
 
 UNEVEN = {2: [3, 5], 3: [0, 5, 2]}  # rows per rank; an empty rank still joins every collective
 OFFSET = torch.tensor([5.0, -3.0, 0.5])  # per-channel mean and scale far from (0, 1): a test of stability

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from dcgan_dist.config import load_config
-from dcgan_dist.trainer import Trainer
+from dcgan_dist.train.trainer import Trainer
 
 mode, out = sys.argv[1], Path(sys.argv[2])
 trainer = Trainer(load_config("configs/smoke.yaml", sys.argv[3:]), overwrite=True)
@@ -88,7 +88,7 @@ elif mode == "step":
         trainer.train_step(real[mine], z[mine])
     save_params("step")
     if trainer.cfg.model.sync_bn:  # parameters and BN buffers must now agree on every rank
-        from dcgan_dist.sync_bn import check_consistency
+        from dcgan_dist.train.sync_bn import check_consistency
 
         check_consistency(trainer.G, "G"), check_consistency(trainer.D, "D")
 trainer.close()  # as dcgan-train does: DDP's state must not be left to interpreter teardown

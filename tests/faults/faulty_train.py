@@ -11,7 +11,9 @@ usage: python tests/faults/faulty_train.py [dcgan-train arguments]   (or under `
 import os
 import time
 
-from dcgan_dist import checkpoint, cli, store, trainer
+from dcgan_dist import checkpoint, cli
+from dcgan_dist.data import store
+from dcgan_dist.train import trainer
 
 
 class FaultyTrainer(trainer.Trainer):

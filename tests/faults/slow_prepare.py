@@ -8,7 +8,8 @@ usage: python tests/faults/slow_prepare.py [dcgan-prepare arguments]   (use --wo
 import os
 import time
 
-from dcgan_dist import cli, store
+from dcgan_dist import cli
+from dcgan_dist.data import store
 
 delay = float(os.environ.get("FAULT_DECODE_DELAY", "0.1"))
 decode_image = store.decode_image

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dcgan_dist import devices
 from dcgan_dist.config import Config
-from dcgan_dist.ema import EMA
-from dcgan_dist.models import Discriminator, Generator, init_weights
-from dcgan_dist.sync_bn import convert_sync_batchnorm
+from dcgan_dist.gan.models import Discriminator, Generator, init_weights
+from dcgan_dist.train import devices
+from dcgan_dist.train.ema import EMA
+from dcgan_dist.train.sync_bn import convert_sync_batchnorm
 
 
 @dataclass

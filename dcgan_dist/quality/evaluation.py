@@ -30,11 +30,12 @@ from safetensors.torch import save
 from torch import nn
 
 from dcgan_dist import fileio
-from dcgan_dist import metrics as M
-from dcgan_dist.catalog import DATASETS, LABELLED, is_better
-from dcgan_dist.data import load_dataset, load_images, user_cache_dir
+from dcgan_dist.data.sources import load_dataset, load_images, user_cache_dir
 from dcgan_dist.errors import UserError
-from dcgan_dist.features import (
+from dcgan_dist.fileio import write_atomic
+from dcgan_dist.gan.sampling import class_labels, fixed_noise, generate
+from dcgan_dist.quality import metrics as M
+from dcgan_dist.quality.features import (
     Classifier,
     classifier_outputs,
     classifier_path,
@@ -43,9 +44,8 @@ from dcgan_dist.features import (
     to_uint8,
     train_classifier,
 )
-from dcgan_dist.fid import FID_WEIGHTS_NAME, build_fid_inception, fid_features, find_weights
-from dcgan_dist.fileio import write_atomic
-from dcgan_dist.sampling import class_labels, fixed_noise, generate
+from dcgan_dist.quality.fid import FID_WEIGHTS_NAME, build_fid_inception, fid_features, find_weights
+from dcgan_dist.registry import DATASETS, LABELLED, is_better
 
 HOLDOUT_FRACTION = 0.2  # per class, of the labelled training split
 SPLIT_SEED = 0

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcgan_dist import fileio, store, tables
-from dcgan_dist.batches import InMemoryBatches, StoreBatches
-from dcgan_dist.catalog import DATASETS
+from dcgan_dist import fileio
+from dcgan_dist.data import store
+from dcgan_dist.data import tables
+from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
+from dcgan_dist.registry import DATASETS
 from dcgan_dist.errors import UserError
-from dcgan_dist.store import IMAGE_EXTENSIONS
+from dcgan_dist.data.store import IMAGE_EXTENSIONS
 
 BUILT_IN = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "synthetic")  # what dcgan-prepare takes by name
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dcgan_dist.catalog import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRIC_SPACES
 from dcgan_dist.config import save_config
 from dcgan_dist.errors import UserError
+from dcgan_dist.registry import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRIC_SPACES
 
 
 def wandb_mode(mode: str) -> str:

@@ -21,8 +21,8 @@ from torch import nn
 
 from dcgan_dist import checkpoint
 from dcgan_dist.config import Config
-from dcgan_dist.ema import EMA
 from dcgan_dist.errors import UserError
+from dcgan_dist.train.ema import EMA
 
 # Config keys that must not change on resume: the weights or the data would not fit.
 FIXED_ON_RESUME = ("model.arch", "model.image_size", "model.channels", "model.latent_dim", "model.g_width",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import gc
 import math
-import os
 import signal
 import time
 import warnings
@@ -25,16 +24,19 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from dcgan_dist import augment, checkpoint, devices, networks, sampling, tracking, train_state
-from dcgan_dist.catalog import parse_augment
+from dcgan_dist import checkpoint, launcher
 from dcgan_dist.config import Config, validate_world
-from dcgan_dist.data import batch_source, to_model_range
+from dcgan_dist.data.sources import batch_source, to_model_range
 from dcgan_dist.errors import RunError
-from dcgan_dist.evaluation import DuringTraining
-from dcgan_dist.losses import AdversarialLoss
-from dcgan_dist.stats import IntervalStats
-from dcgan_dist.sync_bn import check_consistency
-from dcgan_dist.tracking import Tracker, format_line
+from dcgan_dist.gan import augment, sampling
+from dcgan_dist.gan.losses import AdversarialLoss
+from dcgan_dist.quality.evaluation import DuringTraining
+from dcgan_dist.registry import parse_augment
+from dcgan_dist.train import devices, networks, tracking
+from dcgan_dist.train import state as train_state
+from dcgan_dist.train.stats import IntervalStats
+from dcgan_dist.train.sync_bn import check_consistency
+from dcgan_dist.train.tracking import Tracker, format_line
 
 
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
@@ -53,7 +55,7 @@ class Trainer:
     def __init__(self, cfg: Config, overwrite: bool = False):
         self.started = time.monotonic()  # train.max_minutes counts from here: set-up included
         device = devices.accelerator_type()
-        cfg = validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, devices.native_bf16(device))
+        cfg = validate_world(cfg, launcher.place(slurm=False).world_size, device, devices.native_bf16(device))
         # accelerate always passes broadcast_buffers, which torch 2.14 deprecates; False is still what we mean
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
         # broadcast_buffers=False: DDP would otherwise re-broadcast BN buffers at each D forward, which breaks

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dcgan_dist.catalog import AUGMENT_POLICIES as POLICIES  # noqa: F401  (the names, in one table)
-from dcgan_dist.catalog import parse_augment as parse  # noqa: F401
+from dcgan_dist.registry import AUGMENT_POLICIES as POLICIES  # noqa: F401  (the names, in one table)
+from dcgan_dist.registry import parse_augment as parse  # noqa: F401
 
 
 def augment(x: torch.Tensor, policy: tuple[str, ...], generator: torch.Generator | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from dcgan_dist.sampling import recalibrate_batchnorm
+from dcgan_dist.gan.sampling import recalibrate_batchnorm
 
 
 class EMA:

@@ -13,9 +13,7 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
-from dcgan_dist import checkpoint
 from dcgan_dist.errors import UserError
-from dcgan_dist.models import Generator
 
 
 def fixed_noise(num: int, latent_dim: int, seed: int) -> torch.Tensor:
@@ -130,15 +128,6 @@ def load_samples(path: str | Path) -> torch.Tensor:
         raise UserError(f"{path}: arr_0 is {arr.dtype} {list(arr.shape)}; expected uint8 [N, S, S, C] with C 1 or 3 "
                         "(NHWC, values 0..255)")
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
-def load_generator(arg: str, ema: bool = True) -> tuple[Generator, dict, bool]:
-    """(generator in eval mode, its checkpoint's meta, whether it is an EMA generator) from a checkpoint dir,
-    run dir or generator*.safetensors: the weights `checkpoint.choose_generator` picks, verified."""
-    ckpt_dir, stem, meta = checkpoint.choose_generator(arg, ema)
-    generator = Generator(**meta["generator"])  # checked against the file's tensors by read_meta
-    generator.load_state_dict(checkpoint.load_tensors(ckpt_dir, stem))
-    return generator.eval(), meta, checkpoint.is_ema(stem, meta)
 
 
 def interpolate_latents(z_a: torch.Tensor, z_b: torch.Tensor, steps: int) -> torch.Tensor:

@@ -445,7 +445,7 @@ def prepare_table(source: Path, out: Path, size: int, channels: int, workers: in
                   skip_option: str = "--skip-bad-files", rank: int = 0, world: int = 1) -> Store | None:
     """Decode the encoded images of a Parquet / Hugging Face datasets table or an LMDB database (`tables.py`)
     into the store `out`, with its labels and class names where it has them; otherwise as `prepare_folder`."""
-    from dcgan_dist.tables import is_lmdb, open_lmdb, open_table
+    from dcgan_dist.data.tables import is_lmdb, open_lmdb, open_table
 
     check_out(out, overwrite, source if source.is_dir() else None)
     if is_lmdb(source) and (image_column or label_column):
