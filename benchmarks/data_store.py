@@ -42,7 +42,9 @@ import torch
 from PIL import Image
 
 from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
-from dcgan_dist.data.store import decode_image, open_store, prepare_arrays
+from dcgan_dist.data.decode import decode_image
+from dcgan_dist.data.prepare import PrepareOptions, prepare_arrays
+from dcgan_dist.data.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 ITEM = 3 * 64 * 64  # bytes of one 64x64 RGB image
@@ -121,7 +123,7 @@ def make_store(work: Path, gigabytes: float) -> Path:
         for start in range(0, n, 4096):
             f.write(np.roll(block, start, axis=1)[:min(4096, n - start)].tobytes())
     images = np.memmap(raw, dtype=np.uint8, mode="r", shape=(n, 3, 64, 64))
-    prepare_arrays(images, None, 0, out, "benchmark", {}, progress=False, log=lambda m: None)
+    prepare_arrays(images, None, 0, out, "benchmark", {}, PrepareOptions(progress=False, log=lambda m: None))
     raw.unlink()
     return out
 

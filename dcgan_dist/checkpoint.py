@@ -21,9 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dcgan_dist.errors import RunError, UserError
-from dcgan_dist.fileio import fsync_dir, sha256_file, write_atomic
-from dcgan_dist.gan.models import CONDS, Discriminator, Generator
-from dcgan_dist.registry import IMAGE_SIZES
+from dcgan_dist.fileio import fsync_dir, sha256_file, swap_in, write_atomic
+from dcgan_dist.gan.models import Discriminator, Generator
+from dcgan_dist.registry import ARCHS, CONDS, IMAGE_CHANNELS, IMAGE_SIZES, NORMS
 
 FORMAT_VERSION = 1
 
@@ -36,32 +36,25 @@ STEP_DIR = re.compile(r"step-\d{8}")
 MAX_META_BYTES = 16 * 2**20  # meta.json is a few KiB; a larger one is not ours and is not read
 
 
-def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
-    """Write checkpoint `step` (file stem -> tensors, plus `meta`), then point `latest` at it.
+def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, dict[str, torch.Tensor]], meta: dict,
+                    name: str | None = None) -> Path:
+    """Write checkpoint `step` (file stem -> tensors, plus `meta`) as `ckpt_root/name`: by default its step
+    directory, which `latest` then points at; another name (`best`, train.keep_best) leaves `latest` alone.
 
     A failed write (a full disk, say) removes what it wrote and raises RunError: `latest` and the
     checkpoints before it are untouched.
     """
-    final = ckpt_root / step_dir_name(step)
+    final = ckpt_root / (name or step_dir_name(step))
     try:
         write_dir(final, state, {"step": step, **meta})
-        write_atomic(ckpt_root / "latest", (final.name + "\n").encode())  # only after the directory is complete
+        if STEP_DIR.fullmatch(final.name):  # only after the directory is complete
+            write_atomic(ckpt_root / "latest", (final.name + "\n").encode())
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as a SafetensorError
         previous, detail = latest_checkpoint(ckpt_root), getattr(e, "strerror", None) or str(e)
         raise RunError(f"cannot write checkpoint {final}: {detail}; nothing was "
                        f"lost: the last checkpoint is {previous or 'none'}. Free space there (or lower "
                        "train.keep_last) and continue with train.resume=auto") from None
     return final
-
-
-def save_best(ckpt_root: Path, step: int, state: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
-    """Write `ckpt_root/best` (train.keep_best), replacing the previous best; `latest` is not touched."""
-    final = ckpt_root / "best"
-    try:
-        return write_dir(final, state, {"step": step, **meta})
-    except (OSError, SafetensorError) as e:
-        raise RunError(f"cannot write {final}: {getattr(e, 'strerror', None) or e}; free space and continue "
-                       "with train.resume=auto") from None
 
 
 def write_dir(final: Path, state: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
@@ -87,12 +80,7 @@ def write_dir(final: Path, state: dict[str, dict[str, torch.Tensor]], meta: dict
     except BaseException:  # a full disk, a signal: leave no half-written directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".tmp-{final.name}-{os.getpid()}-old"
-    if final.exists():  # the same step saved again (or the next best): set the old one aside, then swap
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, final, final.parent / f".tmp-{final.name}-{os.getpid()}-old")  # the same step again, the next best
     return final
 
 
@@ -187,11 +175,13 @@ def check_model_file(path: Path, meta: dict, key: str) -> None:
         raise UserError(f"{where}: {key} = {kwargs!r} is not the kwargs of a {key} "
                         f"({', '.join(f'{k}: {t.__name__}' for k, t in args.items())}); use another checkpoint")
     bad = [f"{k}={v!r}" for k, v in kwargs.items() if (
-        (k == "image_size" and v not in IMAGE_SIZES) or (k == "channels" and v not in (1, 3)) or
-        (k in ("latent_dim", "width") and v < 1) or (k == "norm" and v not in ("batch", "none")) or
-        (k == "arch" and v not in ("dcgan", "mlp")) or (k == "num_classes" and not 0 <= v <= MAX_CLASSES) or
-        (k == "cond" and v not in CONDS))] + (
-        ["num_classes with arch='mlp'"] if kwargs.get("num_classes") and kwargs.get("arch") == "mlp" else [])
+        (k == "image_size" and v not in IMAGE_SIZES) or (k == "channels" and v not in IMAGE_CHANNELS) or
+        (k in ("latent_dim", "width") and v < 1) or (k == "norm" and v not in NORMS) or
+        (k == "arch" and v not in ARCHS) or (k == "num_classes" and not 0 <= v <= MAX_CLASSES) or
+        (k == "cond" and v not in CONDS))]
+    arch = kwargs.get("arch")  # absent: the default, dcgan
+    if kwargs.get("num_classes") and arch in ARCHS and not ARCHS[arch].conditional:
+        bad.append(f"num_classes with arch={arch!r}")
     if bad:
         raise UserError(f"{where}: {key} has {', '.join(bad)}, which no dcgan_dist model has; use another checkpoint")
     with torch.device("meta"):
@@ -292,3 +282,15 @@ def load_generator(arg: str, ema: bool = True) -> tuple[Generator, dict, bool]:
     generator = Generator(**meta["generator"])  # checked against the file's tensors by read_meta
     generator.load_state_dict(load_tensors(ckpt_dir, stem))
     return generator.eval(), meta, is_ema(stem, meta)
+
+
+def export_generator(arg: str, out: str | Path, ema: bool = True) -> tuple[Path, int]:
+    """Write just the generator `choose_generator` picks from `arg` to the new directory `out` (generator.safetensors
+    + meta.json with its step, kwargs and whether it is EMA): (the file exported, its step)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not an empty directory; choose a new OUT_DIR")
+    src, stem, meta = choose_generator(arg, ema=ema)
+    write_dir(out, {"generator": load_tensors(src, stem)},
+              {"step": meta["step"], "generator": meta["generator"], "ema": is_ema(stem, meta)})
+    return src / f"{stem}.safetensors", meta["step"]

@@ -103,8 +103,6 @@ def sample_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def sample() -> None:
-        import torch
-
         from dcgan_dist import checkpoint
         from dcgan_dist.errors import UserError
         from dcgan_dist.gan import sampling
@@ -114,37 +112,18 @@ def sample_main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
         if out.suffix not in (".npz", ".png"):
             raise UserError(f"--out {out}: use a .npz (uint8 NHWC array) or .png (grid) file name")
-        def load():
-            generator, _, _ = checkpoint.load_generator(args.checkpoint, ema=not args.no_ema)
-            k = generator.num_classes
-            if args.label is not None and not 0 <= args.label < k:
-                fix = f"use a class in 0..{k - 1}" if k else \
-                    f"{args.checkpoint} is an unconditional model (model.num_classes=0); drop --class"
-                raise UserError(f"--class {args.label}: {fix}")
-            return generator
-
-        def labels_for(generator, num: int):
-            if args.label is not None:
-                return torch.full((num,), args.label, dtype=torch.int64)
-            return sampling.class_labels(num, generator.num_classes)
-
+        if args.interpolate and (args.steps < 2 or out.suffix != ".png"):
+            raise UserError("--interpolate writes a strip of --steps >= 2 images to a .png --out")
+        generator, _, _ = checkpoint.load_generator(args.checkpoint, ema=not args.no_ema)
+        sampling.check_class(generator, args.label, args.checkpoint)
         if args.interpolate:
-            if args.steps < 2 or out.suffix != ".png":
-                raise UserError("--interpolate writes a strip of --steps >= 2 images to a .png --out")
-            generator = load()
-            # seed s gives the same z as `dcgan-sample --num 1 --seed s`
-            z_a, z_b = (sampling.fixed_noise(1, generator.latent_dim, s)[0] for s in args.interpolate)
-            labels = labels_for(generator, args.steps)  # a conditional model: --class, else class 0 throughout
-            labels = None if labels is None else labels[:1].expand(args.steps)
-            sampling.save_grid(sampling.generate(generator, sampling.interpolate_latents(z_a, z_b, args.steps),
-                                                 labels), out, nrow=args.steps)
+            sampling.save_grid(sampling.interpolation(generator, *args.interpolate, args.steps, args.label), out,
+                               nrow=args.steps)
             print(f"wrote a {args.steps}-image interpolation from seed {args.interpolate[0]} to "
                   f"{args.interpolate[1]} to {out}")
             return
-        generator = load()
-        z = sampling.fixed_noise(args.num, generator.latent_dim, args.seed)
-        labels = labels_for(generator, args.num)
-        sampling.save_samples(sampling.generate(generator, z, labels), out, labels)
+        images, labels = sampling.draw(generator, args.num, args.seed, args.label)
+        sampling.save_samples(images, out, labels)
         what = "" if labels is None else f" of class {args.label}" if args.label is not None else \
             f" ({generator.num_classes} classes, equally often)"
         print(f"wrote {args.num} samples{what} to {out}")
@@ -161,17 +140,9 @@ def export_main(argv: list[str] | None = None) -> None:
 
     def export() -> None:
         from dcgan_dist import checkpoint
-        from dcgan_dist.errors import UserError
 
-        out = Path(args.out_dir)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"{out} already exists and is not an empty directory; choose a new OUT_DIR")
-        src, stem, meta = checkpoint.choose_generator(args.checkpoint, ema=not args.no_ema)
-        tensors = checkpoint.load_tensors(src, stem)
-        checkpoint.write_dir(out, {"generator": tensors},
-                             {"step": meta["step"], "generator": meta["generator"],
-                              "ema": checkpoint.is_ema(stem, meta)})
-        print(f"exported {src / stem}.safetensors (step {meta['step']}) to {out / 'generator.safetensors'}")
+        src, step = checkpoint.export_generator(args.checkpoint, args.out_dir, ema=not args.no_ema)
+        print(f"exported {src} (step {step}) to {Path(args.out_dir) / 'generator.safetensors'}")
 
     _run(export)
 
@@ -213,11 +184,12 @@ def prepare_main(argv: list[str] | None = None) -> None:
 
     def prepare() -> None:
         from dcgan_dist.data import store
+        from dcgan_dist.data.prepare import PrepareOptions, stage_store
         from dcgan_dist.errors import UserError
         from dcgan_dist.registry import IMAGE_SIZES
 
         if args.stage:
-            store.stage_store(*args.stage)
+            stage_store(*args.stage)
             return
         if args.verify:
             s = store.verify_store(args.verify)
@@ -239,10 +211,11 @@ def prepare_main(argv: list[str] | None = None) -> None:
         rank, world = where.rank, where.world_size
         workers = args.workers or max(1, len(os.sched_getaffinity(0)) // where.local_world_size)
         # the bar only on a terminal: a log file gets the summary line (with images/s) instead
-        prepare_store(args.source, args.out, args.size, args.channels, workers, args.root,
-                      skip_bad_files=args.skip_bad_files, overwrite=args.overwrite,
-                      shard_size=args.shard_size or store.SHARD_SIZE, progress=sys.stderr.isatty() and rank == 0,
-                      rank=rank, world=world, image_column=args.image_column, label_column=args.label_column)
+        options = PrepareOptions(workers=workers, skip_bad_files=args.skip_bad_files, overwrite=args.overwrite,
+                                 shard_size=args.shard_size or store.SHARD_SIZE,
+                                 progress=sys.stderr.isatty() and rank == 0, rank=rank, world=world)
+        prepare_store(args.source, args.out, args.size, args.channels, options, args.root,
+                      image_column=args.image_column, label_column=args.label_column)
         if rank == 0:
             print(f"train on it: dcgan-train --config CONFIG data.name=store data.root={args.out}")
 
@@ -284,115 +257,22 @@ def eval_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def evaluate() -> None:
-        import json
+        from dcgan_dist.quality import assess
 
-        from dcgan_dist import checkpoint
-        from dcgan_dist.errors import UserError
-        from dcgan_dist.gan import sampling
-        from dcgan_dist.quality import evaluation
-        from dcgan_dist.registry import DATASETS
-
-        if args.fid_standard and (args.ref_num is not None or args.num not in (None, evaluation.STANDARD_NUM)):
-            raise UserError("--fid-standard fixes --num at 50000 and the reference at the whole training split; "
-                            "drop --num/--ref-num")
-        num = evaluation.STANDARD_NUM if args.fid_standard else args.num
-        if num is not None and num < 8:
-            raise UserError(f"--num {num}: use at least 8 images (5000 is the usual)")
-        if args.ref_num is not None and args.ref_num < 2:
-            raise UserError(f"--ref-num {args.ref_num}: use at least 2 real images")
-        samples_file = args.checkpoint.endswith(".npz")
-        if samples_file:
-            if not args.data:
-                raise UserError(f"{args.checkpoint}: a samples file names no dataset; pass --data (and --data-root)")
-            images = sampling.load_samples(args.checkpoint)
-            if num is not None:
-                if num > len(images):
-                    raise UserError(f"--num {num}: {args.checkpoint} holds only {len(images)} images")
-                images = images[:num]
-            if len(images) < 8:
-                raise UserError(f"{args.checkpoint}: arr_0 holds {len(images)} image(s); score at least 8 (5000 or "
-                                "50000 are the usual)")
-            num, image_size, channels, source = len(images), images.shape[-1], images.shape[1], "samples file"
-            data, root, ref_num, step, ema, data_cfg = args.data, args.data_root or "data", None, None, None, {}
-            wanted = DATASETS[data].channels if data in DATASETS else None
-            if wanted is not None and channels != wanted:
-                raise UserError(f"{args.checkpoint}: arr_0 has {channels} channel(s) but {data} images have {wanted}; "
-                                "score samples against a dataset with the same channels (--data)")
-        else:
-            generator, meta, ema = checkpoint.load_generator(args.checkpoint, ema=not args.no_ema)
-            num, image_size, channels = num or 5000, generator.image_size, generator.channels
-            data_cfg, step = meta.get("config", {}).get("data", {}), meta.get("step")
-            data, root = args.data or data_cfg.get("name"), args.data_root or data_cfg.get("root", "data")
-            if not data:
-                raise UserError(f"{args.checkpoint}: its meta.json names no dataset (an exported generator?); "
-                                "pass --data")
-            ref_num = data_cfg.get("num_images") if data == data_cfg.get("name") else None
-            source = f"step {step}, {'EMA' if ema else 'raw'} generator"
-        if args.ref_num is not None:
-            ref_num = args.ref_num
-        elif args.fid_standard:
-            ref_num = None
-        spaces, notes = evaluation.feature_spaces(
-            data, root, args.cache_dir or data_cfg.get("cache_dir") or "", args.classifier,
-            fid=True if (args.fid or args.fid_weights or args.fid_standard) else None, fid_weights=args.fid_weights,
-            image_size=image_size, channels=channels, num_images=ref_num)
-        if not spaces:
-            raise UserError(f"nothing to measure for data {data}: " + "; ".join(notes))
-        if samples_file:
-            metrics = evaluation.score(images, spaces)
-        else:
-            metrics = evaluation.evaluate(generator, num, spaces, seed=args.seed)
-        real = {f"{s.name}/{k}": v for s in spaces for k, v in s.real_metrics().items()}
-        seed = "" if samples_file else f", seed {args.seed}"
-        print(f"dcgan-eval: {args.checkpoint} ({source}), {num} samples{seed}, data {data}")
-        protocols = {}
-        for s in spaces:
-            extra = f", held-out accuracy {s.info['accuracy']:.2%}" if "accuracy" in s.info else ""
-            print(f"\n{s.name} space ({s.info['reference']}{extra})")
-            if "protocol" in s.info:  # FID/KID: the protocol goes beside every figure
-                protocols[s.name] = {**s.info["protocol"], "num_samples": num,
-                                     "note": evaluation.protocol_note(s, num)}
-                for key, label in (("fd", "FID"), ("kid", "KID")):
-                    print(f"  {label:<22}{_fmt(key, metrics[f'{s.name}/{key}']):>12}   "
-                          f"[{protocols[s.name]['note']}]")
-                continue
-            print(f"  {'metric':<22}{'generated':>12}{'real':>12}   (real: held-out images; for FD the "
-                  "real-vs-real floor)")
-            for key, label in _EVAL_ROWS:
-                name = f"{s.name}/{key}"
-                if name in metrics:
-                    ref = metrics[f"{s.name}/fd_floor"] if key == "fd" else real.get(name)  # fd: the real-vs-real floor
-                    ref = s.info.get("accuracy") if key == "class_accuracy" else ref  # real: the classifier's own
-                    print(f"  {label:<22}{_fmt(key, metrics[name]):>12}{_fmt(key, ref):>12}")
-                if key == "fd" and name in metrics:
-                    print(f"  {'  / floor':<22}{metrics[name] / metrics[f'{s.name}/fd_floor']:>12.2f}")
-        for note in notes:
-            print(f"note: {note}")
+        report = assess.plan(args.checkpoint, num=args.num, seed=args.seed, ema=not args.no_ema, data=args.data,
+                             data_root=args.data_root, classifier=args.classifier, cache_dir=args.cache_dir,
+                             fid=args.fid, fid_weights=args.fid_weights, fid_standard=args.fid_standard,
+                             ref_num=args.ref_num).run()
+        for line in report.lines():  # the table: the generated figures beside the real reference's
+            print(line)
         if args.json:
-            out = {"checkpoint": args.checkpoint, "step": step, "ema": ema, "num": num,
-                   "seed": None if samples_file else args.seed, "data": data, "metrics": metrics, "real": real,
-                   "notes": notes, "protocol": protocols, "spaces": {s.name: s.info for s in spaces}}
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+            report.write_json(args.json)
             print(f"wrote {args.json}")
 
     _run(evaluate)
 
 
 _FID_FILE = "pt_inception-2015-12-05-6726825d.pth"  # fid.FID_WEIGHTS_FILE (not imported: --help stays light)
-_EVAL_ROWS = (("fd", "Fréchet distance"), ("kid", "KID"),
-              ("precision", "precision"), ("recall", "recall"), ("inception_score", "inception score"),
-              ("coverage", "class coverage"), ("confidence", "mean confidence"), ("class_kl", "class KL (nats)"),
-              ("class_share_min", "smallest class share"), ("class_share_max", "largest class share"),
-              ("class_accuracy", "requested class"))  # conditional models: share classified as the class asked for
-
-
-def _fmt(key: str, value) -> str:
-    if value is None:
-        return "-"
-    if key == "coverage":
-        return f"{int(value)}"
-    return f"{value:.4f}" if key in ("kid", "class_kl") else f"{value:.3f}"
 
 
 def _fid_stats_main(argv: list[str]) -> None:
@@ -408,11 +288,10 @@ def _fid_stats_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     def stats() -> None:
-        from dcgan_dist.quality import evaluation, fid
+        from dcgan_dist.quality import assess
 
-        net, weights = fid.build_fid_inception(args.fid_weights)
-        ref = evaluation.fid_reference(net, weights["sha256"], args.data, args.data_root, args.image_size,
-                                       args.channels, args.num_images, args.cache_dir)
+        ref, weights = assess.cache_fid_stats(args.data, args.data_root, args.image_size, args.channels,
+                                              args.num_images, args.cache_dir, args.fid_weights)
         print(f"FID statistics of {ref['count']} {args.data} images at {args.image_size}x{args.image_size} "
               f"({weights['weights']}): {ref['path']}")
 
@@ -448,17 +327,10 @@ def _train_classifier_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     def train() -> None:
-        from dcgan_dist.errors import UserError
-        from dcgan_dist.quality import evaluation, features
+        from dcgan_dist.quality import assess
 
-        if args.image_size < 8 or args.epochs < 1:
-            raise UserError("--image-size must be at least 8 and --epochs at least 1")
-        from dcgan_dist.data.sources import user_cache_dir
-
-        out = Path(args.out) if args.out else features.classifier_path(
-            args.cache_dir or user_cache_dir(), args.data, args.image_size)
-        model, info = evaluation.fit_classifier(args.data, args.data_root, args.image_size, args.epochs)
-        features.save_classifier(model, out, info)
+        out, info = assess.save_classifier_for(args.data, args.data_root, args.image_size, args.epochs,
+                                               args.cache_dir, args.out)
         print(f"classifier for {args.data} at {args.image_size}x{args.image_size}: held-out accuracy "
               f"{info['accuracy']:.2%} ({info['num_heldout']} images); saved to {out}")
 

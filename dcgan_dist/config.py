@@ -2,12 +2,14 @@
 
 Every field has a type and a docstring-like comment; unknown keys, wrong types and inconsistent
 values raise `UserError` naming the key, the value and what is accepted, before any work starts.
+The names accepted are the registry's. No file is read but the YAML: what needs the data itself (a store's
+image size, channels and classes) is checked by `check_store` / `check_classes`, called with the data's facts
+when a run starts (`data.sources.facts`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -19,13 +21,21 @@ import yaml
 
 from dcgan_dist.errors import UserError
 from dcgan_dist.registry import (
+    ARCHS,
     AUGMENT_POLICIES,
+    CONDITIONAL_ARCHS,
+    CONDS,
     DATASETS,
+    G_LOSSES,
     HIGHER_IS_BETTER,
+    IMAGE_CHANNELS,
     IMAGE_SIZES,
     LABELLED,
+    LOSSES,
     LOWER_IS_BETTER,
     METRIC_SPACES,
+    NORMS,
+    SPECTRAL_NORMS,
     parse_augment,
 )
 
@@ -38,7 +48,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist5k"  # one of catalog.DATASETS; store: a store prepared by dcgan-prepare, at data.root
+    name: str = "mnist5k"  # one of registry.DATASETS; store: a store prepared by dcgan-prepare, at data.root
     root: str = "data"  # where torchvision datasets / image folders live; the store directory for data.name=store
     download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into data.root
     cache_dir: str = ""  # stores prepared on first use, evaluation classifiers (empty: ~/.cache/dcgan_dist)
@@ -56,7 +66,7 @@ class EmaConfig:
 @dataclass
 class ModelConfig:
     arch: str = "dcgan"  # dcgan | mlp (the original fully connected GAN)
-    image_size: int = 64  # one of catalog.IMAGE_SIZES
+    image_size: int = 64  # one of registry.IMAGE_SIZES
     channels: int = 0  # image channels; 0 = the dataset's own (1 for MNIST, a store's own, else 3)
     latent_dim: int = 100  # size of z
     g_width: int = 64  # G's channel width unit (DCGAN: 64 -> 512,256,128,64 at 64x64)
@@ -145,51 +155,17 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.run.dir or f"runs/{self.run.name}")
 
-    @property
-    def image_channels(self) -> int:
-        if self.data.name == "store" and not self.model.channels:
-            return store_manifest(self.data.root)["channels"]
-        info = DATASETS.get(self.data.name)
-        return self.model.channels or (info.channels if info else None) or 3
-
-    def model_kwargs(self) -> tuple[dict, dict]:
-        """The plain kwargs that rebuild G and D (stored in every checkpoint's meta.json)."""
-        m, common = self.model, dict(channels=self.image_channels, image_size=self.model.image_size,
-                                     arch=self.model.arch, num_classes=self.model.num_classes, cond=self.model.cond)
-        return (dict(latent_dim=m.latent_dim, width=m.g_width, norm=m.norm, spectral_norm=m.spectral_norm == "both",
-                     **common),
-                dict(width=m.d_width, norm=m.norm, spectral_norm=m.spectral_norm != "none", **common))
-
-    @property
-    def data_classes(self) -> int:
-        """The dataset's class count (0: unlabelled); a store's from its manifest."""
-        if self.data.name == "store":
-            manifest = store_manifest(self.data.root)
-            return manifest.get("num_classes", 0) if manifest.get("labels") else 0
-        return DATASETS[self.data.name].num_classes
+    def model_kwargs(self, channels: int) -> tuple[dict, dict]:
+        """The plain kwargs that rebuild G and D (stored in every checkpoint's meta.json); `channels`: the
+        images' (`data.sources.facts`: model.channels, else the dataset's own)."""
+        m, common = self.model, dict(channels=channels, image_size=self.model.image_size, arch=self.model.arch,
+                                     num_classes=self.model.num_classes, cond=self.model.cond)
+        sn_g, sn_d = SPECTRAL_NORMS[m.spectral_norm]
+        return (dict(latent_dim=m.latent_dim, width=m.g_width, norm=m.norm, spectral_norm=sn_g, **common),
+                dict(width=m.d_width, norm=m.norm, spectral_norm=sn_d, **common))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def store_manifest(root: str) -> dict:
-    """manifest.json of the store at `root` (data.name=store), read as plain JSON: this module imports no torch,
-    so not `store.py`, which checks the shards when training opens the store."""
-    path = Path(root) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        if (path.parent.parent / f".{path.parent.name}.tmp-prepare").is_dir():  # store.temp_dir: being written
-            raise UserError(f"store {root} is not complete (a preparation is running or was killed); run the same "
-                            "dcgan-prepare command again to finish it") from None
-        raise UserError(f"data.root = {root!r} is not a prepared store (no {path}); "
-                        f"prepare it: dcgan-prepare SOURCE --size S --out {root}") from None
-    except (OSError, ValueError) as e:
-        manifest = f"unreadable: {e}"
-    if not isinstance(manifest, dict) or not {"channels", "image_size"} <= manifest.keys():
-        raise UserError(f"{path} is damaged ({str(manifest)[:80]}); prepare the store again (dcgan-prepare ... "
-                        "--overwrite)")
-    return manifest
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -313,46 +289,39 @@ def validate(cfg: Config) -> None:
     _check(d.num_images is None or d.num_images > 0, "data.num_images", d.num_images, "use a positive count or null")
     _check(d.wait_minutes > 0 and math.isfinite(d.wait_minutes), "data.wait_minutes", d.wait_minutes,
            "use a positive number of minutes such as 60")
-    _one_of("model.arch", m.arch, ("dcgan", "mlp"))
+    _one_of("model.arch", m.arch, tuple(ARCHS))
     _one_of("model.image_size", m.image_size, IMAGE_SIZES)
-    _one_of("model.norm", m.norm, ("batch", "none"))
-    _check(m.channels in (0, 1, 3), "model.channels", m.channels, "use 1, 3, or 0 for the dataset's own")
-    fixed = DATASETS[d.name].channels
+    _one_of("model.norm", m.norm, NORMS)
+    _check(m.channels == 0 or m.channels in IMAGE_CHANNELS, "model.channels", m.channels,
+           f"use {', '.join(map(str, IMAGE_CHANNELS))}, or 0 for the dataset's own")
+    data = DATASETS[d.name]
+    fixed = data.channels
     _check(fixed is None or m.channels in (0, fixed), "model.channels", m.channels,
            f"data.name={d.name} has {fixed} channel(s); set model.channels={fixed} or 0")
-    if d.name == "store":  # the store fixes both; refused here, before anything heavy starts
-        manifest = store_manifest(d.root)
-        size, channels = manifest["image_size"], manifest["channels"]
-        _check(m.image_size == size, "model.image_size", m.image_size, f"the store at data.root={d.root} holds "
-               f"{size}x{size} images: set model.image_size={size}, or prepare a store with --size {m.image_size}")
-        _check(m.channels in (0, channels), "model.channels", m.channels, f"the store at data.root={d.root} holds "
-               f"{channels}-channel images: set model.channels={channels} (or 0), or prepare one with --channels "
-               f"{m.channels}")
-    _one_of("model.cond", m.cond, ("projection", "concat"))
-    _one_of("model.spectral_norm", m.spectral_norm, ("none", "d", "both"))
+    _one_of("model.cond", m.cond, CONDS)
+    _one_of("model.spectral_norm", m.spectral_norm, tuple(SPECTRAL_NORMS))
     if m.num_classes:
-        classes = cfg.data_classes
         _check(m.num_classes > 0, "model.num_classes", m.num_classes, "use 0 (unconditional) or the dataset's classes")
-        _check(classes > 0, "model.num_classes", m.num_classes, f"data.name={d.name} has no labels: train a "
-               f"conditional model on a labelled dataset ({', '.join(LABELLED)}, or a store of labelled images), or "
-               "set model.num_classes=0")
-        _check(m.num_classes == classes, "model.num_classes", m.num_classes,
-               f"data.name={d.name} has {classes} classes: set model.num_classes={classes} (or 0 for unconditional)")
-        _check(m.arch == "dcgan", "model.num_classes", m.num_classes, "conditional models are model.arch=dcgan only")
+        if not data.is_store:  # a store's classes are in its manifest: checked with the data's facts (check_classes)
+            check_classes(cfg, data.num_classes)
+        _check(ARCHS[m.arch].conditional, "model.num_classes", m.num_classes,
+               f"conditional models are model.arch={' or '.join(CONDITIONAL_ARCHS)} only")
     _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "use a positive size such as 100")
     _check(m.g_width >= 1, "model.g_width", m.g_width, "use a positive width such as 64")
     _check(m.d_width >= 1, "model.d_width", m.d_width, "use a positive width such as 64")
     _check(m.ema.warmup_steps >= 0, "model.ema.warmup_steps", m.ema.warmup_steps, "use 0 (no ramp) or a step count")
     _check(0.0 <= m.ema.decay < 1.0, "model.ema.decay", m.ema.decay, "use 0 (off) or a value in (0, 1) such as 0.999")
     _check(not (m.sync_bn and m.norm == "none"), "model.sync_bn", m.sync_bn, "sync_bn needs model.norm=batch")
-    _check(not (m.sync_bn and m.arch == "mlp"), "model.sync_bn", m.sync_bn, "the mlp arch has no BatchNorm")
-    _one_of("loss.name", lo.name, ("bce", "hinge"))
-    _one_of("loss.g_loss", lo.g_loss, ("non_saturating", "minimax"))
+    _check(not (m.sync_bn and not ARCHS[m.arch].batch_norm), "model.sync_bn", m.sync_bn,
+           f"the {m.arch} arch has no BatchNorm")
+    _one_of("loss.name", lo.name, tuple(LOSSES))
+    _one_of("loss.g_loss", lo.g_loss, G_LOSSES)
     _check(0.0 < lo.real_target <= 1.0, "loss.real_target", lo.real_target, "use a value in (0, 1], e.g. 0.9")
     _check(0.0 < lo.g_target <= 1.0, "loss.g_target", lo.g_target, "use a value in (0, 1], e.g. 1.0")
-    if lo.name == "hinge":
+    if not LOSSES[lo.name].label_targets:
+        takes = " or ".join(name for name, info in LOSSES.items() if info.label_targets)
         _check(lo.real_target == 1.0 and lo.g_target == 1.0, "loss.real_target", lo.real_target,
-               "label targets apply to loss.name=bce only; leave real_target and g_target at 1.0")
+               f"label targets apply to loss.name={takes} only; leave real_target and g_target at 1.0")
     for key, value in (("optim.lr_g", o.lr_g), ("optim.lr_d", o.lr_d)):
         _check(value > 0 and math.isfinite(value), key, value, "use a positive learning rate such as 2e-4")
     for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
@@ -396,6 +365,31 @@ def validate(cfg: Config) -> None:
     _one_of("log.wandb.mode", lg.wandb.mode, ("auto", "online", "offline", "disabled"))
     _check(bool(lg.wandb.project), "log.wandb.project", lg.wandb.project, "use a non-empty project name")
     _check(1 <= lg.num_samples <= 1024, "log.num_samples", lg.num_samples, "use 1..1024")
+
+
+def check_store(cfg: Config, image_size: int, channels: int) -> None:
+    """data.name=store: the model against the store's images (its manifest's `image_size` and `channels`, which
+    `data.sources.facts` reads once when a run starts, before anything heavy)."""
+    m, root = cfg.model, cfg.data.root
+    _check(m.image_size == image_size, "model.image_size", m.image_size, f"the store at data.root={root} holds "
+           f"{image_size}x{image_size} images: set model.image_size={image_size}, or prepare a store with --size "
+           f"{m.image_size}")
+    _check(m.channels in (0, channels), "model.channels", m.channels, f"the store at data.root={root} holds "
+           f"{channels}-channel images: set model.channels={channels} (or 0), or prepare one with --channels "
+           f"{m.channels}")
+
+
+def check_classes(cfg: Config, classes: int) -> None:
+    """model.num_classes (> 0) against the dataset's class count `classes` (0: unlabelled): the registry's, or a
+    store's manifest's (`data.sources.facts`)."""
+    m, name = cfg.model, cfg.data.name
+    if not m.num_classes:
+        return
+    _check(classes > 0, "model.num_classes", m.num_classes, f"data.name={name} has no labels: train a "
+           f"conditional model on a labelled dataset ({', '.join(LABELLED)}, or a store of labelled images), or "
+           "set model.num_classes=0")
+    _check(m.num_classes == classes, "model.num_classes", m.num_classes,
+           f"data.name={name} has {classes} classes: set model.num_classes={classes} (or 0 for unconditional)")
 
 
 def validate_world(cfg: Config, world_size: int, device: str = "cpu", bf16: bool = False) -> Config:

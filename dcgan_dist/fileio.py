@@ -1,4 +1,5 @@
-"""Durable file writes, hashing and an inter-process lock, shared by the checkpoint, store and cache writers."""
+"""Durable file writes (a file, or a whole directory swapped in), hashing and an inter-process lock, shared by the
+checkpoint, store and cache writers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import fcntl
 import hashlib
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,32 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def swap_in(tmp: Path, final: Path, old: Path) -> None:
+    """Rename the complete (fsynced) directory `tmp` to `final`, durably. A `final` already there (a checkpoint
+    saved again, a store prepared with --overwrite, a stale staged copy) is first renamed to `old`, a hidden
+    sibling, and removed after, so `final` is never half-written: a crash leaves the old one or the new one."""
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def listing(files: list[Path], root: Path | None = None) -> str:
+    """sha256 over the files' names (relative to `root` when given), sizes and modification times: what says
+    an edited folder or table is not the same one (a resumed preparation, a cached store's name)."""
+    digest = hashlib.sha256()
+    for p in files:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise UserError(f"{p} vanished while {root or p.parent} was being read; is something else changing the "
+                            "folder? Run again once it is stable") from None
+        digest.update(f"{p if root is None else p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

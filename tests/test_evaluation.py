@@ -350,3 +350,29 @@ def test_conditional_eval_during_training_and_the_eval_command_report_it(tmp_pat
     # the same generator, noise and labels: the same value as during training
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert metrics["classifier/class_accuracy"] == pytest.approx(record["eval/classifier/class_accuracy"])
+
+
+# --- dcgan-eval from Python ------------------------------------------------------------------------------------
+
+
+def test_assess_plan_picks_the_references_dcgan_eval_does(tmp_path, classifier, mnist_run, capsys, monkeypatch):
+    """`assess.plan`, called from Python with the command's defaults, compares with what `dcgan-eval` does: the same
+    dataset, sample count, spaces and real references, the same notes, and (run) the same figures and table."""
+    from dcgan_dist.quality import assess
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights: the classifier space alone
+    code, out, err = run_main("eval_main", [str(mnist_run), "--num", "64", "--cache-dir", str(classifier.parent),
+                                            "--json", str(tmp_path / "m.json")], capsys)
+    assert code == 0, err
+    command = json.loads((tmp_path / "m.json").read_text())
+    plan = assess.plan(str(mnist_run), num=64, cache_dir=str(classifier.parent))
+    assert (plan.data, plan.num, plan.seed, plan.step, plan.ema) == ("mnist5k", 64, 0, 20, True)
+    assert [s.name for s in plan.spaces] == ["classifier"] and plan.generator is not None and plan.images is None
+    assert json.loads(json.dumps(plan.references())) == command["spaces"]
+    assert plan.references()["classifier"]["path"] == str(classifier)
+    assert plan.notes == command["notes"] and any("FID/KID skipped" in n for n in plan.notes)
+    report = plan.run()
+    assert json.loads(json.dumps(report.to_json())) == command
+    assert "\n".join(report.lines()) + f"\nwrote {tmp_path / 'm.json'}\n" == out
+    with pytest.raises(UserError, match="--fid-standard fixes --num at 50000"):
+        assess.plan(str(mnist_run), num=64, fid_standard=True)

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from dcgan_dist.config import load_config
+from dcgan_dist.data.sources import facts
 from dcgan_dist.gan.models import Discriminator, Generator, init_weights
 
 
@@ -38,7 +39,7 @@ def shapes(module):
 
 def test_mnist_config_is_the_seed_networks():
     cfg = load_config("configs/mnist.yaml")
-    g_kw, d_kw = cfg.model_kwargs()
+    g_kw, d_kw = cfg.model_kwargs(facts(cfg).channels)
     seed_d = shapes(SeedDiscriminator())
     assert shapes(Generator(**g_kw)) == shapes(SeedGenerator(100))
     assert shapes(Discriminator(**d_kw)) == seed_d  # the Sigmoid has no parameters: D returns its logit

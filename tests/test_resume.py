@@ -88,10 +88,11 @@ def test_world_size_change_continues_with_a_warning(tmp_path):
 
 def test_n_plus_n_steps_equal_2n_steps_from_a_store(tmp_path):
     """Training from a prepared store: 2 ranks, fp32, EMA on, exact resume."""
+    from dcgan_dist.data.prepare import PrepareOptions
     from dcgan_dist.data.sources import prepare_store
 
     store = tmp_path / "store"
-    prepare_store("synthetic", store, 32, 1, shard_size=100, progress=False, log=lambda *_: None)  # 512 images
+    prepare_store("synthetic", store, 32, 1, PrepareOptions(shard_size=100, progress=False, log=lambda *_: None))  # 512
     args = ["--config", "configs/smoke.yaml", "train.checkpoint_every=0", "data.name=store", f"data.root={store}",
             "data.num_images=null", "model.ema.decay=0.8"]
     whole, split = tmp_path / "whole", tmp_path / "split"

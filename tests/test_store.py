@@ -1,6 +1,7 @@
 """The prepared store: byte-identical and resumable preparation, what a reader refuses, batches identical to the
 in-memory path, and a run trained from a store."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,9 +18,10 @@ from PIL import Image
 from conftest import REPO, accelerate_launch, assert_ok, env, free_port, run_train, snapshot
 from dcgan_dist import checkpoint
 from dcgan_dist.config import load_config
-from dcgan_dist.data import store
+from dcgan_dist.data import decode, store
 from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
-from dcgan_dist.data.sources import batch_source, load_dataset, prepare_store
+from dcgan_dist.data.prepare import PrepareOptions
+from dcgan_dist.data.sources import batch_source, facts, load_dataset, prepare_store
 from dcgan_dist.errors import UserError
 
 SIZES = [(40, 60), (70, 45), (100, 130), (33, 33)]  # (h, w); 100x130 JPEGs take the draft path at 32
@@ -43,7 +45,8 @@ def make_folder(root, per_class=6):
 
 def prepare(src, out, **kw):
     kw = {"size": 32, "workers": 1, "shard_size": 5, "progress": False, "log": quiet, **kw}
-    return prepare_store(str(src), out, **kw)
+    options = PrepareOptions(**{f.name: kw.pop(f.name) for f in dataclasses.fields(PrepareOptions) if f.name in kw})
+    return prepare_store(str(src), out, options=options, **kw)
 
 
 def cli(*args, script=None):
@@ -77,7 +80,7 @@ def test_one_and_two_workers_give_byte_identical_stores_with_labels(tmp_path):
     assert np.array_equal(raw, one.gather(range(5, 10)).numpy())  # raw [count, C, S, S], no header
     # the PNGs are exactly what the in-memory image-folder path decodes
     memory = load_dataset("imagefolder", str(src), 32, 3, cache_dir=str(tmp_path / "cache"))[0]
-    pngs = [i for i, p in enumerate(store.list_images(src)) if p.suffix == ".png"]
+    pngs = [i for i, p in enumerate(decode.list_images(src)) if p.suffix == ".png"]
     assert torch.equal(one.gather(pngs), memory[pngs])
     assert not store.temp_dir(tmp_path / "one").exists()
 
@@ -133,28 +136,28 @@ def test_an_interrupted_preparation_with_skipped_files_resumes_identically(tmp_p
     assert whole.count == 10 and whole.manifest["skipped"] == ["cats/01b.png", "dogs/zz.jpg"]
     assert whole.labels.tolist() == [0] * 5 + [1] * 5
 
-    decode, calls = store.decode_image, []
+    decode_image, calls = decode.decode_image, []
 
     def dies_at_the_eighth(*args, **kwargs):  # an interrupt: the units finished so far stay
         calls.append(1)
         if len(calls) == 8:
             raise KeyboardInterrupt
-        return decode(*args, **kwargs)
+        return decode_image(*args, **kwargs)
 
-    monkeypatch.setattr(store, "decode_image", dies_at_the_eighth)
+    monkeypatch.setattr(decode, "decode_image", dies_at_the_eighth)
     with pytest.raises(KeyboardInterrupt):
         prepare(src, tmp_path / "resumed", shard_size=3, skip_bad_files=True)
-    monkeypatch.setattr(store, "decode_image", decode)
+    monkeypatch.setattr(decode, "decode_image", decode_image)
     assert sorted(p.name for p in store.temp_dir(tmp_path / "resumed").glob("*.json")) == [
         "plan.json", "unit-00000.u8.json", "unit-00001.u8.json"]
     prepare(src, tmp_path / "resumed", shard_size=3, skip_bad_files=True)
     assert snapshot(tmp_path / "resumed") == snapshot(tmp_path / "whole")
     # other arguments: the temporary directory of another plan is not reused
-    monkeypatch.setattr(store, "decode_image", dies_at_the_eighth)
+    monkeypatch.setattr(decode, "decode_image", dies_at_the_eighth)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         prepare(src, tmp_path / "other", shard_size=3, skip_bad_files=True)
-    monkeypatch.setattr(store, "decode_image", decode)
+    monkeypatch.setattr(decode, "decode_image", decode_image)
     prepare(src, tmp_path / "other", shard_size=4, skip_bad_files=True)
     assert [s["count"] for s in store.open_store(tmp_path / "other").manifest["shards"]] == [4, 4, 2]
 
@@ -224,19 +227,20 @@ def test_verify_names_a_damaged_shard_and_readers_refuse_broken_stores(tmp_path)
     with pytest.raises(UserError, match="has no manifest.json"):
         store.open_store(path)
     with pytest.raises(UserError, match="is not a prepared store"):
-        load_config(None, ["data.name=store", f"data.root={path}"])
+        facts(load_config(None, ["data.name=store", f"data.root={path}"]))
 
 
 def test_the_config_takes_the_store_channels_and_refuses_another_size(tmp_path):
     path = tmp_path / "s"
     prepare("synthetic", path, channels=1, shard_size=100)
     cfg = load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=32"])
-    assert cfg.image_channels == 1 and cfg.model_kwargs()[0]["channels"] == 1  # model.channels=0: the store's
+    channels = facts(cfg).channels
+    assert channels == 1 and cfg.model_kwargs(channels)[0]["channels"] == 1  # model.channels=0: the store's
     with pytest.raises(UserError, match=r"model.image_size = 64 .* holds 32x32 images: set model.image_size=32, "
                                         r"or prepare a store with --size 64"):
-        load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=64"])
+        facts(load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=64"]))
     with pytest.raises(UserError, match="holds 1-channel images"):
-        load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=32", "model.channels=3"])
+        facts(load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=32", "model.channels=3"]))
     with pytest.raises(UserError, match="holds 32x32 images but model.image_size = 64"):
         store.open_store(path, image_size=64)
     with pytest.raises(UserError, match="holds 1-channel images but the config asks for 3"):
@@ -257,7 +261,8 @@ def test_memmap_batches_are_the_in_memory_batches(tmp_path):
     images, labels = load_dataset("mnist5k", "data", 32, 1, num_images=300)
     for rank in (0, 1):
         a = InMemoryBatches(images, labels, batch_size=8, rank=rank, world_size=2, seed=3, num_classes=10)
-        b, cached = batch_source(store_cfg, rank, 2), batch_source(cached_cfg, rank, 2)
+        b, cached = (batch_source(store_cfg, facts(store_cfg), rank, 2),
+                     batch_source(cached_cfg, facts(cached_cfg), rank, 2))
         assert isinstance(b, StoreBatches) and isinstance(cached, StoreBatches)  # data.name=mnist5k: a store too
         assert torch.equal(next(cached)[0], next(InMemoryBatches(images, labels, 8, rank, 2, 3))[0])
         assert [(s.num_items, s.channels, s.image_size, s.num_classes, s.batches_per_epoch) for s in (a, b)] == [
@@ -269,12 +274,12 @@ def test_memmap_batches_are_the_in_memory_batches(tmp_path):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
         state = b.state_dict()
         assert state == a.state_dict() and b.epoch == 1
-        c = batch_source(store_cfg, rank, 2)
+        c = batch_source(store_cfg, facts(store_cfg), rank, 2)
         assert c.load_state_dict(state)
         for _ in range(15):
             (xa, ya), (xc, yc) = next(a), next(c)
             assert torch.equal(xa, xc) and torch.equal(ya, yc)
-        one = batch_source(store_cfg, 0, 1)  # another world size: the same share of the epoch
+        one = batch_source(store_cfg, facts(store_cfg), 0, 1)  # another world size: the same share of the epoch
         assert not one.load_state_dict(state) and one.state_dict()["position"] == 14
 
 

@@ -202,4 +202,23 @@ def test_modules_import_only_those_above_them_in_the_architecture_table():
 def test_every_folder_says_what_it_owns_and_may_import():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = init.read_text().strip()
-        assert doc.startswith('"""') and "imports" in doc.lower(), f"{init}: a docstring saying what it owns and may import"
+        assert doc.startswith('"""') and "imports" in doc.lower(), \
+            f"{init}: a docstring saying what it owns and may import"
+
+
+def test_the_config_reads_no_file_but_the_yaml(tmp_path):
+    """load_config of a store recipe whose store does not exist opens the recipe alone (an audit hook on "open",
+    after the imports); the data facts, resolved when a run starts, are what read the store and refuse it."""
+    missing, recipe = tmp_path / "no-store", REPO / "configs" / "celeba64.yaml"
+    code = ("import sys, json, dcgan_dist.config as C\n"
+            "opened = []\n"
+            "sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == 'open' else None)\n"
+            f"cfg = C.load_config({str(recipe)!r}, ['data.root={missing}'])\n"
+            "print(json.dumps([cfg.data.name, [p for p in opened if not p.endswith(('.py', '.pyc'))]]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == ["store", [str(recipe)]]
+    from dcgan_dist.config import load_config
+    from dcgan_dist.data.sources import facts
+
+    with pytest.raises(UserError, match=r"is not a prepared store .* dcgan-prepare SOURCE --size S --out"):
+        facts(load_config(str(recipe), [f"data.root={missing}"]))

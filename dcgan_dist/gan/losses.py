@@ -21,6 +21,7 @@ class AdversarialLoss:
 
     def __init__(self, name: str = "bce", g_loss: str = "non_saturating", real_target: float = 1.0,
                  g_target: float = 1.0):
+        # what is computed here (the names validation takes, and which loss takes which G objective: registry.LOSSES)
         assert name in ("bce", "hinge") and g_loss in ("non_saturating", "minimax"), (name, g_loss)
         self.name, self.g_loss, self.real_target, self.g_target = name, g_loss, real_target, g_target
 

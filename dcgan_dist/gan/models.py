@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
 MAX_MULT = 8  # widths grow x2 per block up to 8x the width unit (512 at width 64), as in DCGAN
-CONDS = ("projection", "concat")  # the label paths of a class-conditional model
+_CONDS = ("projection", "concat")  # the label paths built here (the names validation takes: registry.CONDS)
 
 
 def _mult(image_size: int, resolution: int) -> int:
@@ -48,7 +48,7 @@ class Generator(nn.Module):
         super().__init__()
         self.latent_dim, self.channels, self.image_size = latent_dim, channels, image_size
         self.arch, self.num_classes, self.cond = arch, num_classes, cond
-        assert cond in CONDS and not (num_classes and arch != "dcgan"), (cond, num_classes, arch)
+        assert cond in _CONDS and not (num_classes and arch != "dcgan"), (cond, num_classes, arch)
         # projection: a learned embedding of latent_dim; concat: the one-hot label itself
         label_dim = 0 if not num_classes else latent_dim if cond == "projection" else num_classes
         if num_classes and cond == "projection":
@@ -96,7 +96,7 @@ class Discriminator(nn.Module):
         super().__init__()
         self.channels, self.image_size, self.arch = channels, image_size, arch
         self.num_classes, self.cond = num_classes, cond
-        assert cond in CONDS and not (num_classes and arch != "dcgan"), (cond, num_classes, arch)
+        assert cond in _CONDS and not (num_classes and arch != "dcgan"), (cond, num_classes, arch)
         if arch == "mlp":
             self.main = _mlp([channels * image_size**2, 16 * width, 8 * width, 4 * width, 1], None)
             if spectral_norm:

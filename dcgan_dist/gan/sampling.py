@@ -143,3 +143,37 @@ def interpolate_latents(z_a: torch.Tensor, z_b: torch.Tensor, steps: int) -> tor
     if omega < 1e-6:  # (nearly) the same direction: a straight line is the same path
         return ((1 - t) * a + t * b).float()
     return ((torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)).float()
+
+
+def check_class(generator: nn.Module, label: int | None, name: str) -> None:
+    """A UserError unless `label` (None: no class asked) is one of the classes of `generator` (loaded from `name`)."""
+    k = generator.num_classes
+    if label is not None and not 0 <= label < k:
+        fix = f"use a class in 0..{k - 1}" if k else \
+            f"{name} is an unconditional model (model.num_classes=0); drop --class"
+        raise UserError(f"--class {label}: {fix}")
+
+
+def requested_labels(generator: nn.Module, num: int, label: int | None = None) -> torch.Tensor | None:
+    """The classes asked of a conditional generator: `label` throughout, else every class equally often
+    (`class_labels`); None for an unconditional one."""
+    if label is not None:
+        return torch.full((num,), label, dtype=torch.int64)
+    return class_labels(num, generator.num_classes)
+
+
+def draw(generator: nn.Module, num: int, seed: int = 0,
+         label: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`num` images of the seeded noise `fixed_noise(num, latent_dim, seed)` and the classes asked for them
+    (`requested_labels`): what `dcgan-sample` writes."""
+    labels = requested_labels(generator, num, label)
+    return generate(generator, fixed_noise(num, generator.latent_dim, seed), labels), labels
+
+
+def interpolation(generator: nn.Module, seed_a: int, seed_b: int, steps: int, label: int | None = None) -> torch.Tensor:
+    """`steps` images from the image of seed A to that of seed B (slerp in z; seed s gives the z of
+    `draw(generator, 1, s)`); a conditional model: class `label`, else class 0 throughout."""
+    z_a, z_b = (fixed_noise(1, generator.latent_dim, s)[0] for s in (seed_a, seed_b))
+    labels = requested_labels(generator, steps, label)
+    labels = None if labels is None else labels[:1].expand(steps)
+    return generate(generator, interpolate_latents(z_a, z_b, steps), labels)

@@ -134,7 +134,7 @@ def fid_stats_path(cache_dir: str | Path, data: str, root: str, image_size: int,
                    num_images: int | None, weights_sha256: str) -> Path:
     """One file per (dataset, image size, channels, count, weights): `<cache_dir>/fid-stats/...safetensors`."""
     where = f"-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}" \
-        if data in ("imagefolder", "store") else ""  # a folder dataset is its root
+        if data in DATASETS and DATASETS[data].at_root else ""  # a folder dataset is its root
     count = "all" if num_images is None else str(num_images)
     name = f"{data}{where}-{channels}x{image_size}x{image_size}-{count}-{weights_sha256[:16]}.safetensors"
     return Path(cache_dir) / "fid-stats" / name
@@ -355,14 +355,14 @@ class DuringTraining:
     """train.eval_every: the metrics of train.eval_num samples, the same seeded noise every time, generated in
     shares by all ranks; and whether they beat the best so far by train.keep_best."""
 
-    def __init__(self, cfg, accelerator, log):
+    def __init__(self, cfg, accelerator, log, channels: int):
         d, t = cfg.data, cfg.train
         self.accelerator, self.num, self.seed, self.keep_best = accelerator, t.eval_num, t.seed, t.keep_best
         # No collective: one rank trains a missing classifier while the others wait on its file lock. FID
         # statistics are only read here (computed ahead by dcgan-eval fid-stats); each rank runs Inception on its
         # own device.
         self.spaces, notes = feature_spaces(d.name, d.root, d.cache_dir, image_size=cfg.model.image_size,
-                                            channels=cfg.image_channels, num_images=d.num_images,
+                                            channels=channels, num_images=d.num_images,
                                             compute_missing=False, device=accelerator.device,
                                             wait_minutes=d.wait_minutes, log=log)
         names = [s.name for s in self.spaces]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dcgan_dist.errors import UserError
+from dcgan_dist.fileio import write_atomic
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -133,7 +134,7 @@ def save_classifier(model: Classifier, path: Path, info: dict) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path)
     meta = {"kwargs": model.kwargs(), **info, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_classifier(path: Path) -> tuple[Classifier, dict]:

@@ -29,10 +29,10 @@ class Networks:
     channels_last: bool  # whether G and D (and so the batches) are in NHWC
 
 
-def build(cfg: Config, device: torch.device) -> Networks:
-    """The same initial weights on every rank (seeded by train.seed)."""
+def build(cfg: Config, device: torch.device, channels: int) -> Networks:
+    """The same initial weights on every rank (seeded by train.seed); `channels`: the images' (the data's facts)."""
     torch.manual_seed(cfg.train.seed)
-    g_kwargs, d_kwargs = cfg.model_kwargs()
+    g_kwargs, d_kwargs = cfg.model_kwargs(channels)
     G, D = Generator(**g_kwargs), Discriminator(**d_kwargs)
     G.apply(init_weights), D.apply(init_weights)
     m = cfg.model

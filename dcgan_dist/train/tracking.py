@@ -19,8 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dcgan_dist import checkpoint
 from dcgan_dist.config import save_config
+from dcgan_dist.data.sources import to_model_range
 from dcgan_dist.errors import UserError
+from dcgan_dist.gan import sampling
 from dcgan_dist.registry import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRIC_SPACES
 
 
@@ -101,7 +104,7 @@ class Tracker:
     """
 
     def __init__(self, accelerator, cfg, run_dir: Path, run_config: dict, resume_id: str | None):
-        self.acc, self.main = accelerator, accelerator.is_main_process
+        self.acc, self.main, self.run_dir = accelerator, accelerator.is_main_process, run_dir
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if self.main else None
         self.wandb_run, self.log_checkpoints = None, cfg.log.wandb.log_checkpoints
         if not self.main or not accelerator.log_with:
@@ -166,6 +169,28 @@ class Tracker:
         except Exception as e:  # as in log()
             self._drop_wandb(f"W&B image logging failed ({type(e).__name__}: {e})")
 
+    def log_data(self, data, num: int) -> None:
+        """Rank 0: a grid of the batch source's first `num` images (what the data looks like)."""
+        if self.main:
+            self.log_image("samples/real", sampling.grid_array(to_model_range(data.first(num))), step=0)
+
+    def log_samples(self, generator, z, y, nrow: int, step: int) -> None:
+        """Rank 0: the grid of `generator` (eval mode: no collectives) on fixed noise `z` (and labels `y`) ->
+        samples/step-N.png and the trackers."""
+        if not self.main:
+            return
+        images = sampling.generate(generator, z, y)
+        sampling.save_grid(images, self.run_dir / "samples" / f"step-{step:08d}.png", nrow)
+        self.log_image("samples/fixed_noise", sampling.grid_array(images, nrow), step=step)
+
+    def log_eval(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+        """An evaluation during training -> eval/* (and eval/seconds); its headline numbers printed."""
+        self.log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}, "eval/seconds": seconds})
+        shown = [k for k in metrics if k.split("/")[1] in ("fd", "fd_floor", "coverage", "confidence",
+                                                           "class_accuracy")]
+        if self.main:
+            print(f"eval at step {step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown), flush=True)
+
     def mark_preempting(self) -> None:
         """A stop signal arrived: W&B marks the run preempting (it is resumed by the requeued job)."""
         if self.wandb_run is not None:
@@ -175,14 +200,14 @@ class Tracker:
                 self._drop_wandb(f"W&B mark_preempting failed ({type(e).__name__}: {e})")
 
     def log_generator(self, ckpt_dir: Path, alias: str) -> None:
-        """log.wandb.log_checkpoints: the checkpoint's generator (EMA if saved, else raw) and meta.json as a
-        W&B model artifact, with `alias` ("final" or "best") and the step."""
+        """log.wandb.log_checkpoints: the checkpoint's generator (`checkpoint.choose_generator`'s: EMA if saved,
+        else raw) and meta.json as a W&B model artifact, with `alias` ("final" or "best") and the step."""
         if self.wandb_run is None or not self.log_checkpoints:
             return
         import wandb
 
-        stem = "generator_ema" if (ckpt_dir / "generator_ema.safetensors").is_file() else "generator"
         try:
+            ckpt_dir, stem, _ = checkpoint.choose_generator(str(ckpt_dir))
             artifact = wandb.Artifact(f"generator-{self.wandb_run.id}", type="model",
                                       metadata={"checkpoint": ckpt_dir.name, "weights": stem})
             artifact.add_file(str(ckpt_dir / f"{stem}.safetensors"), name=f"{stem}.safetensors")
@@ -214,6 +239,16 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def describe_run(cfg, data, world: int, device_type: str) -> str:
+    """What a run prints first: the model, the data (`data`: the batch source), the launch, the run dir."""
+    m, t = cfg.model, cfg.train
+    conditional = f", conditional on {m.num_classes} classes ({m.cond})" if m.num_classes else ""
+    return (f"dcgan_dist: {m.arch} {m.image_size}x{m.image_size}{conditional} on {cfg.data.name} "
+            f"({data.num_items} images, {data.batches_per_epoch} batches/epoch)\n"
+            f"  world size {world} ({device_type}), batch {t.batch_size}/rank = {t.batch_size * world} global, "
+            f"precision {t.mixed_precision}, {t.steps} steps, run dir {cfg.run_dir}")
 
 
 def format_line(step: int, steps: int, record: dict) -> str:

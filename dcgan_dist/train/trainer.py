@@ -1,39 +1,33 @@
 """The adversarial training loop under Accelerate: one process, many GPUs, or many nodes, one code path.
 
 The trainer sets up Accelerate, the models and their optimizers, and runs the step and the loop. It draws
-batches from a batch source (`batches`), never from storage; hands its stateful parts to `train_state`
-for checkpoints; reports through `tracking`; evaluates through `evaluation.DuringTraining`.
+batches from a batch source (`batches`), never from storage; registers its stateful parts once with the
+training state (`train_state`), which saves and restores them; agrees with the other ranks on signals and
+clocks through `agreement`; reports through `tracking`; evaluates through `evaluation.DuringTraining`.
 Lifecycle: `with Trainer(cfg) as trainer: trainer.train()` (or call `close()` yourself).
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import math
-import signal
 import time
-import warnings
-import weakref
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from dcgan_dist import checkpoint, launcher
 from dcgan_dist.config import Config, validate_world
-from dcgan_dist.data.sources import batch_source, to_model_range
+from dcgan_dist.data.sources import batch_source, facts, to_model_range
 from dcgan_dist.errors import RunError
 from dcgan_dist.gan import augment, sampling
 from dcgan_dist.gan.losses import AdversarialLoss
 from dcgan_dist.quality.evaluation import DuringTraining
 from dcgan_dist.registry import parse_augment
-from dcgan_dist.train import devices, networks, tracking
+from dcgan_dist.train import accelerator, devices, networks, tracking
 from dcgan_dist.train import state as train_state
+from dcgan_dist.train.agreement import Agreement
 from dcgan_dist.train.stats import IntervalStats
 from dcgan_dist.train.sync_bn import check_consistency
 from dcgan_dist.train.tracking import Tracker, format_line
@@ -45,38 +39,23 @@ def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
 
 
-def _flag_signal(trainer_ref: weakref.ref, signum: int, _frame) -> None:
-    trainer = trainer_ref()
-    if trainer is not None:
-        trainer.signal = signum  # acted on at the next step boundary, by all ranks together
-
-
 class Trainer:
     def __init__(self, cfg: Config, overwrite: bool = False):
         self.started = time.monotonic()  # train.max_minutes counts from here: set-up included
         device = devices.accelerator_type()
         cfg = validate_world(cfg, launcher.place(slurm=False).world_size, device, devices.native_bf16(device))
-        # accelerate always passes broadcast_buffers, which torch 2.14 deprecates; False is still what we mean
-        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        # broadcast_buffers=False: DDP would otherwise re-broadcast BN buffers at each D forward, which breaks
-        # two D forwards before one backward ("modified by an inplace operation"). cpu=True when there is no
-        # accelerator, or multi-process CPU launches come up as independent single processes. The collective
-        # timeout turns a rank that died or diverged into an error instead of a hang.
-        self.accelerator = acc = Accelerator(
-            cpu=device == "cpu", mixed_precision=cfg.train.mixed_precision, log_with=tracking.log_with(cfg) or None,
-            project_config=ProjectConfiguration(project_dir=str(cfg.run_dir),
-                                                logging_dir=str(cfg.run_dir / "tensorboard")),
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
-                             InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))])
+        self.facts = facts(cfg)  # once, before anything heavy (a store's manifest, checked against the model)
+        self.accelerator = acc = accelerator.build(cfg, device)  # DDP, precision, trackers, the process group
         self.cfg, self.device, self.world, self.rank = cfg, acc.device, acc.num_processes, acc.process_index
         self.run_dir, self.ckpt_root, self.closed = cfg.run_dir, cfg.run_dir / "checkpoints", False
-        resume = None if overwrite else train_state.find_resume(cfg, self._print)  # every rank reads; no writes yet
+        channels = self.facts.channels  # every rank reads what it resumes from; no writes yet
+        resume = None if overwrite else train_state.find_resume(cfg, self._print, channels)
 
         # no collective: one process prepares a missing cached store while the others wait on its file lock
-        self.data = batch_source(cfg, self.rank, self.world, pin_memory=device == "cuda", warn=self._print)
-        self.evaluator = DuringTraining(cfg, acc, self._print) if cfg.train.eval_every else None
+        self.data = batch_source(cfg, self.facts, self.rank, self.world, pin_memory=device == "cuda", warn=self._print)
+        self.evaluator = DuringTraining(cfg, acc, self._print, channels) if cfg.train.eval_every else None
 
-        nets = networks.build(cfg, self.device)
+        nets = networks.build(cfg, self.device, channels)
         self.ema, self.opt_G, self.opt_D, self.channels_last = nets.ema, nets.opt_G, nets.opt_D, nets.channels_last
         # The optimizers stay plain torch ones: accelerate's wrapper adds ~0.15 ms of Python per step and call,
         # which a small model on a GPU notices (benchmarks/gpu.sh); fp16 scaling is done here (`_update`).
@@ -88,26 +67,25 @@ class Trainer:
         # the fixed grid: the same z everywhere; a conditional model's has one row per class
         self.fixed_z, self.fixed_y, self.grid_nrow = sampling.class_grid(cfg.log.num_samples, cfg.model.latent_dim,
                                                                          cfg.model.num_classes, cfg.train.seed)
-        self.parts = train_state.Parts(acc.unwrap_model(self.G), acc.unwrap_model(self.D), self.ema, self.opt_G,
-                                       self.opt_D, acc.scaler, self.noise, self.data)
-        restored = train_state.restore(*resume, self.parts, cfg, self.rank, self._print) if resume else {}
-        self.step = restored.get("step", 0)
-        self.stats = IntervalStats(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips,
-                                   restored.get("nonfinite_steps", 0))
-        self.best = restored.get("best")  # train.keep_best: {metric, value, step} of checkpoints/best
-
-        # Preemption: a signal only sets a flag; ranks agree on it at the next step boundary (one small
-        # all-reduce on the CPU, over gloo, so no device sync is added to the step).
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # by weak reference: the handler must not keep the trainer
-            signal.signal(sig, functools.partial(_flag_signal, weakref.ref(self)))  # alive
-        self.cpu_group = dist.new_group(backend="gloo") if self.world > 1 and dist.get_backend() != "gloo" else None
-        self.last_ckpt_time = time.monotonic()
+        self.G_raw, D_raw = acc.unwrap_model(self.G), acc.unwrap_model(self.D)  # un-wrapped from DDP
+        self.stats = IntervalStats(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips)
+        self.step, self.best, self.wandb_run_id = 0, None, None  # best: {metric, value, step} of checkpoints/best
+        # Everything a checkpoint holds, each part registered once; the networks' and the data's in train_state
+        self.state = st = train_state.training_state(acc, cfg, self.G_raw, D_raw, self.ema, self.opt_G, self.opt_D,
+                                                     self.noise, self.data, self._print)
+        st.register("nonfinite_steps", lambda: self.stats.nonfinite_steps,
+                    lambda n: setattr(self.stats, "nonfinite_steps", n or 0))
+        st.register("best", lambda: self.best, lambda best: setattr(self, "best", best))
+        st.register("wandb_run_id", lambda: self.tracker.run_id, lambda run_id: setattr(self, "wandb_run_id", run_id))
+        if resume:
+            self.step = st.restore(*resume)
+            self._print(f"resuming from {resume[0]} at step {self.step} (epoch {self.data.epoch})")
+        # preemption signals and the clocks, agreed at each step boundary: `self.agree()`
+        self.agree = Agreement(cfg.train.checkpoint_minutes, cfg.train.max_minutes, self.rank, self.world, self.started)
         acc.wait_for_everyone()  # every rank has read what it resumes from before rank 0 writes
         if acc.is_main_process:
             tracking.prepare_run_dir(cfg, self.step, overwrite)
-        self.tracker = Tracker(acc, cfg, self.run_dir, tracking.run_config(cfg, self.world),
-                               restored.get("wandb_run_id"))
+        self.tracker = Tracker(acc, cfg, self.run_dir, tracking.run_config(cfg, self.world), self.wandb_run_id)
 
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process:  # global rank 0 (accelerator.print prints once per node)
@@ -146,7 +124,7 @@ class Trainer:
         self._backward(loss_g)
         grad_norm_G, bad_G = self._update(self.opt_G, G)
         if self.ema is not None:
-            self.ema.update(self.parts.G, self.step)
+            self.ema.update(self.G_raw, self.step)
 
         real_logits, fake_logits = real_logits.detach().float(), fake_logits.detach().float()
         probs = [torch.sigmoid(x).mean() for x in (real_logits, fake_logits, g_logits.detach().float())]
@@ -186,21 +164,15 @@ class Trainer:
         """Train to `train.steps`, or until train.max_minutes: either ends the run (final grid and checkpoint).
         Returns False when stopped by a signal (after writing a checkpoint)."""
         acc, cfg = self.accelerator, self.cfg
-        t, steps, bsz = cfg.train, cfg.train.steps, cfg.train.batch_size
-        m = cfg.model
-        conditional = f", conditional on {m.num_classes} classes ({m.cond})" if m.num_classes else ""
-        self._print(f"dcgan_dist: {m.arch} {m.image_size}x{m.image_size}{conditional} on {cfg.data.name} "
-                    f"({self.data.num_items} images, {self.data.batches_per_epoch} batches/epoch)\n"
-                    f"  world size {self.world} ({acc.device.type}), batch {bsz}/rank = {bsz * self.world} global, "
-                    f"precision {t.mixed_precision}, {steps} steps, run dir {self.run_dir}")
+        t, steps = cfg.train, cfg.train.steps
+        self._print(tracking.describe_run(cfg, self.data, self.world, acc.device.type))
         if self.step >= steps:
             self._print(f"run already complete: step {self.step} of {steps} (raise train.steps to continue)")
             return True
         bar = tqdm(total=steps, initial=self.step, disable=not (acc.is_main_process and cfg.log.progress),
                    dynamic_ncols=True, desc="train")
-        if acc.is_main_process and self.step == 0:  # what the data looks like, once
-            real = to_model_range(self.data.first(cfg.log.num_samples))
-            self.tracker.log_image("samples/real", sampling.grid_array(real), step=0)
+        if self.step == 0:  # what the data looks like, once
+            self.tracker.log_data(self.data, cfg.log.num_samples)
         t_last = time.perf_counter()
         while self.step < steps:
             t0 = time.perf_counter()
@@ -255,17 +227,6 @@ class Trainer:
                     + budget)
         return True
 
-    def agree(self) -> tuple[bool, bool, bool]:
-        """All ranks agree on (a signal arrived anywhere, rank 0's checkpoint clock ran out, rank 0's
-        train.max_minutes budget ran out)."""
-        t, now = self.cfg.train, time.monotonic()
-        overdue = self.rank == 0 and t.checkpoint_minutes > 0 and now - self.last_ckpt_time >= 60 * t.checkpoint_minutes
-        out_of_time = self.rank == 0 and t.max_minutes > 0 and now - self.started >= 60 * t.max_minutes
-        flags = torch.tensor([self.signal is not None, overdue, out_of_time], dtype=torch.int32)
-        if self.world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        return bool(flags[0]), bool(flags[1]), bool(flags[2])
-
     def _log(self, seconds: float) -> dict:
         """The interval's statistics -> metrics.jsonl / trackers; then train.on_nonfinite is applied."""
         acc, cfg = self.accelerator, self.cfg
@@ -296,36 +257,26 @@ class Trainer:
     def sampling_generator(self) -> torch.nn.Module:
         """What samples, evaluation and exports use: the EMA generator if on (BatchNorm statistics of its own
         weights, recomputed on every rank), else G. Called on every rank at the same steps."""
-        return self.ema.module_at(self.step) if self.ema is not None else self.parts.G
+        return self.ema.module_at(self.step) if self.ema is not None else self.G_raw
 
     def _evaluate(self) -> None:
         start = time.perf_counter()
         metrics = self.evaluator(self.sampling_generator())  # the same on every rank
-        self.tracker.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()},
-                          "eval/seconds": time.perf_counter() - start})
-        shown = [k for k in metrics if k.split("/")[1] in ("fd", "fd_floor", "coverage", "confidence",
-                                                           "class_accuracy")]
-        self._print(f"eval at step {self.step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown))
+        self.tracker.log_eval(self.step, metrics, time.perf_counter() - start)
         if self.evaluator.improves(metrics, self.best):
-            self.best = {"metric": self.cfg.train.keep_best, "value": metrics[self.cfg.train.keep_best],
-                         "step": self.step}
-            self.tracker.log_generator(self.save_checkpoint(best=True), "best")
-            self._print(f"best {self.best['metric']} so far: checkpoint {self.ckpt_root / 'best'} (step {self.step})")
+            key = self.cfg.train.keep_best
+            self.best = {"metric": key, "value": metrics[key], "step": self.step}
+            self.tracker.log_generator(self.save_checkpoint("best"), "best")
+            self._print(f"best {key} so far: checkpoint {self.ckpt_root / 'best'} (step {self.step})")
 
-    def save_samples(self) -> None:
-        generator = self.sampling_generator()  # every rank: the EMA's statistics are recomputed everywhere
-        if self.accelerator.is_main_process:  # eval-mode G: no collectives, so rank 0 alone may run it
-            images = sampling.generate(generator, self.fixed_z, self.fixed_y)
-            sampling.save_grid(images, self.run_dir / "samples" / f"step-{self.step:08d}.png", self.grid_nrow)
-            self.tracker.log_image("samples/fixed_noise", sampling.grid_array(images, self.grid_nrow), step=self.step)
+    def save_samples(self) -> None:  # sampling_generator on every rank (the EMA's statistics); rank 0 draws
+        self.tracker.log_samples(self.sampling_generator(), self.fixed_z, self.fixed_y, self.grid_nrow, self.step)
 
-    def save_checkpoint(self, best: bool = False) -> Path:
-        """Everything needed to continue exactly (train_state.save); a collective. `best`: as checkpoints/best."""
-        counters = {"nonfinite_steps": self.stats.nonfinite_steps, "best": self.best,
-                    "wandb_run_id": self.tracker.run_id}
-        path = train_state.save(self.accelerator, self.parts, self.cfg, self.step, counters, best=best)
-        if not best:
-            self.last_ckpt_time = time.monotonic()
+    def save_checkpoint(self, name: str | None = None) -> Path:
+        """Every registered part, as checkpoints/step-N (the checkpoint clock restarts) or `name` (`best`)."""
+        path = self.state.save(self.step, name)  # a collective
+        if name is None:
+            self.agree.checkpointed()
         return path
 
     # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 import time
 
 from dcgan_dist import checkpoint, cli
-from dcgan_dist.data import store
+from dcgan_dist.data import decode
 from dcgan_dist.train import trainer
 
 
@@ -37,13 +37,13 @@ if delay:
 
 decode_delay = float(os.environ.get("FAULT_DECODE_DELAY", "0"))
 if decode_delay:
-    decode_image = store.decode_image
+    decode_image = decode.decode_image
 
     def slow_decode_image(*args, **kwargs):
         time.sleep(decode_delay)
         return decode_image(*args, **kwargs)
 
-    store.decode_image = slow_decode_image
+    decode.decode_image = slow_decode_image
 
 trainer.Trainer = FaultyTrainer  # what cli.train_main builds
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ import os
 import time
 
 from dcgan_dist import cli
-from dcgan_dist.data import store
+from dcgan_dist.data import decode
 
 delay = float(os.environ.get("FAULT_DECODE_DELAY", "0.1"))
-decode_image = store.decode_image
+decode_image = decode.decode_image
 
 
 def slow_decode_image(*args, **kwargs):
@@ -20,6 +20,6 @@ def slow_decode_image(*args, **kwargs):
     return decode_image(*args, **kwargs)
 
 
-store.decode_image = slow_decode_image  # what store._decode_into calls (in this process with --workers 1)
+decode.decode_image = slow_decode_image  # what decode._decode_into calls (in this process with --workers 1)
 if __name__ == "__main__":
     cli.prepare_main()
