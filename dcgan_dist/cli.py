@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -104,29 +103,13 @@ def sample_main(argv: list[str] | None = None) -> None:
 
     def sample() -> None:
         from dcgan_dist import checkpoint
-        from dcgan_dist.errors import UserError
         from dcgan_dist.gan import sampling
 
-        if args.num < 1:
-            raise UserError(f"--num {args.num}: ask for at least one image")
         out = Path(args.out)
-        if out.suffix not in (".npz", ".png"):
-            raise UserError(f"--out {out}: use a .npz (uint8 NHWC array) or .png (grid) file name")
-        if args.interpolate and (args.steps < 2 or out.suffix != ".png"):
-            raise UserError("--interpolate writes a strip of --steps >= 2 images to a .png --out")
+        sampling.check_request(args.num, out, bool(args.interpolate), args.steps)
         generator, _, _ = checkpoint.load_generator(args.checkpoint, ema=not args.no_ema)
         sampling.check_class(generator, args.label, args.checkpoint)
-        if args.interpolate:
-            sampling.save_grid(sampling.interpolation(generator, *args.interpolate, args.steps, args.label), out,
-                               nrow=args.steps)
-            print(f"wrote a {args.steps}-image interpolation from seed {args.interpolate[0]} to "
-                  f"{args.interpolate[1]} to {out}")
-            return
-        images, labels = sampling.draw(generator, args.num, args.seed, args.label)
-        sampling.save_samples(images, out, labels)
-        what = "" if labels is None else f" of class {args.label}" if args.label is not None else \
-            f" ({generator.num_classes} classes, equally often)"
-        print(f"wrote {args.num} samples{what} to {out}")
+        print(sampling.write(generator, out, args.num, args.seed, args.label, args.interpolate, args.steps))
 
     _run(sample)
 
@@ -185,39 +168,19 @@ def prepare_main(argv: list[str] | None = None) -> None:
     def prepare() -> None:
         from dcgan_dist.data import store
         from dcgan_dist.data.prepare import PrepareOptions, stage_store
-        from dcgan_dist.errors import UserError
-        from dcgan_dist.registry import IMAGE_SIZES
+        from dcgan_dist.data.sources import prepare_store
 
         if args.stage:
             stage_store(*args.stage)
-            return
-        if args.verify:
-            s = store.verify_store(args.verify)
-            labels = f"{s.num_classes} classes" if s.labels is not None else "no labels"
-            print(f"store {args.verify}: {s.count} images, {s.channels}x{s.image_size}x{s.image_size}, "
-                  f"{len(s.manifest['shards'])} shard(s), {labels}; every sha256 matches")
-            return
-        if args.size not in IMAGE_SIZES:
-            raise UserError(f"--size {args.size}: training takes {', '.join(map(str, IMAGE_SIZES))}; use one of them")
-        if args.workers is not None and args.workers < 1:
-            raise UserError(f"--workers {args.workers}: use 1 or more processes")
-        if args.shard_size is not None and args.shard_size < 1:
-            raise UserError(f"--shard-size {args.shard_size}: use 1 or more images per shard")
-        from dcgan_dist.data.sources import prepare_store
-
-        # Under `accelerate launch`/torchrun (RANK, WORLD_SIZE) or `srun` (SLURM_PROCID, SLURM_NTASKS) the ranks
-        # share the work through --out's temporary directory (no network): --out must be on a filesystem all see.
-        where = launcher.place()
-        rank, world = where.rank, where.world_size
-        workers = args.workers or max(1, len(os.sched_getaffinity(0)) // where.local_world_size)
-        # the bar only on a terminal: a log file gets the summary line (with images/s) instead
-        options = PrepareOptions(workers=workers, skip_bad_files=args.skip_bad_files, overwrite=args.overwrite,
-                                 shard_size=args.shard_size or store.SHARD_SIZE,
-                                 progress=sys.stderr.isatty() and rank == 0, rank=rank, world=world)
-        prepare_store(args.source, args.out, args.size, args.channels, options, args.root,
-                      image_column=args.image_column, label_column=args.label_column)
-        if rank == 0:
-            print(f"train on it: dcgan-train --config CONFIG data.name=store data.root={args.out}")
+        elif args.verify:
+            print(f"store {args.verify}: {store.describe(store.verify_store(args.verify))}; every sha256 matches")
+        else:  # the bar only on a terminal: a log file gets the summary line (with images/s) instead
+            options = PrepareOptions.for_job(args.size, args.workers, args.shard_size, sys.stderr.isatty(),
+                                             skip_bad_files=args.skip_bad_files, overwrite=args.overwrite)
+            prepare_store(args.source, args.out, args.size, args.channels, options, args.root,
+                          image_column=args.image_column, label_column=args.label_column)
+            if options.rank == 0:
+                print(f"train on it: dcgan-train --config CONFIG data.name=store data.root={args.out}")
 
     _run(prepare, disk_full="nothing half-written is visible at --out, and the finished units are kept: free space "
                             "and run the same command again to finish")

@@ -123,9 +123,31 @@ BUILT_IN = tuple(name for name, info in DATASETS.items() if info.built_in)  # wh
 AUGMENT_POLICIES = ("translation", "cutout", "color")
 
 METRIC_SPACES = ("classifier", "inception")
-LOWER_IS_BETTER = ("fd", "kid", "class_kl")
-# class_accuracy: conditional models only, the share of samples classified as the class they were asked for
-HIGHER_IS_BETTER = ("inception_score", "coverage", "confidence", "precision", "recall", "class_accuracy")
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    label: str  # its row in dcgan-eval's table
+    better: str | None  # lower | higher: which way it improves (train.keep_best); None: a description, not a goal
+    decimals: int = 3  # printed with this many decimals (0: a count)
+
+
+METRICS: dict[str, MetricInfo] = {  # per feature space (metrics.py computes them), in dcgan-eval's order
+    "fd": MetricInfo("Fréchet distance", "lower"),
+    "kid": MetricInfo("KID", "lower", 4),
+    "precision": MetricInfo("precision", "higher"),
+    "recall": MetricInfo("recall", "higher"),
+    "inception_score": MetricInfo("inception score", "higher"),
+    "coverage": MetricInfo("class coverage", "higher", 0),
+    "confidence": MetricInfo("mean confidence", "higher"),
+    "class_kl": MetricInfo("class KL (nats)", "lower", 4),
+    "class_share_min": MetricInfo("smallest class share", None),
+    "class_share_max": MetricInfo("largest class share", None),
+    # conditional models only: the share of samples classified as the class they were asked for
+    "class_accuracy": MetricInfo("requested class", "higher"),
+}
+LOWER_IS_BETTER = tuple(name for name, m in METRICS.items() if m.better == "lower")
+HIGHER_IS_BETTER = tuple(name for name, m in METRICS.items() if m.better == "higher")
 
 
 def parse_augment(policy: str) -> tuple[str, ...]:

@@ -4,8 +4,8 @@
 
 It reads dcgan_dist/config.py as text (ast for the fields, tokenize for the comments) and imports nothing of the
 package, so it needs no torch. A field is `name: type = default  # what it means`; a field whose type is another
-dataclass of the file is a nested section (`model.ema.*`). A comment that names `registry.NAME` (or the old
-`catalog.NAME`) is followed by the values of that literal in dcgan_dist/registry.py. Pass another config.py as
+dataclass of the file is a nested section (`model.ema.*`). A comment that names `registry.NAME`
+is followed by the values of that literal in dcgan_dist/registry.py. Pass another config.py as
 the first argument to render that one instead.
 """
 
@@ -130,7 +130,7 @@ def with_registry(doc: str, registry: dict[str, list[str]]) -> str:
             return f"`registry.{name}`"
         return f"`registry.{name}` ({', '.join(f'`{v}`' for v in registry[name])})"
 
-    return re.sub(r"`?\b(?:catalog|registry)\.([A-Z][A-Z0-9_]*)\b`?", expand, doc)
+    return re.sub(r"`?\bregistry\.([A-Z][A-Z0-9_]*)\b`?", expand, doc)
 
 
 def cell(text: str) -> str:

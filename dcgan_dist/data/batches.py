@@ -138,7 +138,7 @@ class StoreBatches(_IndexedBatches):
     each one read from the shards through the page cache, so no rank holds the dataset.
 
     `subset`: the global store indices in use (data.num_images), sorted; None = every image. `labels` False:
-    hand out no labels, as for a dataset the catalog lists as unlabelled.
+    hand out no labels, as for a dataset the registry lists as unlabelled.
     """
 
     def __init__(self, store, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,

@@ -211,3 +211,10 @@ def verify_store(path: str | Path) -> Store:
             raise UserError(f"store {store.path}: {name} is damaged (its sha256 differs from manifest.json); "
                             "prepare the store again (dcgan-prepare ... --overwrite)")
     return store
+
+
+def describe(store: Store) -> str:
+    """One line on a store: count, shape, shards, labels."""
+    labels = f"{store.num_classes} classes" if store.labels is not None else "no labels"
+    return (f"{store.count} images, {store.channels}x{store.image_size}x{store.image_size}, "
+            f"{len(store.manifest['shards'])} shard(s), {labels}")

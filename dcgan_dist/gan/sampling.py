@@ -177,3 +177,27 @@ def interpolation(generator: nn.Module, seed_a: int, seed_b: int, steps: int, la
     labels = requested_labels(generator, steps, label)
     labels = None if labels is None else labels[:1].expand(steps)
     return generate(generator, interpolate_latents(z_a, z_b, steps), labels)
+
+
+def check_request(num: int, out: Path, interpolate: bool, steps: int) -> None:
+    """A UserError unless `dcgan-sample` was asked for something it can write (before any checkpoint is read)."""
+    if num < 1:
+        raise UserError(f"--num {num}: ask for at least one image")
+    if out.suffix not in (".npz", ".png"):
+        raise UserError(f"--out {out}: use a .npz (uint8 NHWC array) or .png (grid) file name")
+    if interpolate and (steps < 2 or out.suffix != ".png"):
+        raise UserError("--interpolate writes a strip of --steps >= 2 images to a .png --out")
+
+
+def write(generator: nn.Module, out: Path, num: int, seed: int, label: int | None = None,
+          between: tuple[int, int] | None = None, steps: int = 8) -> str:
+    """`dcgan-sample`: `draw`n samples to a .npz or a grid .png, or the `interpolation` strip `between` two seeds;
+    returns the line that says what was written."""
+    if between:
+        save_grid(interpolation(generator, *between, steps, label), out, nrow=steps)
+        return f"wrote a {steps}-image interpolation from seed {between[0]} to {between[1]} to {out}"
+    images, labels = draw(generator, num, seed, label)
+    save_samples(images, out, labels)
+    what = "" if labels is None else f" of class {label}" if label is not None else \
+        f" ({generator.num_classes} classes, equally often)"
+    return f"wrote {num} samples{what} to {out}"

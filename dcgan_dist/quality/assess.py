@@ -27,7 +27,7 @@ from dcgan_dist.gan.sampling import load_samples
 from dcgan_dist.quality import evaluation
 from dcgan_dist.quality.features import classifier_path, save_classifier
 from dcgan_dist.quality.fid import build_fid_inception
-from dcgan_dist.registry import DATASETS
+from dcgan_dist.registry import DATASETS, METRICS
 
 USUAL_NUM = 5000  # generated images when a checkpoint is scored and no number is given
 MIN_NUM = 8
@@ -83,8 +83,8 @@ class Report:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
     def lines(self) -> list[str]:
-        """dcgan-eval's table: per space, the generated images' figures beside the real reference's (`ROWS`);
-        FID/KID with the protocol beside every figure; then the notes."""
+        """dcgan-eval's table: per space, the generated images' figures beside the real reference's (rows:
+        `registry.METRICS`); FID/KID with the protocol beside every figure; then the notes."""
         p, metrics = self.plan, self.metrics
         seed = "" if p.seed is None else f", seed {p.seed}"
         out = [f"dcgan-eval: {p.checkpoint} ({p.source}), {p.num} samples{seed}, data {p.data}"]
@@ -97,7 +97,7 @@ class Report:
                 continue
             out.append(f"  {'metric':<22}{'generated':>12}{'real':>12}   (real: held-out images; for FD the "
                        "real-vs-real floor)")
-            for key, label in ROWS:
+            for key, label in ((k, m.label) for k, m in METRICS.items()):
                 name = f"{s.name}/{key}"
                 if name in metrics:
                     ref = metrics[f"{s.name}/fd_floor"] if key == "fd" else self.real.get(name)  # fd: the floor
@@ -108,19 +108,8 @@ class Report:
         return out + [f"note: {note}" for note in p.notes]
 
 
-ROWS = (("fd", "Fréchet distance"), ("kid", "KID"),  # (metric, label): the rows of dcgan-eval's table, in order
-        ("precision", "precision"), ("recall", "recall"), ("inception_score", "inception score"),
-        ("coverage", "class coverage"), ("confidence", "mean confidence"), ("class_kl", "class KL (nats)"),
-        ("class_share_min", "smallest class share"), ("class_share_max", "largest class share"),
-        ("class_accuracy", "requested class"))  # conditional models: share classified as the class asked for
-
-
 def _fmt(key: str, value) -> str:
-    if value is None:
-        return "-"
-    if key == "coverage":
-        return f"{int(value)}"
-    return f"{value:.4f}" if key in ("kid", "class_kl") else f"{value:.3f}"
+    return "-" if value is None else f"{value:.{METRICS[key].decimals}f}"
 
 
 def plan(checkpoint: str, num: int | None = None, seed: int = 0, ema: bool = True, data: str | None = None,

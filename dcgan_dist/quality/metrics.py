@@ -1,7 +1,7 @@
 """Sample-quality metrics: pure maths on features and class probabilities (float64, on the CPU).
 
 Features in, floats out; no model, dataset or rank here. Which metrics exist and which way is better:
-`catalog.LOWER_IS_BETTER` / `HIGHER_IS_BETTER`. Feature extractors: `features`. Putting them together
+`registry.METRICS`. Feature extractors: `features`. Putting them together
 for a generator: `evaluation`.
 """
 
