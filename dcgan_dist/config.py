@@ -89,10 +89,10 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
+    lr_g: float = 2e-4  # G's Adam learning rate (DCGAN's 2e-4)
+    lr_d: float = 2e-4  # D's Adam learning rate; a larger one than G's is the two-timescale rule (TTUR)
+    beta1: float = 0.5  # Adam's first-moment decay (DCGAN's 0.5; PyTorch's default 0.9 trains GANs worse)
+    beta2: float = 0.999  # Adam's second-moment decay
 
 
 @dataclass
@@ -100,7 +100,7 @@ class TrainConfig:
     steps: int = 1000  # generator steps in total
     batch_size: int = 128  # per rank
     global_batch_size: int | None = None  # if set: per-rank batch = this / world size (must divide)
-    seed: int = 0
+    seed: int = 0  # initial weights, data order, noise, augmentation: the same seed gives the same run
     mixed_precision: str = "no"  # no | fp16 (CUDA only) | bf16 | auto (bf16 where the hardware has it, else no)
     channels_last: bool = False  # NHWC weights and images: faster convolutions on CUDA (bf16/fp16) and on CPU
     augment: str = ""  # differentiable augmentation of all that D sees, e.g. translation,cutout (augment.py)
@@ -122,11 +122,11 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    project: str = "dcgan_dist"
+    project: str = "dcgan_dist"  # W&B project
     entity: str = ""  # team or user; empty = your default
     name: str = ""  # display name; empty = run.name
-    group: str = ""
-    tags: list[str] = field(default_factory=list)
+    group: str = ""  # W&B group, to compare runs side by side; empty = none
+    tags: list[str] = field(default_factory=list)  # W&B tags, e.g. [mnist, baseline]
     mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
     log_checkpoints: bool = False  # upload the final and the best generator (safetensors + meta.json) as artifacts
 
