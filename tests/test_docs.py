@@ -52,7 +52,8 @@ def test_the_generator_reads_new_fields_and_sections_and_imports_no_torch(tmp_pa
     source = source.replace("    log: LogConfig = field(default_factory=LogConfig)\n",
                             "    log: LogConfig = field(default_factory=LogConfig)\n"
                             "    extra: ExtraConfig = field(default_factory=ExtraConfig)\n")
-    source = source.replace("    seed: int = 0\n", "    seed: int = 0\n    new_knob: float = 2e-4  # brand new\n")
+    source = source.replace("    steps: int = 1000", "    new_knob: float = 2e-4  # brand new\n    steps: int = 1000",
+                            1)
     edited = tmp_path / "config.py"
     edited.write_text(source)
     text = generate(str(edited))

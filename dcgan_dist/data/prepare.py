@@ -26,14 +26,30 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dcgan_dist.data.decode import (FOLDER_RESIZE, IMAGE_EXTENSIONS, decode_jobs, decoding_pool, folder_classes,
-                                    list_images)
-from dcgan_dist.data.store import (FORMAT_VERSION, LABELS, MANIFEST, SHARD_SIZE, Store, open_store, read_manifest,
-                                   shard_name, temp_dir, verify_store)
 from dcgan_dist import launcher
+from dcgan_dist.data.decode import (
+    FOLDER_RESIZE,
+    IMAGE_EXTENSIONS,
+    decode_jobs,
+    decoding_pool,
+    folder_classes,
+    list_images,
+)
+from dcgan_dist.data.store import (
+    FORMAT_VERSION,
+    LABELS,
+    MANIFEST,
+    SHARD_SIZE,
+    Store,
+    open_store,
+    read_manifest,
+    shard_name,
+    temp_dir,
+    verify_store,
+)
 from dcgan_dist.errors import UserError
-from dcgan_dist.registry import IMAGE_SIZES
 from dcgan_dist.fileio import exclusive, fsync_dir, listing, sha256_file, swap_in, write_atomic
+from dcgan_dist.registry import IMAGE_SIZES
 
 ARRAY_RESIZE = ("as data.load_dataset: the whole image to S x S (torch bilinear, antialias) where its size "
                 "differs; uint8")

@@ -24,13 +24,12 @@ import torch.nn.functional as F
 
 from dcgan_dist import fileio
 from dcgan_dist.config import check_classes, check_store
-from dcgan_dist.data import store
-from dcgan_dist.data import tables
-from dcgan_dist.data.prepare import PrepareOptions, check_out, prepare_arrays, prepare_folder, prepare_table
+from dcgan_dist.data import store, tables
 from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
-from dcgan_dist.registry import BUILT_IN, DATASETS
-from dcgan_dist.errors import UserError
 from dcgan_dist.data.decode import IMAGE_EXTENSIONS, list_images
+from dcgan_dist.data.prepare import PrepareOptions, check_out, prepare_arrays, prepare_folder, prepare_table
+from dcgan_dist.errors import UserError
+from dcgan_dist.registry import BUILT_IN, DATASETS
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,7 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
 
 
 def prepare_store(source: str, out: str | Path, size: int, channels: int | None = None,
-                  options: PrepareOptions = PrepareOptions(), root: str = "data", download: bool = False,
+                  options: PrepareOptions | None = None, root: str = "data", download: bool = False,
                   image_column: str | None = None, label_column: str | None = None) -> store.Store | None:
     """`dcgan-prepare`: a built-in dataset (`BUILT_IN`, read under `root` as for training), `celeba` (its aligned
     JPEGs where torchvision keeps them: `<root>/celeba/img_align_celeba/`), `lsun:CATEGORY` (`<root>/CATEGORY_lmdb`,
@@ -192,7 +191,7 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
     `datasets` directory, an LMDB database: `tables.py`) -> the store `out` (see `store.py`). `channels` None:
     the dataset's own, 3 otherwise. With `options.world` > 1, rank `options.rank`'s share of the work; rank 0
     writes the store and returns it, the others return None."""
-    out = Path(out)
+    out, options = Path(out), options or PrepareOptions()
     if source in BUILT_IN:
         fixed = DATASETS[source].channels
         if channels is not None and fixed is not None and channels != fixed:
