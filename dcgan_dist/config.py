@@ -26,6 +26,7 @@ from dcgan_dist.registry import (
     CONDITIONAL_ARCHS,
     CONDS,
     DATASETS,
+    FITS,
     G_LOSSES,
     HIGHER_IS_BETTER,
     IMAGE_CHANNELS,
@@ -55,6 +56,7 @@ class DataConfig:
     wait_minutes: float = 60.0  # the longest wait for another process preparing the same cached store/classifier
     num_images: int | None = None  # use a fixed random subset of this many images (None = all)
     skip_bad_files: bool = False  # imagefolder: skip (and count) files that cannot be decoded instead of stopping
+    fit: str = "resize"  # a built-in set's images to model.image_size: resize | pad (centred on black, unresampled)
 
 
 @dataclass
@@ -289,6 +291,10 @@ def validate(cfg: Config) -> None:
     _check(d.num_images is None or d.num_images > 0, "data.num_images", d.num_images, "use a positive count or null")
     _check(d.wait_minutes > 0 and math.isfinite(d.wait_minutes), "data.wait_minutes", d.wait_minutes,
            "use a positive number of minutes such as 60")
+    _one_of("data.fit", d.fit, FITS)
+    _check(d.fit == "resize" or DATASETS[d.name].built_in, "data.fit", d.fit,
+           f"pad is for the built-in datasets ({', '.join(n for n, i in DATASETS.items() if i.built_in)}); "
+           "prepare a store at the size you want instead")
     _one_of("model.arch", m.arch, tuple(ARCHS))
     _one_of("model.image_size", m.image_size, IMAGE_SIZES)
     _one_of("model.norm", m.norm, NORMS)

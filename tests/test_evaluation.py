@@ -227,7 +227,10 @@ def test_eval_command_on_unlabelled_data_names_the_metrics_that_need_labels(tmp_
     (["{run}", "--num", "0"], "--num 0"),
     (["{run}", "--classifier", "/nonexistent/c.safetensors"], "dcgan-eval train-classifier"),
     (["{run}", "--fid-weights", "/nonexistent/w.safetensors"], "does not exist"),
-    (["{run}", "--fid-standard", "--num", "100"], "--fid-standard fixes --num at 50000"),
+    (["{run}", "--fid-standard", "--num", "100"], "--protocol standard fixes --num at 50000"),
+    (["{run}", "--protocol", "lucic", "--num", "100"], "--protocol lucic fixes --num at 10000"),
+    (["{run}", "--protocol", "lucic"], "--protocol lucic scores against the test split at its own size: mnist5k"),
+    (["{run}", "--ref", "/nonexistent/b.npz"], "compares two samples files"),
     (["{run}", "--ref-num", "1"], "--ref-num 1"),
     (["{run}", "--bogus"], "unrecognized arguments"),
     (["train-classifier", "--data", "synthetic"], "has no labels"),
@@ -374,5 +377,5 @@ def test_assess_plan_picks_the_references_dcgan_eval_does(tmp_path, classifier, 
     report = plan.run()
     assert json.loads(json.dumps(report.to_json())) == command
     assert "\n".join(report.lines()) + f"\nwrote {tmp_path / 'm.json'}\n" == out
-    with pytest.raises(UserError, match="--fid-standard fixes --num at 50000"):
+    with pytest.raises(UserError, match="--protocol standard fixes --num at 50000"):
         assess.plan(str(mnist_run), num=64, fid_standard=True)

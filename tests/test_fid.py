@@ -140,7 +140,8 @@ def test_training_reads_fid_statistics_that_fid_stats_computed_ahead(weights, tm
                                      compute_missing=False)
     (space,) = spaces
     assert space.name == "inception" and space.mu.shape == (2048,) and space.info["protocol"]["reference_count"] == 4
-    assert E.protocol_note(space, 1000) == "1000 samples vs 4 synthetic training images, pt_inception-2015-12-05"
+    assert E.protocol_note(space, 1000) == ("run: 1000 samples vs 4 synthetic training images at 32x32, "
+                                            "pt_inception-2015-12-05")
 
 
 # --- samples files ------------------------------------------------------------------------------------
@@ -231,8 +232,8 @@ def test_fid_equals_pytorch_fid_on_the_same_images(weights, tmp_path, capsys):
     assert code == 0, err
     ours = json.loads((tmp_path / "a.json").read_text())
     assert ours["metrics"]["inception/fd"] == pytest.approx(theirs, rel=1e-4)
-    assert f"FID reference: Inception features of {n} synthetic images" in out  # computed once ...
-    note = f"[{n} samples vs {n} synthetic training images, pt_inception-2015-12-05]"
+    assert f"FID reference: Inception features of {n} synthetic train images" in out  # computed once ...
+    note = f"[run: {n} samples vs {n} synthetic training images at 32x32, pt_inception-2015-12-05]"
     assert out.count(note) == 2, out  # beside FID and beside KID
     assert ours["protocol"]["inception"]["reference_count"] == n and ours["protocol"]["inception"]["num_samples"] == n
     (stats_file,) = (cache / "fid-stats").iterdir()
@@ -242,6 +243,15 @@ def test_fid_equals_pytorch_fid_on_the_same_images(weights, tmp_path, capsys):
     code, out, err = run_main("eval_main", [*args, "--json", str(tmp_path / "b.json")], capsys)
     assert code == 0 and "FID reference" not in out, err  # ... and read back
     assert json.loads((tmp_path / "b.json").read_text())["metrics"] == ours["metrics"]
+
+    # any two sets, as pytorch-fid's two-path command: the same figure with the real set given as an .npz
+    np.savez(tmp_path / "real.npz", real.permute(0, 2, 3, 1).numpy())
+    code, out, err = run_main("eval_main", [str(tmp_path / "fake.npz"), "--ref", str(tmp_path / "real.npz"),
+                                            "--json", str(tmp_path / "pair.json")], capsys)
+    assert code == 0, err
+    pair = json.loads((tmp_path / "pair.json").read_text())
+    assert pair["metrics"]["inception/fd"] == pytest.approx(theirs, rel=1e-4)
+    assert f"[pair: {n} images vs {n} images of {tmp_path / 'real.npz'}, pt_inception-2015-12-05]" in out
 
 
 @pytest.mark.slow

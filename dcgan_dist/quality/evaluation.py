@@ -30,7 +30,7 @@ from safetensors.torch import save
 from torch import nn
 
 from dcgan_dist import fileio
-from dcgan_dist.data.sources import load_dataset, load_images, user_cache_dir
+from dcgan_dist.data.sources import fit_back, load_dataset, load_images, user_cache_dir
 from dcgan_dist.errors import UserError
 from dcgan_dist.fileio import write_atomic
 from dcgan_dist.gan.sampling import class_labels, fixed_noise, generate
@@ -107,9 +107,10 @@ def classifier_space(model: Classifier, meta: dict, images: torch.Tensor, labels
 
 @dataclass
 class FidSpace:
-    """The standard FID/KID: TF-Inception features of the generated images against the real training images'
-    statistics `mu` [2048], `sigma` [2048, 2048] (float64; FID) and the features of up to KID_REF_MAX of them (KID).
-    `info["protocol"]` says what was compared; it is printed beside every figure."""
+    """The standard FID/KID: TF-Inception features of the generated images (brought to the reference's size by
+    `adapt`) against the real images' statistics `mu` [2048], `sigma` [2048, 2048] (float64; FID) and the features
+    of up to KID_REF_MAX of them (KID). `info["protocol"]` says what was compared (`protocol_note`); it is printed
+    beside every figure."""
 
     name: str  # "inception"
     extract: object  # uint8 images -> (features, None)
@@ -128,66 +129,107 @@ class FidSpace:
 
 KID_REF_MAX = 10000  # real features kept (a seeded subset) for KID: 100 subsets of 1,000 draw from them
 STANDARD_NUM = 50000  # the published protocol: 50,000 samples against the whole training split's statistics
+LUCIC_NUM = 10000  # Lucic et al. 2018: 10,000 samples against the 10,000 test images
 
 
 def fid_stats_path(cache_dir: str | Path, data: str, root: str, image_size: int, channels: int,
-                   num_images: int | None, weights_sha256: str) -> Path:
-    """One file per (dataset, image size, channels, count, weights): `<cache_dir>/fid-stats/...safetensors`."""
+                   num_images: int | None, weights_sha256: str, split: str = "train", fit: str = "resize") -> Path:
+    """One file per (dataset, split, image size and fit, channels, count, weights):
+    `<cache_dir>/fid-stats/...safetensors`."""
     where = f"-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}" \
         if data in DATASETS and DATASETS[data].at_root else ""  # a folder dataset is its root
     count = "all" if num_images is None else str(num_images)
-    name = f"{data}{where}-{channels}x{image_size}x{image_size}-{count}-{weights_sha256[:16]}.safetensors"
+    split = "" if split == "train" else f"-{split}"
+    fit = "" if fit == "resize" else f"-{fit}"
+    name = f"{data}{where}{split}-{channels}x{image_size}x{image_size}{fit}-{count}-{weights_sha256[:16]}.safetensors"
     return Path(cache_dir) / "fid-stats" / name
 
 
 def fid_reference(net: nn.Module, weights_sha256: str, data: str, root: str, image_size: int, channels: int,
                   num_images: int | None = None, cache_dir: str | Path | None = None, compute: bool = True,
-                  log=print) -> dict | None:
-    """{"mu", "sigma" (float64), "kid_ref" (float32), "count"} of the training images of `data` at `image_size` x
-    `channels` (`num_images`: its fixed subset, as data.num_images picks; None: all), read from the cache or, with
-    `compute`, computed once and cached (None when not cached and not `compute`). Plain per-process work: no
-    collective; the cache file is written atomically, so concurrent writers leave one whole file."""
+                  log=print, split: str = "train", fit: str = "resize") -> dict | None:
+    """{"mu", "sigma" (float64), "kid_ref" (float32), "count"} of the `split` images of `data` at `image_size` x
+    `channels` (as `fit` brings them there; `num_images`: its fixed subset, as data.num_images picks; None: all),
+    read from the cache or, with `compute`, computed once and cached (None when not cached and not `compute`).
+    Plain per-process work: no collective; the cache file is written atomically, so concurrent writers leave one
+    whole file."""
     path = fid_stats_path(cache_dir or user_cache_dir(), data, root, image_size, channels, num_images,
-                          weights_sha256)
+                          weights_sha256, split, fit)
+    found = {"whole": num_images is None, "path": str(path), "split": split, "size": image_size}
     if path.is_file():
         with safe_open(path, "pt") as f:
             count = int(f.metadata()["count"])
             return {"mu": f.get_tensor("mu"), "sigma": f.get_tensor("sigma"), "kid_ref": f.get_tensor("kid_ref"),
-                    "count": count, "whole": num_images is None, "path": str(path)}
+                    "count": count, **found}
     if not compute:
         return None
-    images = load_images(data, root, image_size, channels, num_images=num_images)
+    images = load_images(data, root, image_size, channels, num_images=num_images, split=split, fit=fit)
     if len(images) < 2:
         raise UserError(f"FID statistics need at least 2 real images; {data} at {root} holds {len(images)}")
-    log(f"FID reference: Inception features of {len(images)} {data} images at {image_size}x{image_size} "
+    log(f"FID reference: Inception features of {len(images)} {data} {split} images at {image_size}x{image_size} "
         f"(once; cached in {path})")
-    feats = fid_features(net, images)
-    mu, sigma = M.stats(feats)
-    keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:KID_REF_MAX]
-    tensors = {"mu": mu, "sigma": sigma, "kid_ref": feats[keep].contiguous()}
-    meta = {"data": data, "root": str(root), "image_size": str(image_size), "channels": str(channels),
-            "count": str(len(images)), "weights_sha256": weights_sha256, "weights": FID_WEIGHTS_NAME}
+    tensors = reference_stats(fid_features(net, images))
+    meta = {"data": data, "root": str(root), "split": split, "image_size": str(image_size), "fit": fit,
+            "channels": str(channels), "count": str(len(images)), "weights_sha256": weights_sha256,
+            "weights": FID_WEIGHTS_NAME}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, save(tensors, metadata=meta))
-    return {**tensors, "count": len(images), "whole": num_images is None, "path": str(path)}
+    return {**tensors, "count": len(images), **found}
 
 
-def fid_space(net: nn.Module, weights: dict, ref: dict, data: str, image_size: int) -> FidSpace:
-    """The FID/KID space over reference statistics `ref` (`fid_reference`) of `data`, weights `weights` (info)."""
-    protocol = {"weights": weights["weights"], "weights_sha256": weights["sha256"], "reference": data,
-                "reference_count": ref["count"], "whole_training_split": ref["whole"], "image_size": image_size,
-                "kid_reference_count": len(ref["kid_ref"])}
+def reference_stats(feats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The real side of FID/KID from its features: mu, sigma and a seeded subset of up to KID_REF_MAX features."""
+    mu, sigma = M.stats(feats)
+    keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:KID_REF_MAX]
+    return {"mu": mu, "sigma": sigma, "kid_ref": feats[keep].contiguous()}
+
+
+def fid_space(net: nn.Module, weights: dict, ref: dict, data: str, image_size: int, protocol: str = "run",
+              sample_fit: str = "resize") -> FidSpace:
+    """The FID/KID space over reference statistics `ref` (`fid_reference`) of `data`, weights `weights` (info),
+    for samples made at `image_size`: brought to the reference's size by `fit_back(..., sample_fit)` when it
+    differs (a model trained on images padded to its size: its centre)."""
+    size = ref["size"]
+    how = "as made" if size == image_size else "centre crop" if sample_fit == "pad" else "resized"
+    info = {"protocol": protocol, "weights": weights["weights"], "weights_sha256": weights["sha256"],
+            "reference": data, "split": ref["split"], "reference_count": ref["count"], "whole_split": ref["whole"],
+            "reference_size": size, "sample_size": image_size, "samples": how,
+            "kid_reference_count": len(ref["kid_ref"])}
+
+    def extract(images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return fid_features(net, fit_back(images, size, sample_fit)), None
+
+    return FidSpace("inception", extract, ref["mu"], ref["sigma"], ref["kid_ref"],
+                    info={"reference": f"statistics of {ref['count']} {data} {ref['split']} images at {size}x{size}",
+                          "protocol": info, "stats_path": ref["path"]})
+
+
+def pair_space(net: nn.Module, weights: dict, images: torch.Tensor, path: str) -> FidSpace:
+    """FID/KID against any set of uint8 images [N, C, S, S] (`path`, a samples .npz), each set at its own size."""
+    if len(images) < 2:
+        raise UserError(f"--ref {path}: FID statistics need at least 2 images; it holds {len(images)}")
+    ref = reference_stats(fid_features(net, images))
+    size = images.shape[-1]
+    info = {"protocol": "pair", "weights": weights["weights"], "weights_sha256": weights["sha256"], "reference": path,
+            "reference_count": len(images), "reference_size": size, "kid_reference_count": len(ref["kid_ref"])}
     return FidSpace("inception", lambda x: (fid_features(net, x), None), ref["mu"], ref["sigma"], ref["kid_ref"],
-                    info={"reference": f"statistics of {ref['count']} {data} training images at {image_size}x"
-                          f"{image_size}", "protocol": protocol, "stats_path": ref["path"]})
+                    info={"reference": f"{len(images)} images of {path} at {size}x{size}", "protocol": info})
 
 
 def protocol_note(space: FidSpace, num: int) -> str:
-    """What a FID/KID figure compares, printed beside it: samples, reference set and count, weights."""
+    """What a FID/KID figure compares, printed beside it: the protocol's name, the samples, the reference set and
+    its count, split and size, the weights."""
     p = space.info["protocol"]
-    whole = "all " if p["whole_training_split"] else ""
-    standard = "; the published protocol" if num == STANDARD_NUM and p["whole_training_split"] else ""
-    return f"{num} samples vs {whole}{p['reference_count']} {p['reference']} training images, {p['weights']}{standard}"
+    size = p["reference_size"]
+    if p["protocol"] == "pair":
+        return f"pair: {num} images vs {p['reference_count']} images of {p['reference']}, {p['weights']}"
+    made = p["sample_size"]
+    how = {"as made": "", "centre crop": f" (centre {size}x{size} of {made}x{made})",
+           "resized": f" ({made}x{made} resized to {size}x{size})"}[p["samples"]]
+    split = {"train": "training", "test": "test"}[p["split"]]
+    whole = "all " if p["whole_split"] else ""
+    return (f"{p['protocol']}: {num} samples{how} vs {whole}{p['reference_count']} {p['reference']} {split} images at "
+            f"{size}x{size}, {p['weights']}")
 
 
 # --- evaluation of a generator ---------------------------------------------------------------------
@@ -286,24 +328,33 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
                    classifier_size: int = 32, fid: bool | None = None, fid_weights: str | None = None,
                    image_size: int = 32, channels: int = 1, num_images: int | None = None, train_missing: bool = True,
                    compute_missing: bool = True, device: str | None = None, wait_minutes: float = 60.0,
-                   log=print, announce=print) -> tuple[list[FeatureSpace | FidSpace], list[str]]:
+                   log=print, announce=print, protocol: str = "run", fit: str = "resize",
+                   use_classifier: bool = True) -> tuple[list[FeatureSpace | FidSpace], list[str]]:
     """The feature spaces available for dataset `data`, and one note per space that is not (why, how to get it).
 
-    Classifier: `classifier` (a .safetensors path), else `<cache_dir>/classifier-<data>-<size>.safetensors`
-    (cache_dir defaults to `data.user_cache_dir()`), trained there when missing and `train_missing`.
+    Classifier (unless not `use_classifier`): `classifier` (a .safetensors path), else
+    `<cache_dir>/classifier-<data>-<size>.safetensors` (cache_dir defaults to `data.user_cache_dir()`),
+    trained there when missing and `train_missing`.
     FID/KID (`fid_space`): `fid=True` requires the TF-Inception weights (`fid_weights`, the torch hub cache, or
     pytorch-fid's download; UserError without them); None uses them when on disk (no download); False skips.
-    Its reference is the statistics of `data` at the generator's `image_size`/`channels` (`num_images`: the
-    fixed subset trained on; None: the whole training split), cached under `<cache_dir or user cache>/fid-stats`;
-    without `compute_missing`, missing statistics skip FID with a note. Under several ranks call it on every
+    Its reference (`protocol`, one of registry.FID_PROTOCOLS) is the statistics of `data`'s training images at
+    the generator's `image_size`/`channels`, as data.fit = `fit` brought them there (`num_images`: the fixed
+    subset trained on; None: the whole training split), or for "lucic" of its test images at their own size (the
+    samples brought back to it: `fid_space`), cached under `<cache_dir or user cache>/fid-stats`; without
+    `compute_missing`, missing statistics skip FID with a note. Under several ranks call it on every
     rank together: one trains a missing classifier (a file lock, `wait_minutes`), the others wait for its file;
     `log` says so (rank 0 alone, in training), `announce` reports the training, from whichever rank does it.
     """
     spaces, notes = [], []
     fid_net, weights = None, None
+    lucic = protocol == "lucic"
+    if lucic and not (data in DATASETS and DATASETS[data].test_split and DATASETS[data].size):
+        with_test = ", ".join(n for n, i in DATASETS.items() if i.test_split)
+        raise UserError(f"--protocol lucic scores against the test split at its own size: {data} has none; use one "
+                        f"of {with_test}")
     if fid or (fid is None and (fid_weights or _has_weights())):
         fid_net, weights = build_fid_inception(fid_weights, download=bool(fid), device=device)  # fails early
-    if data in LABELLED or classifier:
+    if use_classifier and (data in LABELLED or classifier):
         path = Path(classifier) if classifier else classifier_path(cache_dir or user_cache_dir(), data,
                                                                    classifier_size)
         if not path.is_file() and not classifier and train_missing:
@@ -323,7 +374,7 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
         space = classifier_space(model, meta, images, labels)
         space.info |= {"path": str(path), "accuracy": meta["accuracy"], "image_size": meta["image_size"]}
         spaces.append(space)
-    else:
+    elif use_classifier:
         notes.append(f"classifier metrics (fd, kid, precision/recall, inception score, coverage, confidence, "
                      f"class KL) need a labelled dataset ({', '.join(LABELLED)}); {data} has no labels")
     if fid_net is None:
@@ -331,15 +382,17 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
             notes.append(f"FID/KID skipped: no TF-Inception weights ({FID_WEIGHTS_NAME}) in the torch hub cache "
                          "(pass --fid-weights PATH, or --fid to fetch them when online)")
         return spaces, notes
-    ref = fid_reference(fid_net, weights["sha256"], data, root, image_size, channels, num_images,
-                        cache_dir or None, compute=compute_missing, log=log)
+    size, split = (DATASETS[data].size, "test") if lucic else (image_size, "train")
+    ref = fid_reference(fid_net, weights["sha256"], data, root, size, channels, num_images, cache_dir or None,
+                        compute=compute_missing, log=log, split=split, fit="resize" if lucic else fit)
     if ref is None:
         notes.append(f"FID/KID skipped: no cached reference statistics of {data} at {image_size}x{image_size}; "
                      f"compute them once with dcgan-eval fid-stats --data {data} --data-root {root} --image-size "
                      f"{image_size} --channels {channels}" + (f" --num-images {num_images}" if num_images else "")
+                     + (f" --fit {fit}" if fit != "resize" else "")
                      + (f" --cache-dir {cache_dir}" if cache_dir else ""))
     else:
-        spaces.append(fid_space(fid_net, weights, ref, data, image_size))
+        spaces.append(fid_space(fid_net, weights, ref, data, image_size, protocol, sample_fit=fit))
     return spaces, notes
 
 
@@ -364,8 +417,13 @@ class DuringTraining:
         self.spaces, notes = feature_spaces(d.name, d.root, d.cache_dir, image_size=cfg.model.image_size,
                                             channels=channels, num_images=d.num_images,
                                             compute_missing=False, device=accelerator.device,
-                                            wait_minutes=d.wait_minutes, log=log)
+                                            wait_minutes=d.wait_minutes, log=log, fit=d.fit)
         names = [s.name for s in self.spaces]
+        # {"inception/fd": "run: 1000 samples vs ..."}: printed once here, in the W&B config (eval_protocols)
+        self.protocols = {f"{s.name}/{k}": protocol_note(s, self.num) for s in self.spaces if "protocol" in s.info
+                          for k in ("fd", "kid")}
+        for key, note in self.protocols.items():
+            log(f"eval/{key}: {'FID' if key.endswith('fd') else 'KID'} [{note}]")
         if not self.spaces:
             raise UserError(f"train.eval_every = {t.eval_every} has nothing to measure: " + "; ".join(notes))
         if t.keep_best and t.keep_best.split("/")[0] not in names:

@@ -85,7 +85,9 @@ class Trainer:
         acc.wait_for_everyone()  # every rank has read what it resumes from before rank 0 writes
         if acc.is_main_process:
             tracking.prepare_run_dir(cfg, self.step, overwrite)
-        self.tracker = Tracker(acc, cfg, self.run_dir, tracking.run_config(cfg, self.world), self.wandb_run_id)
+        protocols = {"eval_protocols": self.evaluator.protocols} if self.evaluator else {}  # what eval/*/fd compares
+        self.tracker = Tracker(acc, cfg, self.run_dir, tracking.run_config(cfg, self.world) | protocols,
+                               self.wandb_run_id)
 
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process:  # global rank 0 (accelerator.print prints once per node)

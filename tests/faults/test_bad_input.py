@@ -85,7 +85,15 @@ CASES = {
     "eval too few": ("eval", ["{run}", "--num", "4"], "--num 4: use at least 8 images"),
     "export over a file": ("export", ["{run}", "{ckpt}"], "already exists and is not an empty directory"),
     # dataset paths
-    "mnist not there": ("train", [*SMOKE, "data.name=mnist", "data.root={tmp}/none"], "no MNIST training set"),
+    "fashion not there": ("train", [*SMOKE, "data.name=fashion_mnist", "data.root={tmp}/none"],
+                          "no train-images-idx3-ubyte[.gz] in data.root={tmp}/none"),
+    "idx truncated": ("train", [*SMOKE, "data.name=fashion_mnist", "data.num_images=null", "data.root={tmp}/idx_cut"],
+                      "{tmp}/idx_cut/train-images-idx3-ubyte: its header says 4x28x28 bytes of data but it holds"),
+    "idx damaged gzip": ("train", [*SMOKE, "data.name=fashion_mnist", "data.num_images=null",
+                                   "data.root={tmp}/idx_gz"], "train-images-idx3-ubyte.gz: not a readable gzip file"),
+    "fit": ("train", [*SMOKE, "data.fit=crop"], "data.fit = 'crop' is not accepted; use one of resize, pad"),
+    "fit pad on a folder": ("train", [*FOLDER, "data.root={images}", "data.fit=pad"],
+                            "data.fit = 'pad' is not accepted; pad is for the built-in datasets"),
     "folder missing": ("train", [*FOLDER, "data.root={tmp}/none"], "data.root = '{tmp}/none' is not a directory"),
     "folder empty": ("train", [*FOLDER, "data.root={tmp}/empty"], "data.root = '{tmp}/empty' holds no images"),
     "folder corrupt image": ("train", [*FOLDER, "data.root={images}"], "cannot decode image {images}/b.png"),
@@ -166,6 +174,12 @@ def _setup(tmp, trained, conditional, prepared):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / f"{name}.png")
     (images / "b.png").write_bytes(b"not an image")
     (tmp / "junk.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
+    for name in ("idx_cut", "idx_gz"):  # a truncated IDX file; a file named .gz that is not gzipped
+        (tmp / name).mkdir()
+        (tmp / name / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big") + bytes(4))
+    idx = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (4, 28, 28))
+    (tmp / "idx_cut" / "train-images-idx3-ubyte").write_bytes(idx + bytes(784 * 3))
+    (tmp / "idx_gz" / "train-images-idx3-ubyte.gz").write_bytes(idx + bytes(784 * 4))
     pq.write_table(pa.table({"image": [(images / "a.png").read_bytes()]}), tmp / "t.parquet")
 
 
