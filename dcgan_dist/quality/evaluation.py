@@ -373,6 +373,9 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
         images, labels = labelled_data(data, root, meta["image_size"])
         space = classifier_space(model, meta, images, labels)
         space.info |= {"path": str(path), "accuracy": meta["accuracy"], "image_size": meta["image_size"]}
+        if fit == "pad" and DATASETS[data].size:  # the samples' centre, resized as the classifier's images were
+            size, extract = DATASETS[data].size, space.extract
+            space.extract = lambda x: extract(fit_back(x, size, "pad"))
         spaces.append(space)
     elif use_classifier:
         notes.append(f"classifier metrics (fd, kid, precision/recall, inception score, coverage, confidence, "
@@ -380,7 +383,7 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
     if fid_net is None:
         if fid is None:
             notes.append(f"FID/KID skipped: no TF-Inception weights ({FID_WEIGHTS_NAME}) in the torch hub cache "
-                         "(pass --fid-weights PATH, or --fid to fetch them when online)")
+                         "(run dcgan-eval fid-weights once, or pass --fid-weights PATH)")
         return spaces, notes
     size, split = (DATASETS[data].size, "test") if lucic else (image_size, "train")
     ref = fid_reference(fid_net, weights["sha256"], data, root, size, channels, num_images, cache_dir or None,

