@@ -4,15 +4,16 @@ Lucic, Kurach, Michalski, Gelly, Bousquet, "Are GANs Created Equal? A Large-Scal
 FID of each model after a large hyperparameter search, 10,000 samples against the 10,000 test images at 28x28,
 TF-Inception pool3 (grey tiled to RGB), batch 64, 20 epochs of 50,000 images = 15,625 steps.
 
-usage: python benchmarks/fid_table.py [--train] [--runs-dir runs/lucic] [--only mnist fashion ...]
+usage: python benchmarks/fid_table.py [--score | --train] [--runs-dir runs/lucic] [--only mnist fashion ...]
                                       [--checkpoint NAME=PATH ...] [--fid-weights PATH] [--json OUT]
 
 Rows are this project's recipes `configs/<name>_lucic.yaml` (`mnist`, `fashion`, and `<name>_cond` where the
 recipe exists), trained into `<runs-dir>/<name>` with `--train` when no finished run is there (a killed run
-resumes), or scored from `--checkpoint`. Each is scored with `dcgan-eval --protocol lucic` (the EMA generator
-where it has one; a conditional one asked for every class equally often): its FID, KID, the training's wall
-time from its metrics.jsonl, and the CPU. With nothing trained and no `--train` it says so and exits 0.
-Results and the commands: docs/QUALITY.md.
+resumes), or scored from `--checkpoint`. `--score` scores the finished runs there and trains none. Each is
+scored with `dcgan-eval --protocol lucic` (the EMA generator where it has one; a conditional one asked for
+every class equally often): its FID, KID, the training's wall time from its metrics.jsonl, and the CPU. With
+none of --score, --train, --checkpoint (as `make bench` runs it) it prints the last table it wrote
+(`<runs-dir>/table.json`), or how to make one. Results and the commands: docs/QUALITY.md.
 """
 
 from __future__ import annotations
@@ -94,14 +95,23 @@ def score(path: str, fid_weights: str | None, conditional: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="train the recipes that have no finished run")
+    parser.add_argument("--score", action="store_true", help="score the finished runs (train none)")
     parser.add_argument("--runs-dir", default="runs/lucic")
     parser.add_argument("--only", nargs="*", choices=RECIPES, help="these rows only")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                         help="score this checkpoint as row NAME instead of <runs-dir>/NAME")
     parser.add_argument("--fid-weights", help="TF-Inception weights (default: dcgan-eval fid-weights' file)")
-    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--json", help="where the table is written (default <runs-dir>/table.json)")
     args = parser.parse_args()
     given = dict(c.split("=", 1) for c in args.checkpoint)
+    last = Path(args.json or Path(args.runs_dir) / "table.json")
+    if not (args.train or args.score or given):
+        if last.is_file():
+            print_table(json.loads(last.read_text()))
+        else:
+            print(f"fid_table: no table yet ({last}); --score scores finished runs in {args.runs_dir}, --train "
+                  "trains them first (hours on a CPU)")
+        return
     rows = {}
     for name in args.only or RECIPES:
         recipe, run = Path(f"configs/{name}_lucic.yaml"), Path(args.runs_dir) / name
@@ -120,7 +130,16 @@ def main() -> None:
     if not rows:
         print("fid_table: nothing to score")
         return
-    print(f"\nFID, Lucic et al. 2018's protocol; this project on {cpu_name()}\n")
+    table = {"cpu": cpu_name(), "rows": rows, "published": PUBLISHED}
+    print_table(table)
+    last.parent.mkdir(parents=True, exist_ok=True)
+    last.write_text(json.dumps(table, indent=2) + "\n")
+    print(f"wrote {last}")
+
+
+def print_table(table: dict) -> None:
+    rows = table["rows"]
+    print(f"\nFID, Lucic et al. 2018's protocol; this project on {table['cpu']}\n")
     print("| model | MNIST | Fashion-MNIST | train (min) | step |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
@@ -131,14 +150,10 @@ def main() -> None:
                                            if "class_accuracy" in row else "")
         print(f"| {label} | {cells[0]} | {cells[1]} | {'-' if minutes is None else f'{minutes:.0f}'} | "
               f"{row['step']} |")
-    for model, (mnist, fashion) in PUBLISHED.items():
+    for model, (mnist, fashion) in table["published"].items():
         print(f"| Lucic et al.: {model} | {mnist} | {fashion} | | |")
     for name, row in rows.items():
         print(f"{name}: [{row['protocol']}], scored in {row['score_minutes']:.1f} min")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "rows": rows, "published": PUBLISHED},
-                                              indent=2) + "\n")
-        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
