@@ -150,14 +150,7 @@ def plan(checkpoint: str, num: int | None = None, seed: int = 0, ema: bool = Tru
         if not data:
             raise UserError(f"{checkpoint}: a samples file names no dataset; pass --data (and --data-root), or "
                             "--ref OTHER.npz")
-        images = load_samples(checkpoint)
-        if num is not None:
-            if num > len(images):
-                raise UserError(f"--num {num}: {checkpoint} holds only {len(images)} images")
-            images = images[:num]
-        if len(images) < MIN_NUM:
-            raise UserError(f"{checkpoint}: arr_0 holds {len(images)} image(s); score at least 8 (5000 or "
-                            "50000 are the usual)")
+        images = _samples(checkpoint, num)
         num, image_size, channels, source = len(images), images.shape[-1], images.shape[1], "samples file"
         root, trained_on, step, ema, data_cfg = data_root or "data", None, None, None, {"fit": sample_fit}
         wanted = DATASETS[data].channels if data in DATASETS else None
@@ -186,19 +179,26 @@ def plan(checkpoint: str, num: int | None = None, seed: int = 0, ema: bool = Tru
                 generator, images)
 
 
+def _samples(path: str, num: int | None) -> torch.Tensor:
+    """The images of a samples .npz to score: all, or its first `num`; at least MIN_NUM."""
+    images = load_samples(path)
+    if num is not None:
+        if num > len(images):
+            raise UserError(f"--num {num}: {path} holds only {len(images)} images")
+        images = images[:num]
+    if len(images) < MIN_NUM:
+        raise UserError(f"{path}: arr_0 holds {len(images)} image(s); score at least 8 (5000 or 50000 are the "
+                        "usual)")
+    return images
+
+
 def _pair_plan(samples: str, ref: str, num: int | None, fid_weights: str | None) -> Plan:
     """FID/KID of one samples .npz against another (each uint8 [N, S, S, 1|3], any size), as pytorch-fid's
     two-path command compares two folders."""
     if not samples.endswith(".npz") or not ref.endswith(".npz"):
         raise UserError(f"--ref {ref}: compares two samples files (.npz, arr_0 uint8 [N, S, S, C]); "
                         f"{samples if not samples.endswith('.npz') else ref} is not one")
-    images = load_samples(samples)
-    if num is not None:
-        if num > len(images):
-            raise UserError(f"--num {num}: {samples} holds only {len(images)} images")
-        images = images[:num]
-    if len(images) < MIN_NUM:
-        raise UserError(f"{samples}: arr_0 holds {len(images)} image(s); score at least 8")
+    images = _samples(samples, num)
     reference = load_samples(ref)
     net, weights = build_fid_inception(fid_weights)
     space = evaluation.pair_space(net, weights, reference, ref)
