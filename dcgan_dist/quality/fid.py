@@ -138,10 +138,10 @@ _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # network -> its
 def fast_form(net: nn.Module) -> nn.Module:
     """The network as `fid_features` runs it, built on first use and kept beside it (so the network's weights must
     not change afterwards; the network itself is left as it is). On the CPU: traced and frozen (each BatchNorm
-    folded into its convolution), for oneDNN Graph to fuse (`fid_features` runs it under `torch.jit.fuser`):
-    convolution + bias + ReLU, the pools and the concatenations in ~110 partitions with prepacked weights, 2.2-3x
-    pytorch-fid's images/s on a 2-core Xeon, features equal to ~2e-6 (docs/PERFORMANCE.md, "FID feature
-    extraction (CPU)"). Elsewhere: a channels_last copy."""
+    folded into its convolution), for oneDNN Graph to fuse (`fid_features` turns that fusion on):
+    convolution + bias + ReLU, the pools and the concatenations in ~110 partitions with prepacked weights: 2.1-2.2x
+    pytorch-fid's images/s on a shared 2-core Xeon, features equal to ~2e-6 of the largest (docs/PERFORMANCE.md,
+    "FID feature extraction (CPU): oneDNN Graph fusion"). Elsewhere: a channels_last copy."""
     if net not in _FAST:
         if next(net.parameters()).device.type == "cpu":
             example = torch.zeros(1, 3, FID_SIZE, FID_SIZE).contiguous(memory_format=torch.channels_last)
@@ -155,21 +155,21 @@ def fast_form(net: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def _fast_mode(device: torch.device):
-    """How the fast form runs: on the CPU with oneDNN Graph fusion (a JIT setting, restored on exit); on CUDA with
-    cuDNN's convolutions in IEEE fp32 (torch lets them use TF32 by default: ~1e-3 off pytorch-fid's features)."""
+    """How the fast form runs, the setting restored on exit: on the CPU with TorchScript's oneDNN Graph fusion; on
+    CUDA with cuDNN's convolutions in IEEE fp32 (torch lets them use TF32 by default: ~1e-3 off pytorch-fid)."""
     if device.type == "cpu":
-        with torch.jit.fuser("fuser3"):
-            yield
-        return
-    cudnn = torch.backends.cudnn  # torch >= 2.9 sets it per operator (and refuses a mix with the old flag)
-    owner, flag, ieee = (cudnn.conv, "fp32_precision", "ieee") if hasattr(cudnn, "conv") else \
-        (cudnn, "allow_tf32", False)
-    old = getattr(owner, flag)
-    setattr(owner, flag, ieee)
+        get, put, value = torch.jit.onednn_fusion_enabled, torch.jit.enable_onednn_fusion, True
+    else:  # torch >= 2.9 sets the precision per operator, and refuses a mix with the older allow_tf32 flag
+        cudnn = torch.backends.cudnn
+        owner, flag, value = (cudnn.conv, "fp32_precision", "ieee") if hasattr(cudnn, "conv") else \
+            (cudnn, "allow_tf32", False)
+        get, put = (lambda: getattr(owner, flag)), (lambda v: setattr(owner, flag, v))
+    old = get()
+    put(value)
     try:
         yield
     finally:
-        setattr(owner, flag, old)
+        put(old)
 
 
 @torch.no_grad()
