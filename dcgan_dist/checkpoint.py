@@ -135,6 +135,9 @@ def read_meta(ckpt_dir: Path, verify: bool = True) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(f"{meta_path} has format_version {version!r}; this dcgan_dist reads up to "
                         f"{FORMAT_VERSION}: upgrade dcgan_dist")
+    if type(meta.get("step")) is not int or meta["step"] < 0:
+        raise UserError(f"{meta_path} has step {meta.get('step')!r}, not a step count: the file is damaged; use "
+                        "another checkpoint")
     files = meta.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(n, str) and "/" not in n and "\\" not in n and
                                               not n.startswith(".") for n in files):

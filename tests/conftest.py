@@ -67,11 +67,13 @@ def smoke_args(tmp_path: Path) -> list[str]:
     return ["--config", "configs/smoke.yaml", f"run.dir={tmp_path / 'run'}"]
 
 
-def launch_background(num_processes: int, *args: str, **extra_env: str) -> subprocess.Popen:
-    """`accelerate launch ... launch/train.py ARGS` in its own session (killpg reaches every rank); output merged."""
+def launch_background(num_processes: int, *args: str, launcher_args: tuple[str, ...] = (),
+                      script: str = "launch/train.py", **extra_env: str) -> subprocess.Popen:
+    """`accelerate launch [launcher_args] ... launch/train.py ARGS` (or another `script`) in its own session (killpg
+    reaches every rank); output merged."""
     launcher = ["--num_processes", str(num_processes)] + (["--multi_gpu"] if num_processes > 1 else [])
     cmd = [str(BIN / "accelerate"), "launch", *launcher, "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "launch/train.py", *args]
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), *launcher_args, script, *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 

@@ -53,7 +53,12 @@ class ShardedBatches:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self._perm = state["epoch"], state["position"], None
+        epoch, position = state["epoch"], state["position"]  # from a checkpoint's meta.json: checked, not trusted
+        if not (type(epoch) is int and type(position) is int and epoch >= 0  # noqa: E721 (bool is not a position)
+                and 0 <= position <= self.batches_per_epoch):
+            raise ValueError(f"its data position (epoch {epoch!r}, batch {position!r}) is outside an epoch of "
+                             f"{self.batches_per_epoch} batches of this data")
+        self.epoch, self.position, self._perm = epoch, position, None
 
 
 class _IndexedBatches:

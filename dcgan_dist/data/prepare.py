@@ -13,6 +13,7 @@ an uninterrupted single-process run. How a preparation runs (workers, ranks, ski
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -48,7 +49,17 @@ from dcgan_dist.data.store import (
     verify_store,
 )
 from dcgan_dist.errors import UserError
-from dcgan_dist.fileio import exclusive, fsync_dir, listing, sha256_file, swap_in, write_atomic
+from dcgan_dist.fileio import (
+    Claim,
+    claim,
+    exclusive,
+    fsync_dir,
+    listing,
+    read_owner,
+    sha256_file,
+    swap_in,
+    write_atomic,
+)
 from dcgan_dist.registry import IMAGE_SIZES
 
 ARRAY_RESIZE = ("as data.load_dataset: the whole image to S x S (torch bilinear, antialias) where its size "
@@ -251,47 +262,50 @@ def _write(out: Path, plan: dict, num_sources: int,
     there; `labels` are per source, `name_of(i)` names source i in the manifest's skipped list."""
     shard_size, log, rank, world = options.shard_size, options.log, options.rank, options.world
     assert shard_size >= 1
-    tmp, units = temp_dir(out), -(-num_sources // shard_size)
-    _begin(tmp, plan, log) if rank == 0 else _await_plan(tmp, plan, wait_minutes, log)
-    mine = range(rank, units, world)
-    todo = [u for u in mine if _finished_unit(tmp, u) is None]
-    if len(todo) < len(mine):
-        log(f"resuming an interrupted preparation: {len(mine) - len(todo)} finished unit(s) kept in {tmp}")
-    began, written = time.monotonic(), 0
-    bar = _progress_bar(sum(min(shard_size, num_sources - u * shard_size) for u in todo), 0, options.progress)
-    jobs = [(range(u * shard_size, min((u + 1) * shard_size, num_sources)), tmp / unit_name(u)) for u in todo]
-    item = plan["channels"] * plan["size"] ** 2
-    for _, path in jobs:  # what an earlier run left of them (a stale sidecar first: rank 0 trusts sidecars)
-        path.with_name(path.name + ".json").unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
-        path.touch()
-    k, skipped = 0, []  # the job being filled, its skipped sources
-    try:
-        for i, ok in decoded(jobs):
-            bar.update(1)
-            written += ok
-            skipped += [] if ok else [i]
-            sources, path = jobs[k]
-            if i == sources.stop - 1:
-                _finish_unit(path, len(sources), [j - sources.start for j in skipped], item, skipped)
-                k, skipped = k + 1, []
-    finally:
-        bar.close()
-    elapsed = time.monotonic() - began
-    rate = f"{written} processed in {elapsed:.1f} s ({written / max(elapsed, 1e-9):.0f} images/s)"
-    if rank != 0:
-        log(f"rank {rank} of {world}: {len(todo)} unit(s) of {out}, {rate}; rank 0 writes the store")
-        return None
-    sidecars = _await_units(tmp, units, world, wait_minutes, log)
-    skipped = sorted(i for unit in sidecars for i in unit["skipped"])
-    if len(skipped) == num_sources:
-        raise UserError(f"source {plan['source']!r}: none of its {num_sources} images can be decoded")
-    store = _finish(tmp, out, plan, sidecars, skipped, labels, [name_of(i) for i in skipped] if name_of else [], info)
-    log(f"prepared {store.count} images ({store.channels}x{store.image_size}x{store.image_size}, "
-        f"{len(store.manifest['shards'])} shard(s)) in {out}: {rate}"
-        + (f", {store.count - written} kept from an interrupted run or decoded by other ranks"
-           if written < store.count else ""))
-    return store
+    owner = _own(out, overwrite=options.overwrite) if rank == 0 else contextlib.nullcontext()
+    with owner:  # released once the store is in place, or on the way out of a failure
+        tmp, units = temp_dir(out), -(-num_sources // shard_size)
+        _begin(tmp, plan, log) if rank == 0 else _await_plan(tmp, plan, out, wait_minutes, log)
+        mine = range(rank, units, world)
+        todo = [u for u in mine if _finished_unit(tmp, u) is None]
+        if len(todo) < len(mine):
+            log(f"resuming an interrupted preparation: {len(mine) - len(todo)} finished unit(s) kept in {tmp}")
+        began, written = time.monotonic(), 0
+        bar = _progress_bar(sum(min(shard_size, num_sources - u * shard_size) for u in todo), 0, options.progress)
+        jobs = [(range(u * shard_size, min((u + 1) * shard_size, num_sources)), tmp / unit_name(u)) for u in todo]
+        item = plan["channels"] * plan["size"] ** 2
+        for _, path in jobs:  # what an earlier run left of them (a stale sidecar first: rank 0 trusts sidecars)
+            path.with_name(path.name + ".json").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            path.touch()
+        k, skipped = 0, []  # the job being filled, its skipped sources
+        try:
+            for i, ok in decoded(jobs):
+                bar.update(1)
+                written += ok
+                skipped += [] if ok else [i]
+                sources, path = jobs[k]
+                if i == sources.stop - 1:
+                    _finish_unit(path, len(sources), [j - sources.start for j in skipped], item, skipped)
+                    k, skipped = k + 1, []
+        finally:
+            bar.close()
+        elapsed = time.monotonic() - began
+        rate = f"{written} processed in {elapsed:.1f} s ({written / max(elapsed, 1e-9):.0f} images/s)"
+        if rank != 0:
+            log(f"rank {rank} of {world}: {len(todo)} unit(s) of {out}, {rate}; rank 0 writes the store")
+            return None
+        sidecars = _await_units(tmp, units, world, wait_minutes, log)
+        skipped = sorted(i for unit in sidecars for i in unit["skipped"])
+        if len(skipped) == num_sources:
+            raise UserError(f"source {plan['source']!r}: none of its {num_sources} images can be decoded")
+        names = [name_of(i) for i in skipped] if name_of else []
+        store = _finish(tmp, out, plan, sidecars, skipped, labels, names, info)
+        log(f"prepared {store.count} images ({store.channels}x{store.image_size}x{store.image_size}, "
+            f"{len(store.manifest['shards'])} shard(s)) in {out}: {rate}"
+            + (f", {store.count - written} kept from an interrupted run or decoded by other ranks"
+               if written < store.count else ""))
+        return store
 
 
 def _begin(tmp: Path, plan: dict, log) -> None:
@@ -307,14 +321,32 @@ def _begin(tmp: Path, plan: dict, log) -> None:
     write_atomic(tmp / "plan.json", text.encode())
 
 
-def _await_plan(tmp: Path, plan: dict, wait_minutes: float, log) -> None:
-    """Ranks but 0: wait until rank 0 has set up the temporary directory for this very plan."""
+def _owner_lock(out: Path) -> Path:
+    return out.parent / f".{out.name}.prepare.lock"
+
+
+def _own(out: Path, overwrite: bool) -> Claim:
+    """Rank 0: own `out` (`fileio.claim` on its hidden sibling .OUT.prepare.lock) until the store is in place, so
+    a second dcgan-prepare of `out` stops before touching anything; then `check_out` again, now that nothing else
+    writes."""
+    owner = claim(_owner_lock(out), f"--out {out}", "wait for that preparation to finish (or stop "
+                  "it), or choose another --out", job=launcher.launch())
+    owner.commit()
+    check_out(out, overwrite, None)
+    return owner
+
+
+def _await_plan(tmp: Path, plan: dict, out: Path, wait_minutes: float, log) -> None:
+    """Ranks but 0: wait until their own rank 0 owns `out` (its launch in the lock file: `_own`) and has set up
+    the temporary directory for this very plan."""
     text = json.dumps({"format_version": FORMAT_VERSION, **plan}, sort_keys=True)
-    deadline = time.monotonic() + 60 * wait_minutes
-    while not ((tmp / "plan.json").is_file() and (tmp / "plan.json").read_text() == text):
+    deadline, mine = time.monotonic() + 60 * wait_minutes, launcher.launch()
+    while not (read_owner(_owner_lock(out)).get("job") == mine
+               and (tmp / "plan.json").is_file() and (tmp / "plan.json").read_text() == text):
         if time.monotonic() > deadline:
-            raise UserError(f"waited {wait_minutes:g} min for rank 0 to set up {tmp} with the same arguments; "
-                            "run every rank with the same dcgan-prepare arguments (and --out on a shared filesystem)")
+            raise UserError(f"waited {wait_minutes:g} min for rank 0 to own {out} and set up {tmp} with the same "
+                            "arguments; run every rank with the same dcgan-prepare arguments (and --out on a shared "
+                            "filesystem), and no other preparation of that --out")
         time.sleep(0.2)
 
 

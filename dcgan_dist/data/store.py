@@ -69,6 +69,12 @@ class Store:
         labels = manifest["labels"]  # int64 [N]: 8 bytes an image, read whole
         self.labels = None if labels is None else np.fromfile(path / labels["file"], dtype=np.int64)
         self.num_classes = manifest["num_classes"] if labels is not None else 0
+        if self.labels is not None:  # an embedding lookup with any other index fails deep in torch (on a GPU: an
+            bad = np.flatnonzero((self.labels < 0) | (self.labels >= self.num_classes))  # assert that hides why)
+            if len(bad):
+                raise UserError(f"store {path}: {LABELS} holds label {self.labels[bad[0]]} at index {bad[0]} "
+                                f"({len(bad)} such), outside 0..{self.num_classes - 1} (num_classes in manifest.json); "
+                                "the store is damaged: dcgan-prepare --verify it, or prepare it again (--overwrite)")
 
     def __len__(self) -> int:
         return self.count

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dcgan_dist import checkpoint, launcher
+from dcgan_dist import checkpoint, fileio, launcher
 from dcgan_dist.config import Config, validate_world
 from dcgan_dist.data.sources import batch_source, facts, to_model_range
-from dcgan_dist.errors import RunError
+from dcgan_dist.errors import RunError, UserError
 from dcgan_dist.gan import augment, sampling
 from dcgan_dist.gan.losses import AdversarialLoss
 from dcgan_dist.quality.evaluation import DuringTraining
@@ -41,13 +41,24 @@ def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: Config, overwrite: bool = False):
-        self.started = time.monotonic()  # train.max_minutes counts from here: set-up included
+        self.started = time.monotonic()  # train.max_minutes counts from here (set-up included), or from the
+        # job's first start in a worker group the launcher restarted (`_own_run_dir`)
         device = devices.accelerator_type()
         cfg = validate_world(cfg, launcher.place(slurm=False).world_size, device, devices.native_bf16(device))
         self.facts = facts(cfg)  # once, before anything heavy (a store's manifest, checked against the model)
         self.accelerator = acc = accelerator.build(cfg, device)  # DDP, precision, trackers, the process group
         self.cfg, self.device, self.world, self.rank = cfg, acc.device, acc.num_processes, acc.process_index
         self.run_dir, self.ckpt_root, self.closed = cfg.run_dir, cfg.run_dir / "checkpoints", False
+        self.owner = self._own_run_dir()  # rank 0 owns the run directory from here until close()
+        try:
+            self._set_up(cfg, overwrite, device)
+        except BaseException:
+            if self.owner is not None:  # a bad checkpoint, store or W&B set-up: the run directory is free again
+                self.owner.release()
+            raise
+
+    def _set_up(self, cfg: Config, overwrite: bool, device: str) -> None:
+        acc = self.accelerator
         channels = self.facts.channels  # every rank reads what it resumes from; no writes yet
         resume = None if overwrite else train_state.find_resume(cfg, self._print, channels)
 
@@ -88,6 +99,33 @@ class Trainer:
         protocols = {"eval_protocols": self.evaluator.protocols} if self.evaluator else {}  # what eval/*/fd compares
         self.tracker = Tracker(acc, cfg, self.run_dir, tracking.run_config(cfg, self.world) | protocols,
                                self.wandb_run_id)
+        if self.owner is not None:
+            self.owner.commit()  # the run has started: the lock file names its owner from now on
+
+    def _own_run_dir(self) -> fileio.Claim | None:
+        """Rank 0 owns the run directory (`fileio.claim` on run_dir/.lock) before anything in it is read, until
+        `close()`: a second training on it stops on every rank before touching anything. An earlier attempt of
+        this job still ending (a restarted worker group, a requeued job) is waited for; a restarted group's
+        train.max_minutes goes on counting from the job's first start, which the lock file keeps."""
+        acc, cfg, owner, error = self.accelerator, self.cfg, None, ""
+        if acc.is_main_process:
+            try:
+                owner = fileio.claim(cfg.run_dir / ".lock", f"run directory {cfg.run_dir}", "wait for that training "
+                                     "to end (or stop it), or train into another run.dir", job=launcher.job(),
+                                     wait_s=cfg.train.collective_timeout_s / 2, log=self._print)
+            except UserError as e:
+                error = str(e)
+        refused = torch.tensor([float(bool(error))], device=self.device)
+        if (acc.reduce(refused, "sum") if self.world > 1 else refused).item():
+            raise UserError(error)  # rank 0 says why; the other ranks leave quietly
+        if owner is not None:
+            before, now = owner.previous, time.time()
+            restarted = launcher.attempt() > 0 and before.get("job") == owner.record["job"]
+            job_started = before["job_started"] if restarted and "job_started" in before else \
+                now - (time.monotonic() - self.started)
+            owner.write(job_started=job_started)
+            self.started = time.monotonic() - (now - job_started)
+        return owner
 
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process:  # global rank 0 (accelerator.print prints once per node)
@@ -294,6 +332,8 @@ class Trainer:
         self.accelerator.free_memory()
         self.G = self.D = None
         gc.collect()
+        if self.owner is not None:  # the last file is written: the run directory is free
+            self.owner.release()
 
     def __enter__(self) -> Trainer:
         return self

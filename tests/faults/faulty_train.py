@@ -6,6 +6,8 @@ usage: python tests/faults/faulty_train.py [dcgan-train arguments]   (or under `
                                       window in which a kill lands inside a checkpoint write)
   FAULT_DECODE_DELAY=SECONDS          every image decode sleeps this long first (a slow first preparation of an
                                       image folder; the decoding workers re-import this script, so they sleep too)
+  FAULT_HANG_AT_START=RANK@ATTEMPT    that rank of that attempt of a restarted worker group (TORCHELASTIC_RESTART_COUNT)
+                                      sleeps before it joins the process group, as a rank stuck on a bad node
 """
 
 import os
@@ -44,6 +46,10 @@ if decode_delay:
         return decode_image(*args, **kwargs)
 
     decode.decode_image = slow_decode_image
+
+hang_rank, _, hang_attempt = os.environ.get("FAULT_HANG_AT_START", "").partition("@")
+if hang_rank and (os.environ.get("RANK"), os.environ.get("TORCHELASTIC_RESTART_COUNT")) == (hang_rank, hang_attempt):
+    time.sleep(3600)
 
 trainer.Trainer = FaultyTrainer  # what cli.train_main builds
 if __name__ == "__main__":

@@ -138,6 +138,19 @@ CASES = {
     "resume other model": ("train", [*RUN, "model.g_width=16", "train.steps=6"], "changed model.g_width (8 -> 16)"),
     "new run over a run": ("train", [*RUN, "train.resume=never", "train.steps=6"], "already holds a run"),
     "resume newer format": ("train", [*SMOKE, "train.resume={ckpt}", "--", "newer"], "has format_version 99"),
+    "resume step damaged": ("train", [*RUN, "train.resume={ckpt}", "train.steps=6", "--", "step"],
+                            "has step -4, not a step count"),
+    "resume data position": ("train", [*RUN, "train.resume={ckpt}", "train.steps=6", "--", "position"],
+                             "data position (epoch 0, batch 999) is outside an epoch of 16 batches"),
+    "run dir in use": ("train", [*RUN, "train.steps=6", "--", "hold {run}/.lock"],
+                       "run directory {run} is in use by another process (pid "),
+    "overwrite a run in use": ("train", [*RUN, "train.steps=6", "--overwrite", "--", "hold {run}/.lock"],
+                               "wait for that training to end (or stop it), or train into another run.dir"),
+    "prepare out in use": ("prepare", ["synthetic", "--size", "32", "--out", "{tmp}/s", "--",
+                                       "hold {tmp}/.s.prepare.lock"], "--out {tmp}/s is in use by another process"),
+    "store labels out of range": ("train", [*SMOKE, "data.name=store", "data.root={lstore}", "data.num_images=null",
+                                            "model.num_classes=2", "--", "labels"],
+                                  "store {lstore}: labels.i64 holds label 7 at index 1 (1 such), outside 0..1"),
     "sample not a checkpoint": ("sample", ["{tmp}", "--out", "{tmp}/x.npz"], "is not a checkpoint"),
     "sample damaged": ("sample", ["{ckpt}", "--out", "{tmp}/x.npz", "--", "damage"], "does not match its sha256"),
 }
@@ -164,6 +177,28 @@ def conditional(tmp_path_factory):
     assert_ok(run_train("--config", "configs/smoke.yaml", f"run.dir={run}", *COND, "train.steps=4",
                         "train.checkpoint_every=2", "log.sample_every=0"))
     return run
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A store of two classes (a folder with a sub-folder per class), 3 images each."""
+    root = tmp_path_factory.mktemp("labelled")
+    for c in ("a", "b"):
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(root / "images" / c / f"{i}.png")
+    assert_ok(_run("prepare", [str(root / "images"), "--size", "32", "--channels", "1", "--out", str(root / "s")]))
+    return root / "s"
+
+
+def _hold(lock):
+    """Another process owning `lock` (as a running dcgan-train or dcgan-prepare owns it) until killed."""
+    code = ("import sys, time; from pathlib import Path; from dcgan_dist import fileio; "
+            "fileio.claim(Path(sys.argv[1]), 'it', 'stop it').commit(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
 
 
 def _setup(tmp, trained, conditional, prepared):
@@ -201,17 +236,33 @@ def _run(command, args):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, trained, conditional, prepared, case):
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, trained, conditional, prepared, labelled,
+                                                             case):
     command, args, message = CASES[case]
     _setup(tmp_path, trained, conditional, prepared)
+    if "{lstore}" in "".join(args) + message:
+        shutil.copytree(labelled, tmp_path / "lstore")
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
     fill = dict(tmp=tmp_path, run=tmp_path / "run", ckpt=ckpt, images=tmp_path / "images", crun=tmp_path / "crun",
-                store=tmp_path / "store",
+                store=tmp_path / "store", lstore=tmp_path / "lstore",
                 cckpt=tmp_path / "crun" / "checkpoints" / "step-00000004")
     args = [a.format(**fill) for a in args]
-    if "--" in args:  # damage the checkpoint (or the store) first
+    holder = None
+    if "--" in args:  # damage the checkpoint (or the store) first, or have another process own a directory
         args, how = args[:args.index("--")], args[-1]
-        if how == "damage":
+        if how.startswith("hold "):
+            holder = _hold(how[5:])
+        elif how == "labels":  # one label outside 0..num_classes-1 (two bytes changed)
+            labels = tmp_path / "lstore" / "labels.i64"
+            values = np.fromfile(labels, dtype=np.int64)
+            values[1] = 7
+            values.tofile(labels)
+        elif how in ("step", "position"):  # meta.json (which holds the other files' hashes) edited
+            meta = ckpt / "meta.json"
+            text = meta.read_text()
+            meta.write_text(text.replace('"step": 4', '"step": -4') if how == "step" else
+                            text.replace('"position": 4', '"position": 999'))
+        elif how == "damage":
             (ckpt / "generator.safetensors").write_bytes(b"\0" * 64)
         elif how == "damage store":
             shard = tmp_path / "store" / "shard-00000.u8"
@@ -226,7 +277,12 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, trained, 
             meta = (ckpt / "meta.json").read_text()
             (ckpt / "meta.json").write_text(meta.replace('"format_version": 1', '"format_version": 99'))
     before = snapshot(tmp_path)
-    proc = _run(command, args)
+    try:
+        proc = _run(command, args)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
