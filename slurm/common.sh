@@ -13,6 +13,10 @@
 #   DCGAN_TRAIN_SCRIPT   the script handed to accelerate; default launch/train.py.
 #   DCGAN_MAX_REQUEUES   how many times a preempted job requeues itself (default 20); past that it stops and
 #                        says how to continue (a job preempted in a loop would otherwise requeue forever).
+#   DCGAN_MAX_RESTARTS   in-job restarts (default 0): when a training process fails or is killed, the launchers
+#                        restart every node's processes in place (torchrun's elastic agent; c10d rendezvous
+#                        across nodes), up to this many times; they resume from checkpoints/latest. Requeueing on
+#                        preemption is unaffected: the two combine.
 #   DCGAN_STAGE_DIR      node-local directory (e.g. /local/scratch/$USER): before training, each node copies the
 #                        config's store (data.name=store) there with `dcgan-prepare --stage`, verifies the copy
 #                        (sha256) and trains from it; a verified copy left by an earlier job is reused.
@@ -53,6 +57,10 @@ RUN_ARGS+=("train.resume=auto")
 MASTER_PORT=${DCGAN_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 MAX_REQUEUES=${DCGAN_MAX_REQUEUES:-20}
 case "$MAX_REQUEUES" in '' | *[!0-9]*) die "DCGAN_MAX_REQUEUES=$MAX_REQUEUES: use a whole number (0 = never requeue)" ;; esac
+MAX_RESTARTS=${DCGAN_MAX_RESTARTS:-0}
+case "$MAX_RESTARTS" in '' | *[!0-9]*) die "DCGAN_MAX_RESTARTS=$MAX_RESTARTS: use a whole number (0 = no in-job restarts)" ;; esac
+RESTART_ARGS=
+[ "$MAX_RESTARTS" = 0 ] || RESTART_ARGS="--max_restarts $MAX_RESTARTS --monitor_interval 1"
 # An array task is requeued by <array id>_<task id>: `scontrol requeue` of the array's own id requeues every task.
 REQUEUE_ID=$SLURM_JOB_ID
 [ -z "${SLURM_ARRAY_JOB_ID:-}" ] || REQUEUE_ID=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -74,7 +76,10 @@ class Trainer:
         self.loss = AdversarialLoss(cfg.loss.name, cfg.loss.g_loss, cfg.loss.real_target, cfg.loss.g_target)
         self.augment_policy = parse_augment(cfg.train.augment)
         # Each rank draws its own noise; the fixed grid noise is the same everywhere.
-        self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank + 1)
+        rank_seed = cfg.train.seed * 1_000_003 + self.rank + 1
+        self.noise = torch.Generator(self.device).manual_seed(rank_seed)
+        random.seed(rank_seed)  # training draws from neither, but checkpoints hold their states: the same run,
+        np.random.seed(rank_seed % 2**32)  # the same checkpoint files
         # the fixed grid: the same z everywhere; a conditional model's has one row per class
         self.fixed_z, self.fixed_y, self.grid_nrow = sampling.class_grid(cfg.log.num_samples, cfg.model.latent_dim,
                                                                          cfg.model.num_classes, cfg.train.seed)

@@ -353,3 +353,77 @@ def test_multinode_stages_the_store_to_each_node_and_trains_from_the_copy(slurm_
     assert_ok(job)
     assert "warning: copying" in job.output and "shard-00000.u8 is damaged" in job.output, job.output
     assert (copy / "shard-00000.u8").read_bytes() == (store / "shard-00000.u8").read_bytes()
+
+
+def _training_ranks(node: str) -> list[int]:
+    """The pids of the training processes (torchrun's workers, not the launchers) running on `node`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"launch/train.py" in cmdline and b"launch" not in cmdline and \
+                f"SLURMD_NODENAME={node}".encode() in environ and b"TORCHELASTIC_RESTART_COUNT=0" in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_multinode_restarts_in_the_job_when_a_rank_on_the_second_node_dies(slurm_env, tmp_path):
+    """DCGAN_MAX_RESTARTS=1 (c10d rendezvous): a training process on node2 SIGKILLed after the first checkpoint;
+    both nodes' launchers restart their processes inside the job (no requeue), which resume from `latest` and end
+    with the weights of an uninterrupted run, byte for byte."""
+    run_dir, steps = tmp_path / "run", 400
+    args = ("configs/smoke.yaml", f"train.steps={steps}", "log.every=10", "train.checkpoint_every=20",
+            "train.keep_last=2", "log.sample_every=0", "model.ema.decay=0.9", "train.collective_timeout_s=20")
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    job_id = submit(slurm_env, tmp_path, "slurm/train_multinode.sbatch", *args, f"run.dir={run_dir}",
+                    extra_env={**one_thread, "DCGAN_MAX_RESTARTS": "1"})
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert time.monotonic() < deadline, output_of(tmp_path, job_id)
+        time.sleep(0.2)
+    victims = _training_ranks("node2")
+    assert len(victims) == 1, (victims, output_of(tmp_path, job_id))
+    os.kill(victims[0], 9)
+    job = wait_job(slurm_env, tmp_path, job_id)
+    assert_ok(job)
+    assert job.restarts == 0 and "requeueing" not in job.output, job.output  # recovered inside the job
+    assert "resuming from" in job.output and "/dcgan_dist/" not in job.output, job.output  # no traceback of ours
+    _check_run(run_dir, job, world_size=2)
+
+    whole = tmp_path / "whole"
+    local = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
+         "launch/train.py", "--config", *args, f"run.dir={whole}", "log.progress=false"],
+        cwd=REPO, env={**os.environ, **one_thread, "WANDB_MODE": "disabled"}, capture_output=True, text=True,
+        timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    final = f"checkpoints/step-{steps:08d}"
+    for name in ("generator.safetensors", "generator_ema.safetensors", "discriminator.safetensors"):
+        assert (run_dir / final / name).read_bytes() == (whole / final / name).read_bytes(), name
+
+
+def test_a_second_job_on_a_run_dir_in_use_from_another_node_stops(slurm_env, tmp_path):
+    """The same run directory from a job on node1 and, while it trains, a job on node2: the second fails at once
+    with one line naming the first (its node, pid, SLURM job); the first runs to the end alone."""
+    run_dir = tmp_path / "run"
+    args = ("configs/smoke.yaml", "train.steps=600", "log.every=10", "log.sample_every=0", f"run.dir={run_dir}")
+    first = submit(slurm_env, tmp_path, "slurm/train.sbatch", *args, sbatch_opts=("--nodelist=node1",))
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
+        assert time.monotonic() < deadline, output_of(tmp_path, first)
+        time.sleep(0.5)
+    second = wait_job(slurm_env, tmp_path, submit(slurm_env, tmp_path, "slurm/train.sbatch", *args,
+                                                  sbatch_opts=("--nodelist=node2",)))
+    assert second.state == "FAILED" and second.exit_code == 2, second.output
+    errors = [line for line in second.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and f"run directory {run_dir} is in use by another process (pid " in errors[0], errors
+    assert f" on node1, slurm job {first}, since " in errors[0], errors[0]
+    assert _job_fields(first, slurm_env).get("JobState") == "RUNNING", "the first job ended too soon: train longer"
+    job = wait_job(slurm_env, tmp_path, first)
+    assert_ok(job)
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(10, 601, 10)), logged  # every step once, in order: one writer

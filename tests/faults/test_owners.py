@@ -50,22 +50,26 @@ def test_a_second_training_on_a_run_dir_stops_and_the_first_ends_as_if_alone(tmp
     assert "wait for that training to end (or stop it), or train into another run.dir" in line
     line = _one_error_line(run_train(*ARGS, f"run.dir={run}", "--overwrite"))
     assert "is in use by another process" in line
-    two = accelerate_launch(2, "launch/train.py", *ARGS, f"run.dir={run}")  # another rank count: every rank stops
-    assert "is in use by another process" in _one_error_line(two)
+    two = accelerate_launch(2, "launch/train.py", *ARGS, f"run.dir={run}")  # another rank count: every rank stops,
+    errors = [x for x in two.stderr.splitlines() if x.startswith("error")]  # rank 0 saying why (the launcher
+    assert two.returncode != 0 and ": Traceback" not in two.stderr, two.stderr[-3000:]  # adds its summary of exit 2s)
+    assert len(errors) == 1 and "is in use by another process" in errors[0], two.stderr[-3000:]
     assert first.poll() is None, "the first run ended before the others tried: slow it down more"
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
 
-    assert_ok(run_train(*ARGS, f"run.dir={solo}"))  # the same run, alone
+    alone = subprocess.run([sys.executable, FAULTY_TRAIN, *ARGS, f"run.dir={solo}"], cwd=REPO,  # the same, alone
+                           env=env(FAULT_CHECKPOINT_DELAY="0.4"), capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
     names = [p.name for p in checkpoint.complete_checkpoints(run / "checkpoints")]
     assert names == [p.name for p in checkpoint.complete_checkpoints(solo / "checkpoints")] == \
-        ["step-00000175", "step-00000200"]
+        ["step-00000200", "step-00000175"]
     for name in names:
         assert _weights(run / "checkpoints" / name) == _weights(solo / "checkpoints" / name), name
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    alone = [json.loads(x) for x in (solo / "metrics.jsonl").read_text().splitlines()]
+    solo_records = [json.loads(x) for x in (solo / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 201))  # every step once, in order
-    assert [r["loss/D"] for r in records] == [r["loss/D"] for r in alone]
+    assert [r["loss/D"] for r in records] == [r["loss/D"] for r in solo_records]
     assert fileio.read_owner(run / ".lock")["pid"] == first.pid  # the record stays; the lock is free again
     assert_ok(run_train(*ARGS, f"run.dir={run}", "train.steps=201"))  # ... so the run continues
     fault_row("a second dcgan-train on a run directory in use (1 and 2 ranks, --overwrite)", 3, 3, 0, refused_s)

@@ -153,8 +153,9 @@ def test_a_rank_killed_under_max_restarts_is_recovered_inside_the_job(tmp_path, 
     back_s = []
     for trial in range(trials):
         run = tmp_path / f"trial{trial}"
+        wandb = {"WANDB_MODE": "offline"} if trial == 0 else {}  # the first trial: does the W&B run go on?
         proc = launch_background(2, *ELASTIC, f"run.dir={run}", launcher_args=RESTARTS, script=FAULTY_TRAIN,
-                                 FAULT_CHECKPOINT_DELAY="0.02")
+                                 FAULT_CHECKPOINT_DELAY="0.02", **wandb)
         out = _Lines(proc)
         deadline = time.monotonic() + 120
         while checkpoint.latest_checkpoint(run / "checkpoints") is None:
@@ -179,6 +180,9 @@ def test_a_rank_killed_under_max_restarts_is_recovered_inside_the_job(tmp_path, 
         survivors = [ln for _, ln in out.lines if ln.startswith("error")]
         assert all("rank 0 stopped: another rank of the job failed or was killed" in ln for ln in survivors), survivors
         assert _final_weights(run) == expected, f"trial {trial}: final weights differ from the uninterrupted run's"
+        if wandb:  # one offline run directory per attempt, both of the one run id
+            ids = {d.name.rsplit("-", 1)[1] for d in (run / "wandb").glob("offline-run-*")}
+            assert len(list((run / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1, ids
     fault_row(f"SIGKILL of one rank at a random instant, accelerate launch --max_restarts 1 (in-job restart; "
               f"seconds to training again: max {max(back_s):.1f} s)", trials, trials, 0)
 
