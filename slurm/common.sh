@@ -14,8 +14,8 @@
 #   DCGAN_MAX_REQUEUES   how many times a preempted job requeues itself (default 20); past that it stops and
 #                        says how to continue (a job preempted in a loop would otherwise requeue forever).
 #   DCGAN_MAX_RESTARTS   in-job restarts (default 0): when a training process fails or is killed, the launchers
-#                        restart every node's processes in place (torchrun's elastic agent; c10d rendezvous
-#                        across nodes), up to this many times; they resume from checkpoints/latest. Requeueing on
+#                        restart every node's processes in place (torchrun's elastic agent), up to this many
+#                        times; they resume from checkpoints/latest. Requeueing on
 #                        preemption is unaffected: the two combine.
 #   DCGAN_STAGE_DIR      node-local directory (e.g. /local/scratch/$USER): before training, each node copies the
 #                        config's store (data.name=store) there with `dcgan-prepare --stage`, verifies the copy

@@ -371,7 +371,7 @@ def _training_ranks(node: str) -> list[int]:
 
 
 def test_multinode_restarts_in_the_job_when_a_rank_on_the_second_node_dies(slurm_env, tmp_path):
-    """DCGAN_MAX_RESTARTS=1 (c10d rendezvous): a training process on node2 SIGKILLed after the first checkpoint;
+    """DCGAN_MAX_RESTARTS=1: a training process on node2 SIGKILLed after the first checkpoint;
     both nodes' launchers restart their processes inside the job (no requeue), which resume from `latest` and end
     with the weights of an uninterrupted run, byte for byte."""
     run_dir, steps = tmp_path / "run", 400
@@ -418,8 +418,9 @@ def test_a_second_job_on_a_run_dir_in_use_from_another_node_stops(slurm_env, tmp
         time.sleep(0.5)
     second = wait_job(slurm_env, tmp_path, submit(slurm_env, tmp_path, "slurm/train.sbatch", *args,
                                                   sbatch_opts=("--nodelist=node2",)))
-    assert second.state == "FAILED" and second.exit_code == 2, second.output
-    errors = [line for line in second.output.splitlines() if line.startswith("error")]
+    assert second.state == "FAILED" and second.exit_code != 0, second.output
+    errors = [line for line in second.output.splitlines() if line.startswith("error")]  # accelerate's own
+    # one-process launcher then repeats it in a RuntimeError of its own
     assert len(errors) == 1 and f"run directory {run_dir} is in use by another process (pid " in errors[0], errors
     assert f" on node1, slurm job {first}, since " in errors[0], errors[0]
     assert _job_fields(first, slurm_env).get("JobState") == "RUNNING", "the first job ended too soon: train longer"
