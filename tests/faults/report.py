@@ -32,7 +32,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
                "tests/faults", f"--junitxml={xml}",
                *pytest_args]
-        # the in-job restart row at its full count (a plain pytest run does 3 trials)
+        # the in-job restart row at its full count (a plain pytest run does 2 trials)
         proc = subprocess.run(cmd, cwd=REPO, env={"FAULT_TRIALS": "10", **os.environ})
         cases = ET.parse(xml).getroot().iter("testcase")
         rows, matrix, security, failed = [], [0, 0], [0, 0], []
