@@ -74,6 +74,18 @@ def listing(files: list[Path], root: Path | None = None) -> str:
     return digest.hexdigest()
 
 
+def _locked(fd: int, path: Path, fix: str) -> bool:
+    """Take the exclusive flock on `fd` (the file `path`) without waiting: False while another process holds it; on a
+    filesystem without locks (some cluster filesystems), one line ending in `fix`."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        raise UserError(f"cannot lock {path} ({e.strerror}): its filesystem has no file locks; {fix}") from None
+
+
 @contextlib.contextmanager
 def exclusive(lock: Path, what: str, wait_minutes: float, log=print) -> Iterator[None]:
     """Hold an exclusive lock on the file `lock` while the block runs: one process at a time does `what`
@@ -87,15 +99,9 @@ def exclusive(lock: Path, what: str, wait_minutes: float, log=print) -> Iterator
     try:
         start, said = time.monotonic(), -math.inf
         while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _locked(fd, lock, "set data.cache_dir to a local or NFS directory, or prepare the data ahead with "
+                       "dcgan-prepare"):
                 break
-            except BlockingIOError:
-                pass
-            except OSError as e:  # a filesystem without locks (some cluster filesystems)
-                raise UserError(f"cannot lock {lock} ({e.strerror}): its filesystem has no file locks; set "
-                                "data.cache_dir to a local or NFS directory, or prepare the data ahead with "
-                                "dcgan-prepare") from None
             waited = time.monotonic() - start
             if waited > 60 * wait_minutes:
                 raise UserError(f"waited {waited / 60:.1f} min for another process {what} (it holds {lock}); "
@@ -109,7 +115,6 @@ def exclusive(lock: Path, what: str, wait_minutes: float, log=print) -> Iterator
         os.close(fd)  # releases the lock
 
 
-NO_LOCKS = "its filesystem has no file locks"
 
 
 class Claim:
@@ -197,15 +202,9 @@ def claim(path: Path, what: str, fix: str, job: str | None = None, wait_s: float
     start, said = time.monotonic(), -math.inf
     try:
         while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _locked(fd, path, f"two processes could write {what} at once; use a directory on a filesystem with "
+                       "locks (local disk, NFS, Lustre mounted with -o flock)"):
                 break
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                raise UserError(f"cannot lock {path} ({e.strerror}): {NO_LOCKS}, so two processes could write "
-                                f"{what} at once; use a directory on a filesystem with locks (local disk, NFS, "
-                                "Lustre mounted with -o flock)") from None
             owner, waited = read_owner(path), time.monotonic() - start
             if not (job and owner.get("job") == job and waited < wait_s):
                 raise UserError(f"{what} is in use by another process ({describe_owner(owner)}; it holds {path}): "
