@@ -164,14 +164,16 @@ _MODEL_ARGS = {  # the kwargs meta.json may hold for each model, and what each m
     "discriminator": {"channels": int, "image_size": int, "width": int, "norm": str, "arch": str, **_COND_ARGS},
 }
 MAX_CLASSES = 100_000
+MAX_WIDTH = 2**20  # latent_dim and the width unit (64 in DCGAN): far beyond any model that fits in memory
 
 
-def check_model_file(path: Path, meta: dict, key: str) -> None:
-    """Refuse (UserError) a model file whose tensors do not match what meta.json's `key` kwargs build.
+def check_model_file(path: Path, meta: dict, key: str, source: str = "meta.json") -> None:
+    """Refuse (UserError) a model file whose tensors do not match what the `key` kwargs in `meta` build (read from
+    `source` beside the file: meta.json, or a Hub folder's config.json).
 
     The model is built on the meta device (shapes only, no memory), and the file's header is read without
     its data, so an edited meta.json (say a width of 100000) costs nothing before it is refused."""
-    kwargs, where = meta.get(key), f"{path.parent / 'meta.json'}"
+    kwargs, where = meta.get(key), f"{path.parent / source}"
     args = _MODEL_ARGS[key]
     if not isinstance(kwargs, dict) or not set(kwargs) <= set(args) or not all(
             type(kwargs[k]) is args[k] for k in kwargs):
@@ -179,7 +181,7 @@ def check_model_file(path: Path, meta: dict, key: str) -> None:
                         f"({', '.join(f'{k}: {t.__name__}' for k, t in args.items())}); use another checkpoint")
     bad = [f"{k}={v!r}" for k, v in kwargs.items() if (
         (k == "image_size" and v not in IMAGE_SIZES) or (k == "channels" and v not in IMAGE_CHANNELS) or
-        (k in ("latent_dim", "width") and v < 1) or (k == "norm" and v not in NORMS) or
+        (k in ("latent_dim", "width") and not 1 <= v <= MAX_WIDTH) or (k == "norm" and v not in NORMS) or
         (k == "arch" and v not in ARCHS) or (k == "num_classes" and not 0 <= v <= MAX_CLASSES) or
         (k == "cond" and v not in CONDS))]
     arch = kwargs.get("arch")  # absent: the default, dcgan
@@ -198,11 +200,11 @@ def check_model_file(path: Path, meta: dict, key: str) -> None:
         want = (tuple(tensor.shape), _SAFETENSORS_DTYPES.get(tensor.dtype))
         if found.get(name) != want:
             got = "missing" if name not in found else f"{list(found[name][0])} {found[name][1]}"
-            raise UserError(f"{path} does not match meta.json's {key} {kwargs}: tensor {name} is {got} in the "
-                            f"file, {list(want[0])} {want[1]} by meta.json; use another checkpoint")
+            raise UserError(f"{path} does not match {source}'s {key} {kwargs}: tensor {name} is {got} in the "
+                            f"file, {list(want[0])} {want[1]} by {source}; use another checkpoint")
     extra = sorted(set(found) - set(expected))
     if extra:
-        raise UserError(f"{path} holds tensor {extra[0]}, which meta.json's {key} {kwargs} has not; "
+        raise UserError(f"{path} holds tensor {extra[0]}, which {source}'s {key} {kwargs} has not; "
                         "use another checkpoint")
 
 
@@ -280,20 +282,13 @@ def _fsync_and_hash(path: Path) -> str:
 
 def load_generator(arg: str, ema: bool = True) -> tuple[Generator, dict, bool]:
     """(generator in eval mode, its checkpoint's meta, whether it is an EMA generator) from a checkpoint dir,
-    run dir or generator*.safetensors: the weights `choose_generator` picks, verified."""
+    run dir or generator*.safetensors (the weights `choose_generator` picks, verified), or a Hub folder that
+    `dcgan-export` wrote (`hub.load`)."""
+    from dcgan_dist import hub  # here: huggingface_hub is imported by readers of a Hub folder only
+
+    if hub.is_folder(arg):
+        return hub.load(arg)
     ckpt_dir, stem, meta = choose_generator(arg, ema)
     generator = Generator(**meta["generator"])  # checked against the file's tensors by read_meta
     generator.load_state_dict(load_tensors(ckpt_dir, stem))
     return generator.eval(), meta, is_ema(stem, meta)
-
-
-def export_generator(arg: str, out: str | Path, ema: bool = True) -> tuple[Path, int]:
-    """Write just the generator `choose_generator` picks from `arg` to the new directory `out` (generator.safetensors
-    + meta.json with its step, kwargs and whether it is EMA): (the file exported, its step)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not an empty directory; choose a new OUT_DIR")
-    src, stem, meta = choose_generator(arg, ema=ema)
-    write_dir(out, {"generator": load_tensors(src, stem)},
-              {"step": meta["step"], "generator": meta["generator"], "ema": is_ema(stem, meta)})
-    return src / f"{stem}.safetensors", meta["step"]

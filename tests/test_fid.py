@@ -144,6 +144,20 @@ def test_training_reads_fid_statistics_that_fid_stats_computed_ahead(weights, tm
                                             "pt_inception-2015-12-05")
 
 
+def test_a_conditional_generator_is_scored_in_the_fid_space(weights, tmp_path, capsys):
+    """A class-conditional model evaluated with FID (dcgan-eval, train.eval_every): the class check reads only
+    spaces with class shares, and FidSpace has none (it raised AttributeError before)."""
+    from dcgan_dist.gan.models import Generator
+
+    assert run_main("eval_main", ["fid-stats", "--data", "synthetic", "--image-size", "32", "--channels", "3",
+                                  "--num-images", "4", "--cache-dir", str(tmp_path)], capsys)[0] == 0
+    (space,), _ = E.feature_spaces("synthetic", "data", tmp_path, image_size=32, channels=3, num_images=4,
+                                   compute_missing=False)
+    generator = Generator(latent_dim=8, channels=3, image_size=32, width=4, num_classes=2)
+    scores = E.evaluate(generator, 4, [space], seed=0)
+    assert set(scores) == {"inception/fd", "inception/kid"} and all(np.isfinite(list(scores.values())))
+
+
 # --- samples files ------------------------------------------------------------------------------------
 
 

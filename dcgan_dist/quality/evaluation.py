@@ -255,9 +255,10 @@ def evaluate(generator: nn.Module, num: int, spaces: list[FeatureSpace | FidSpac
     num_classes = getattr(g, "num_classes", 0)
     labels = class_labels(num, num_classes)  # [num] or None
     for space in spaces:
-        if num_classes and space.data_hist is not None and len(space.data_hist) != num_classes:
+        hist = getattr(space, "data_hist", None)  # a space with class probabilities (FidSpace has none)
+        if num_classes and hist is not None and len(hist) != num_classes:
             raise UserError(f"the generator has {num_classes} classes but the {space.name} space's data has "
-                            f"{len(space.data_hist)}: evaluate it against the dataset it was trained on (--data)")
+                            f"{len(hist)}: evaluate it against the dataset it was trained on (--data)")
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     # Every rank's share is a whole number of batches, so each batch of noise is generated and measured in

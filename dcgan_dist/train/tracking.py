@@ -76,6 +76,7 @@ def prepare_run_dir(cfg, step: int, overwrite: bool) -> None:
         for name in ("checkpoints", "samples", "wandb", "tensorboard"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "curves.png").unlink(missing_ok=True)
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     metrics = run_dir / "metrics.jsonl"
@@ -106,7 +107,7 @@ class Tracker:
     def __init__(self, accelerator, cfg, run_dir: Path, run_config: dict, resume_id: str | None):
         self.acc, self.main, self.run_dir = accelerator, accelerator.is_main_process, run_dir
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if self.main else None
-        self.wandb_run, self.log_checkpoints = None, cfg.log.wandb.log_checkpoints
+        self.wandb_run, self.log_checkpoints, self.curves = None, cfg.log.wandb.log_checkpoints, cfg.log.curves
         if not self.main or not accelerator.log_with:
             return
         w = cfg.log.wandb
@@ -190,6 +191,22 @@ class Tracker:
                                                            "class_accuracy")]
         if self.main:
             print(f"eval at step {step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown), flush=True)
+
+    def draw_curves(self) -> None:
+        """log.curves, rank 0, at the end of a run: every metric of metrics.jsonl -> run_dir/curves.png. Drawing
+        is a convenience: a failure is one warning, and the run ends as it would have."""
+        if not self.main or not self.curves:
+            return
+        from dcgan_dist import plot
+
+        out = self.run_dir / "curves.png"
+        try:
+            plot.write([self.run_dir], out)
+        except Exception as e:  # matplotlib missing or failing, a damaged metrics.jsonl: the run itself is done
+            print(f"warning: could not draw {out} ({type(e).__name__}: {e}); draw it later with "
+                  f"`dcgan-plot {self.run_dir} --out curves.png`", file=sys.stderr, flush=True)
+            return
+        print(f"curves: {out}", flush=True)
 
     def mark_preempting(self) -> None:
         """A stop signal arrived: W&B marks the run preempting (it is resumed by the requeued job)."""

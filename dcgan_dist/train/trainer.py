@@ -267,6 +267,7 @@ class Trainer:
             self.save_samples()
         last = self.save_checkpoint()
         self.tracker.log_generator(last, "final")
+        self.tracker.draw_curves()
         budget = f" (train.max_minutes = {t.max_minutes:g} reached; run again to train on)" if self.step < steps else ""
         self._print(f"done: samples in {self.run_dir / 'samples'}, checkpoint {last}; step {self.step} of {steps}"
                     + budget)

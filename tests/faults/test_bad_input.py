@@ -84,6 +84,15 @@ CASES = {
     "sample num not int": ("sample", ["{run}", "--num", "many", "--out", "{tmp}/x.npz"], "invalid int value"),
     "eval too few": ("eval", ["{run}", "--num", "4"], "--num 4: use at least 8 images"),
     "export over a file": ("export", ["{run}", "{ckpt}"], "already exists and is not an empty directory"),
+    "export eval of another step": ("export", ["{run}", "{tmp}/hub", "--eval", "{tmp}/eval999.json"],
+                                    "--eval {tmp}/eval999.json scored step 999 (raw generator), but the export is"),
+    "export eval not a report": ("export", ["{run}", "{tmp}/hub", "--eval", "{tmp}/bad.yaml"],
+                                 "not a dcgan-eval --json report"),
+    "plot empty metrics": ("plot", ["{tmp}/empty_metrics", "--out", "{tmp}/c.png"], "holds no complete record"),
+    "plot damaged metrics": ("plot", ["{tmp}/damaged_metrics", "--out", "{tmp}/c.png"],
+                             "metrics.jsonl:2 is not a metrics record"),
+    "plot not a run": ("plot", ["{tmp}/empty", "--out", "{tmp}/c.png"], "{tmp}/empty has no metrics.jsonl"),
+    "plot not png": ("plot", ["{run}", "--out", "{tmp}/c.pdf"], "--out {tmp}/c.pdf: the curves are a .png file"),
     "eval lucic fixed count": ("eval", ["{run}", "--protocol", "lucic", "--num", "100"],
                                "--protocol lucic fixes --num at 10000"),
     "eval ref not samples": ("eval", ["{run}", "--ref", "{tmp}/bad.yaml"], "compares two samples files (.npz"),
@@ -211,6 +220,10 @@ def _setup(tmp, trained, conditional, prepared):
     (tmp / "typo.yaml").write_text("model:\n  widht: 3\n")
     (tmp / "python.yaml").write_text(f"run: !!python/object/apply:os.system ['touch {tmp}/pwned']\n")
     (tmp / "empty").mkdir()
+    (tmp / "eval999.json").write_text('{"step": 999, "ema": false, "metrics": {}, "num": 8}')
+    for name, text in (("empty_metrics", ""), ("damaged_metrics", '{"step": 4}\n{"step": 8, "lo\n{"step": 12}\n')):
+        (tmp / name).mkdir()
+        (tmp / name / "metrics.jsonl").write_text(text)
     images = tmp / "images"
     images.mkdir()
     for name in "acd":
@@ -230,7 +243,8 @@ def _setup(tmp, trained, conditional, prepared):
 def _run(command, args):
     if command == "train":
         return run_train(*args)
-    fn = {"sample": "sample_main", "export": "export_main", "eval": "eval_main", "prepare": "prepare_main"}[command]
+    fn = {"sample": "sample_main", "export": "export_main", "eval": "eval_main", "prepare": "prepare_main",
+          "plot": "plot_main"}[command]
     return subprocess.run([sys.executable, "-c", f"from dcgan_dist.cli import {fn}; {fn}()", *args], cwd=REPO,
                           env=env(), capture_output=True, text=True, timeout=120)
 

@@ -1,0 +1,89 @@
+"""dcgan-plot and run_dir/curves.png: every logged metric of real runs drawn into one PNG, runs overlaid; a damaged
+or empty metrics.jsonl is one line, not a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, assert_ok, env, run_train
+from dcgan_dist import plot
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-c", "from dcgan_dist.cli import plot_main; plot_main()", *args],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two real runs: a conditional one on MNIST's digits evaluated during training (eval/classifier/*, the
+    requested-class accuracy and class shares) that draws its curves at the end, and an unconditional smoke run
+    with another global batch."""
+    root = tmp_path_factory.mktemp("runs")
+    assert_ok(run_train("--config", "configs/smoke.yaml", f"run.dir={root / 'digits'}", "data.name=mnist5k",
+                        "model.num_classes=10", "train.steps=8", "train.eval_every=4", "train.eval_num=64",
+                        "log.curves=true"))
+    assert_ok(run_train("--config", "configs/smoke.yaml", f"run.dir={root / 'shapes'}", "train.batch_size=8"))
+    return root / "digits", root / "shapes"
+
+
+def test_two_runs_in_one_png_with_every_metric(runs, tmp_path):
+    digits, shapes = runs
+    assert Image.open(digits / "curves.png").size[0] > 800  # log.curves: drawn at the end of the run
+    assert not (shapes / "curves.png").exists()  # smoke.yaml turns it off
+
+    out = tmp_path / "both.png"
+    proc = cli(str(digits), str(shapes), "--out", str(out))
+    assert_ok(proc)
+    assert f"wrote {out}" in proc.stdout
+    image = Image.open(out)
+    assert image.format == "PNG" and image.size[0] > 1000 and image.size[1] > 1000
+
+    panels = plot.series([digits, shapes])
+    drawn = {key: set(by_run) for keys in panels.values() for key, by_run in keys.items()}
+    for run in (digits, shapes):  # every numeric key of every record has its line
+        for record in plot.read_metrics(run):
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    assert run.name in drawn[key], key
+    titles = [title for title, _ in panels]
+    for wanted in ("losses", "D(x), D(G(z)), D accuracy", "throughput", "requested-class accuracy (classifier space)",
+                   "class shares (smallest, largest) (classifier space)", "Fréchet distance + real floor "
+                   "(classifier space)"):
+        assert wanted in titles
+    assert titles.index("losses") < titles.index("requested-class accuracy (classifier space)")
+    assert {"eval/classifier/fd", "eval/classifier/fd_floor"} == set(
+        panels[("Fréchet distance + real floor (classifier space)", "Fréchet distance")])
+
+
+def test_a_torn_last_line_is_left_out(runs, tmp_path):
+    run = tmp_path / "torn"
+    run.mkdir()
+    lines = (runs[1] / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(lines + '{"step": 16, "loss/D": 0.')  # killed while writing a line
+    assert [r["step"] for r in plot.read_metrics(run)] == [r["step"] for r in plot.read_metrics(runs[1])]
+    assert_ok(cli(str(run), "--out", str(tmp_path / "torn.png")))
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "holds no complete record"),
+    ('{"step": 4, "loss/D": 1.0}\nnot json\n{"step": 8, "loss/D": 0.9}\n', "metrics.jsonl:2 is not a metrics record"),
+    ('[1, 2]\n', "metrics.jsonl:1 is not a metrics record"),
+    ('{"loss/D": 1.0}\n', "metrics.jsonl:1 is not a metrics record"),
+    (None, "has no metrics.jsonl"),
+])
+def test_a_damaged_or_empty_metrics_file_is_one_line(tmp_path, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "metrics.jsonl").write_text(content)
+    proc = cli(str(run), "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_out_must_be_a_png(runs, tmp_path):
+    proc = cli(str(runs[1]), "--out", str(tmp_path / "x.jpg"))
+    assert proc.returncode == 2 and "the curves are a .png file" in proc.stderr
