@@ -13,7 +13,8 @@ resumes), or scored from `--checkpoint`. `--score` scores the finished runs ther
 scored with `dcgan-eval --protocol lucic` (the EMA generator where it has one; a conditional one asked for
 every class equally often): its FID, KID, the training's wall time from its metrics.jsonl, and the CPU. With
 none of --score, --train, --checkpoint (as `make bench` runs it) it prints the last table it wrote
-(`<runs-dir>/table.json`), or how to make one. Results and the commands: docs/QUALITY.md.
+(`<runs-dir>/table.json`), or how to make one. Each row's whole report is `<runs-dir>/<name>.eval.json`
+(`dcgan-export <run> OUT --eval` puts it in the model card). Results and the commands: docs/QUALITY.md.
 """
 
 from __future__ import annotations
@@ -78,12 +79,14 @@ def train_minutes(run: Path) -> float | None:
     return sum(seconds.values()) / 60 if seconds else None
 
 
-def score(path: str, fid_weights: str | None, conditional: bool) -> dict:
-    """dcgan-eval --protocol lucic of a run or checkpoint; a conditional one's requested-class accuracy too."""
+def score(path: str, fid_weights: str | None, conditional: bool, report_json: Path) -> dict:
+    """dcgan-eval --protocol lucic of a run or checkpoint; a conditional one's requested-class accuracy too. The
+    whole report goes to `report_json` (dcgan-eval --json's format: `dcgan-export --eval` puts it in a model card)."""
     from dcgan_dist.quality import assess
 
     started = time.perf_counter()
     report = assess.plan(path, protocol="lucic", fid=True, fid_weights=fid_weights, use_classifier=conditional).run()
+    report.write_json(report_json)
     out = {"fid": report.metrics["inception/fd"], "kid": report.metrics["inception/kid"],
            "protocol": report.protocols["inception"]["note"], "data": report.plan.data, "step": report.plan.step,
            "ema": report.plan.ema, "score_minutes": (time.perf_counter() - started) / 60}
@@ -115,8 +118,9 @@ def main() -> None:
     rows = {}
     for name in args.only or RECIPES:
         recipe, run = Path(f"configs/{name}_lucic.yaml"), Path(args.runs_dir) / name
+        report_json = last.with_name(f"{name}.eval.json")
         if name in given:
-            rows[name] = score(given[name], args.fid_weights, name.endswith("_cond"))
+            rows[name] = score(given[name], args.fid_weights, name.endswith("_cond"), report_json)
             continue
         if not recipe.is_file():
             continue
@@ -125,7 +129,8 @@ def main() -> None:
                 print(f"{name}: no finished run in {run} (pass --train to train {recipe})")
                 continue
             train(recipe, run)
-        rows[name] = score(str(run), args.fid_weights, name.endswith("_cond")) | {"train_minutes": train_minutes(run)}
+        rows[name] = score(str(run), args.fid_weights, name.endswith("_cond"), report_json) | {
+            "train_minutes": train_minutes(run)}
         print(f"{name}: FID {rows[name]['fid']:.2f} [{rows[name]['protocol']}]", flush=True)
     if not rows:
         print("fid_table: nothing to score")

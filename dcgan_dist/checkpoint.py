@@ -282,12 +282,8 @@ def _fsync_and_hash(path: Path) -> str:
 
 def load_generator(arg: str, ema: bool = True) -> tuple[Generator, dict, bool]:
     """(generator in eval mode, its checkpoint's meta, whether it is an EMA generator) from a checkpoint dir,
-    run dir or generator*.safetensors (the weights `choose_generator` picks, verified), or a Hub folder that
-    `dcgan-export` wrote (`hub.load`)."""
-    from dcgan_dist import hub  # here: huggingface_hub is imported by readers of a Hub folder only
-
-    if hub.is_folder(arg):
-        return hub.load(arg)
+    run dir or generator*.safetensors: the weights `choose_generator` picks, verified (a Hub folder too:
+    `hub.load_generator`)."""
     ckpt_dir, stem, meta = choose_generator(arg, ema)
     generator = Generator(**meta["generator"])  # checked against the file's tensors by read_meta
     generator.load_state_dict(load_tensors(ckpt_dir, stem))

@@ -8,10 +8,10 @@ own `PyTorchModelHubMixin` and `ModelCard`:
     samples.png         a fixed-noise grid (seed 0; one row per class for a conditional model)
 
 `HubGenerator.from_pretrained(FOLDER or "user/name")` loads it (a Hub id needs the network the first time);
-`dcgan-sample` and `dcgan-eval` accept the folder. Before anything is allocated, config.json is checked as the
-checkpoint reader checks meta.json: its kwargs against what a generator takes, and the tensors they build
-against model.safetensors' header. Nothing is pickled, and a folder without model.safetensors is refused rather
-than read from a pickle.
+`dcgan-sample` and `dcgan-eval` accept the folder (`load_generator`). Before anything is allocated, config.json
+is checked as the checkpoint reader checks meta.json: its kwargs against what a generator takes, and the tensors
+they build against model.safetensors' header. Nothing is pickled, and a folder without model.safetensors is
+refused rather than read from a pickle.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dcgan_dist import checkpoint
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
 from dcgan_dist.gan.models import Generator
-from dcgan_dist.registry import DATASETS
+from dcgan_dist.registry import DATASETS, METRICS
 
 CONFIG, WEIGHTS, CARD, GRID = "config.json", "model.safetensors", "README.md", "samples.png"
 FILES = (WEIGHTS, CONFIG, CARD, GRID)
@@ -52,8 +52,7 @@ TEMPLATE = """---
 ## Use
 
 ```python
-from dcgan_dist.hub import HubGenerator
-from dcgan_dist.gan.sampling import draw
+{{ imports }}
 
 G = HubGenerator.from_pretrained("{{ repo_id }}")   # a Hub id, or this folder on disk
 images, labels = draw(G, 64, seed=0)   # {{ shape }} in [-1, 1]{{ labels_note }}
@@ -133,9 +132,15 @@ def is_folder(arg: str) -> bool:
         and not (path / "meta.json").exists()
 
 
+def load_generator(arg: str, ema: bool = True) -> tuple[Generator, dict, bool]:
+    """`checkpoint.load_generator` for a checkpoint, a run dir or a generator file, and `load` for a Hub folder
+    (which holds one set of weights: `ema` does not apply): what `dcgan-sample` and `dcgan-eval` read."""
+    return load(arg) if is_folder(arg) else checkpoint.load_generator(arg, ema)
+
+
 def load(folder: str) -> tuple[HubGenerator, dict, bool]:
-    """(generator in eval mode, a meta like an export's: its kwargs, step, whether EMA, dataset; whether EMA)
-    from a Hub-layout folder: what `checkpoint.load_generator` returns for a checkpoint."""
+    """(generator in eval mode, a meta like a checkpoint's: its kwargs, step, whether EMA, dataset; whether EMA)
+    from a Hub-layout folder, the step and dataset read from its card."""
     path = Path(folder) / CONFIG
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise UserError(f"{path} is {path.stat().st_size} bytes, not a generator's config; use another folder")
@@ -212,13 +217,14 @@ def _read_eval(path: Path, step: int, ema: bool) -> dict:
 
 
 def _weights(ema: bool) -> str:
-    return "EMA weights" if ema else "raw generator"
+    return "EMA weights" if ema else "raw generator weights"
 
 
 def card_fields(meta: dict, ema: bool, name: str, licence: str, reports: list[dict]) -> dict:
     """What `HubGenerator.generate_model_card` takes for the generator of checkpoint `meta`: its metadata, its
     model-index (FID/KID of `reports`, each named with its protocol) and the card's text."""
     cfg, kwargs, step = meta.get("config", {}), meta["generator"], meta["step"]
+    size = kwargs.get("image_size", 64)
     data = cfg.get("data", {}).get("name", "")
     info = DATASETS.get(data)
     conditional = kwargs.get("num_classes", 0) > 0
@@ -242,14 +248,21 @@ def card_fields(meta: dict, ema: bool, name: str, licence: str, reports: list[di
                                 "dataset_name": data, "dataset_split": protocol.get("split"),
                                 "metric_type": label.lower(), "metric_value": round(float(value), 6),
                                 "metric_name": f"{label} ({note})"})
-        own_rows += [f"| {k.split('/', 1)[1]} | {v:.4g} | {r['num']} samples, seed {r.get('seed')} |"
-                     for k, v in r["metrics"].items() if k.startswith("classifier/") and isinstance(v, (int, float))]
+        for key, value in r["metrics"].items():
+            name_ = key.split("/", 1)[1]
+            if key.startswith("classifier/") and isinstance(value, (int, float)):
+                label = "real-vs-real floor" if name_ == "fd_floor" else METRICS[name_].label if name_ in METRICS \
+                    else name_
+                own_rows.append(f"| {label} | {value:.4g} | {r['num']} samples, seed {r.get('seed')} |")
+    imports = "\n".join(f"from dcgan_dist.{m} import {n}" for m, n in (("hub", "HubGenerator"),
+                                                                      ("gan.sampling", "draw")))
     return {"metadata": metadata, "eval_results": results, "model_name": name, "repo_id": f"USER/{name}",
+            "imports": imports,
             "summary": _summary(kwargs, data, info, step, seen, ema),
             "grid_caption": "64 samples of seeded noise (seed 0)" if not conditional else
                             "one row per class, each column one z (seed 0)",
             "labels_note": "; labels: class i mod K" if conditional else "",
-            "shape": f"[64, {kwargs.get('channels', 1)}, {kwargs.get('image_size', 64)}, {kwargs.get('image_size', 64)}]",
+            "shape": f"[64, {kwargs.get('channels', 1)}, {size}, {size}]",
             "quality": _quality(fid_rows, own_rows), "training": _training(cfg, meta), "weights": _weights(ema),
             "licence": licence if licence != "other" else "not stated by the exporter (`dcgan-export --license`); "
                        f"the weights derive from {data or 'the training images'}, whose own terms apply"}
@@ -259,11 +272,11 @@ def _summary(kwargs: dict, data: str, info, step: int, seen: int | None, ema: bo
     k = kwargs.get("num_classes", 0)
     kind = f"class-conditional ({k} classes, {kwargs.get('cond')} labels) " if k else ""
     size, ch = kwargs.get("image_size", 64), kwargs.get("channels", 1)
-    about = f", {info.about}," if info else ""
-    images = f", {seen:,} images seen" if seen else ""
+    about = f" The data: {info.about}." if info else ""
+    images = f" ({seen:,} images seen)" if seen else ""
     return (f"A {kind}{kwargs.get('arch', 'dcgan').upper()} generator ({size}x{size}, {ch} channel{'s' * (ch > 1)}, "
             f"z of {kwargs.get('latent_dim')}, width {kwargs.get('width')}) trained with dcgan_dist on "
-            f"`{data or 'unknown data'}`{about}: step {step:,}{images}, {_weights(ema)}.")
+            f"`{data or 'unknown data'}` to step {step:,}{images}; these are its {_weights(ema)}.{about}")
 
 
 def _quality(fid_rows: list[str], own_rows: list[str]) -> str:

@@ -57,6 +57,19 @@ def accelerate_launch(num_processes: int, script: str, *args: str, timeout: floa
                           timeout=timeout, **kw)
 
 
+def run_main(capsys, main: str, *args: str) -> subprocess.CompletedProcess:
+    """A command (`dcgan_dist.cli.<main>`) in this process, as a CompletedProcess: exit status, stdout, stderr."""
+    from dcgan_dist import cli
+
+    try:
+        getattr(cli, main)(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([main, *args], code, out.out, out.err)
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     out, err = proc.stdout[-3000:], proc.stderr[-5000:]
     assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"

@@ -5,8 +5,6 @@ crafted config.json refused before anything is allocated."""
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,15 +13,16 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from conftest import REPO, assert_ok, env, run_train
+from conftest import REPO, assert_ok, run_main, run_train
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
 from dcgan_dist.hub import HubGenerator
 
 
-def cli(fn, *args):
-    return subprocess.run([sys.executable, "-c", f"from dcgan_dist.cli import {fn}; {fn}()", *args], cwd=REPO,
-                          env=env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def cli(capsys):
+    """The commands, run in this process (their parsing, one-line errors and exit status are the same)."""
+    return lambda main, *args: run_main(capsys, main, *map(str, args))
 
 
 def assert_one_line(proc, message):
@@ -49,7 +48,7 @@ def npz(path):
         return {k: f[k] for k in f.files}
 
 
-def test_export_loads_with_from_pretrained_and_samples_like_the_checkpoint(trained, tmp_path):
+def test_export_loads_with_from_pretrained_and_samples_like_the_checkpoint(trained, tmp_path, cli):
     out = tmp_path / "hub"
     assert_ok(cli("export_main", str(trained), str(out)))
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "samples.png"]
@@ -102,7 +101,7 @@ def fid_weights(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_model_card_holds_the_metrics_with_their_protocol(fid_weights, tmp_path):
+def test_model_card_holds_the_metrics_with_their_protocol(fid_weights, tmp_path, cli):
     run = tmp_path / "run"
     assert_ok(run_train("--config", "configs/smoke.yaml", f"run.dir={run}", "train.steps=6", "model.ema.decay=0.9"))
     report = tmp_path / "eval.json"
@@ -140,14 +139,14 @@ class _Planted:
 
 
 @pytest.fixture
-def folder(tmp_path):
+def folder(tmp_path, cli):
     run = tmp_path / "run"
     assert_ok(run_train("--config", "configs/smoke.yaml", f"run.dir={run}", "train.steps=2"))
     assert_ok(cli("export_main", str(run), str(tmp_path / "hub")))
     return tmp_path / "hub"
 
 
-def test_a_crafted_folder_is_refused_with_one_line_before_allocation(folder, tmp_path):
+def test_a_crafted_folder_is_refused_with_one_line_before_allocation(folder, tmp_path, cli):
     config = json.loads((folder / "config.json").read_text())
     edits = {
         "an absurd width": ({**config, "width": 10**9}, "width=1000000000, which no dcgan_dist model has"),

@@ -1,19 +1,17 @@
 """dcgan-plot and run_dir/curves.png: every logged metric of real runs drawn into one PNG, runs overlaid; a damaged
 or empty metrics.jsonl is one line, not a traceback."""
 
-import subprocess
-import sys
-
 import pytest
 from PIL import Image
 
-from conftest import REPO, assert_ok, env, run_train
+from conftest import assert_ok, run_main, run_train
 from dcgan_dist import plot
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-c", "from dcgan_dist.cli import plot_main; plot_main()", *args],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+@pytest.fixture
+def cli(capsys):
+    """dcgan-plot, run in this process."""
+    return lambda *args: run_main(capsys, "plot_main", *map(str, args))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,7 @@ def runs(tmp_path_factory):
     return root / "digits", root / "shapes"
 
 
-def test_two_runs_in_one_png_with_every_metric(runs, tmp_path):
+def test_two_runs_in_one_png_with_every_metric(runs, tmp_path, cli):
     digits, shapes = runs
     assert Image.open(digits / "curves.png").size[0] > 800  # log.curves: drawn at the end of the run
     assert not (shapes / "curves.png").exists()  # smoke.yaml turns it off
@@ -58,7 +56,7 @@ def test_two_runs_in_one_png_with_every_metric(runs, tmp_path):
         panels[("Fréchet distance + real floor (classifier space)", "Fréchet distance")])
 
 
-def test_a_torn_last_line_is_left_out(runs, tmp_path):
+def test_a_torn_last_line_is_left_out(runs, tmp_path, cli):
     run = tmp_path / "torn"
     run.mkdir()
     lines = (runs[1] / "metrics.jsonl").read_text()
@@ -74,7 +72,7 @@ def test_a_torn_last_line_is_left_out(runs, tmp_path):
     ('{"loss/D": 1.0}\n', "metrics.jsonl:1 is not a metrics record"),
     (None, "has no metrics.jsonl"),
 ])
-def test_a_damaged_or_empty_metrics_file_is_one_line(tmp_path, content, message):
+def test_a_damaged_or_empty_metrics_file_is_one_line(tmp_path, content, message, cli):
     run = tmp_path / "run"
     run.mkdir()
     if content is not None:
@@ -84,6 +82,6 @@ def test_a_damaged_or_empty_metrics_file_is_one_line(tmp_path, content, message)
     assert message in proc.stderr and not (tmp_path / "x.png").exists()
 
 
-def test_out_must_be_a_png(runs, tmp_path):
+def test_out_must_be_a_png(runs, tmp_path, cli):
     proc = cli(str(runs[1]), "--out", str(tmp_path / "x.jpg"))
     assert proc.returncode == 2 and "the curves are a .png file" in proc.stderr

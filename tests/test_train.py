@@ -177,6 +177,8 @@ def test_conditional_run_grid_rows_and_class_sampling(tmp_path, smoke_args, extr
     z, labels, nrow = sampling.class_grid(20, 16, 10, seed=0)
     assert nrow == 2 and labels.tolist() == [c for c in range(10) for _ in range(2)]
     assert torch.equal(z[:2], z[2:4]) and not torch.equal(z[0], z[1])  # a column keeps its z across the classes
+    if cond == "concat":  # dcgan-sample on a concat model, byte for byte against its export: tests/test_hub.py
+        return
 
     assert_ok(sample(str(run), "--num", "6", "--class", "3", "--out", str(tmp_path / "three.npz")))
     three = np.load(tmp_path / "three.npz")

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dcgan_dist.checkpoint import load_generator
 from dcgan_dist.data.sources import user_cache_dir
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan.sampling import load_samples
+from dcgan_dist.hub import load_generator
 from dcgan_dist.quality import evaluation
 from dcgan_dist.quality.features import classifier_path, save_classifier
 from dcgan_dist.quality.fid import build_fid_inception

@@ -85,7 +85,8 @@ CASES = {
     "eval too few": ("eval", ["{run}", "--num", "4"], "--num 4: use at least 8 images"),
     "export over a file": ("export", ["{run}", "{ckpt}"], "already exists and is not an empty directory"),
     "export eval of another step": ("export", ["{run}", "{tmp}/hub", "--eval", "{tmp}/eval999.json"],
-                                    "--eval {tmp}/eval999.json scored step 999 (raw generator), but the export is"),
+                                    "--eval {tmp}/eval999.json scored step 999 (raw generator weights), but the "
+                                    "export is"),
     "export eval not a report": ("export", ["{run}", "{tmp}/hub", "--eval", "{tmp}/bad.yaml"],
                                  "not a dcgan-eval --json report"),
     "plot empty metrics": ("plot", ["{tmp}/empty_metrics", "--out", "{tmp}/c.png"], "holds no complete record"),

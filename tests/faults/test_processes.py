@@ -64,13 +64,14 @@ def test_sigkill_of_one_rank_ends_the_job_then_resume_continues(tmp_path, ranks,
 
 
 def test_sigkill_at_random_instants_never_loses_latest(tmp_path, fault_row):
-    """20 kills, many inside a checkpoint write (faulty_train.py slows each file write down)."""
-    run, rng = tmp_path / "run", random.Random()
+    """2 x FAULT_TRIALS kills (4 by default, 20 in tests/faults/report.py), many inside a checkpoint write
+    (faulty_train.py slows each file write down)."""
+    run, rng, kills = tmp_path / "run", random.Random(), 2 * int(os.environ.get("FAULT_TRIALS", "2"))
     args = ["--config", "configs/smoke.yaml", f"run.dir={run}", "train.steps=100000", "train.checkpoint_every=1",
             "train.keep_last=2", "log.every=1000", "log.sample_every=0"]
     slow_env = env(FAULT_CHECKPOINT_DELAY="0.03")
     resumed_from, exits = [], []
-    for trial in range(20):
+    for trial in range(kills):
         proc = subprocess.Popen([sys.executable, FAULTY_TRAIN, *args], cwd=REPO, env=slow_env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         before = checkpoint.latest_checkpoint(run / "checkpoints")
@@ -88,12 +89,12 @@ def test_sigkill_at_random_instants_never_loses_latest(tmp_path, fault_row):
         latest = checkpoint.latest_checkpoint(run / "checkpoints")
         assert latest is not None, out
         checkpoint.read_meta(latest)  # every file's sha256 verifies
-    assert resumed_from == list(range(1, 20))  # every restart after the first continued the run
+    assert resumed_from == list(range(1, kills))  # every restart after the first continued the run
     last = checkpoint.read_meta(checkpoint.latest_checkpoint(run / "checkpoints"))["step"]
     proc = run_train(*args[:-4], f"train.steps={last + 2}", "train.checkpoint_every=1")
     assert_ok(proc)
     assert f"at step {last}" in proc.stdout
-    fault_row("SIGKILL at a random instant, mostly inside a checkpoint write", 20, 20, 0, max(exits))
+    fault_row("SIGKILL at a random instant, mostly inside a checkpoint write", kills, kills, 0, max(exits))
 
 
 def test_sigterm_of_the_job_checkpoints_then_resumes(tmp_path, fault_row):
