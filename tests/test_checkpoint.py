@@ -4,23 +4,16 @@ import json
 import pickle
 import random
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, assert_ok, env, run_train
+from conftest import REPO, assert_ok, run_train
 from dcgan_dist import checkpoint
 from dcgan_dist.errors import UserError
 from dcgan_dist.train import state as train_state
-
-
-def cli(fn, *args):
-    return subprocess.run([sys.executable, "-c", f"from dcgan_dist.cli import {fn}; {fn}()", *args], cwd=REPO,
-                          env=env(), capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +150,7 @@ def test_auto_resume_falls_back_to_the_previous_complete_checkpoint(run, kind):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000008"
 
 
-def test_planted_pickles_never_run(run):
+def test_planted_pickles_never_run(run, cli):
     ckpt = run / "checkpoints" / "step-00000006"
     for name in ("optimizer.pt", "data.pkl", "pytorch_model.bin"):
         (ckpt / name).write_bytes(pickle.dumps(_Planted()))

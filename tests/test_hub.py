@@ -13,16 +13,10 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from conftest import REPO, assert_ok, run_main, run_train
+from conftest import REPO, assert_ok, run_train
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
 from dcgan_dist.hub import HubGenerator
-
-
-@pytest.fixture
-def cli(capsys):
-    """The commands, run in this process (their parsing, one-line errors and exit status are the same)."""
-    return lambda main, *args: run_main(capsys, main, *map(str, args))
 
 
 def assert_one_line(proc, message):

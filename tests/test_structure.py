@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, assert_ok, env, run_train
+from conftest import REPO, assert_ok, run_train
 from dcgan_dist import checkpoint
 from dcgan_dist.data.batches import InMemoryBatches
 from dcgan_dist.errors import UserError
@@ -21,15 +21,10 @@ FIXTURE = REPO / "tests" / "fixtures" / "checkpoint_v1_smoke_ema"  # written by 
 FIXTURE_ARGS = ["--config", "configs/smoke.yaml", "model.ema.decay=0.9", "train.seed=3"]
 
 
-def cli(main, *args):
-    return subprocess.run([sys.executable, "-c", f"from dcgan_dist.cli import {main}; {main}()", *args], cwd=REPO,
-                          env=env(), capture_output=True, text=True, timeout=300)
-
-
 # --- the committed checkpoint of the first format -----------------------------------------------------
 
 
-def test_first_format_checkpoint_loads_and_samples(tmp_path):
+def test_first_format_checkpoint_loads_and_samples(tmp_path, cli):
     meta = checkpoint.read_meta(FIXTURE)  # hashes and tensors against meta.json
     assert meta["format_version"] == 1 and meta["step"] == 6 and meta["data"] == {"epoch": 0, "position": 6}
     from dcgan_dist.checkpoint import load_generator
@@ -84,7 +79,7 @@ def test_meta_json_that_disagrees_with_the_tensors_is_refused_in_process(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("edit", list(EDITS))
 @pytest.mark.parametrize("command", ["dcgan-sample", "dcgan-eval", "dcgan-export", "resume"])
-def test_meta_json_that_disagrees_with_the_tensors_is_refused_by_every_reader(tmp_path, edit, command):
+def test_meta_json_that_disagrees_with_the_tensors_is_refused_by_every_reader(tmp_path, edit, command, cli):
     run, ckpt = _edited(tmp_path, edit)
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     if command == "dcgan-sample":

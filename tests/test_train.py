@@ -1,8 +1,6 @@
 """The trainer end to end in one process, through the real command, and the sampling command."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,13 +8,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import FAULTY_TRAIN, REPO, assert_ok, env, run_train
+from conftest import FAULTY_TRAIN, assert_ok, run_main, run_train
 from dcgan_dist.gan.models import Generator
 
 
-def sample(*args):
-    return subprocess.run([sys.executable, "-c", "from dcgan_dist.cli import sample_main; sample_main()", *args],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+@pytest.fixture
+def sample(capsys):
+    """dcgan-sample, run in this process."""
+    return lambda *args: run_main(capsys, "sample_main", *args)
 
 
 def test_smoke_run_writes_the_run_directory(tmp_path, smoke_args):
@@ -66,7 +65,7 @@ def test_existing_run_is_not_overwritten_without_the_flag(tmp_path, smoke_args):
 @pytest.mark.parametrize("extra", [["train.mixed_precision=bf16"], ["model.arch=mlp"], ["loss.name=hinge"],
                                    ["loss.g_loss=minimax", "model.norm=none", "model.ema.decay=0.9"],
                                    ["train.channels_last=true", "train.compile=true"]])
-def test_variants_train(tmp_path, smoke_args, extra):
+def test_variants_train(tmp_path, smoke_args, extra, sample):
     proc = run_train(*smoke_args, "train.steps=4", *extra)
     assert_ok(proc)
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -96,7 +95,7 @@ def test_trains_on_cuda_and_skips_a_nonfinite_step(tmp_path, smoke_args, extra):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_sample_command(tmp_path, smoke_args):
+def test_sample_command(tmp_path, smoke_args, sample):
     assert_ok(run_train(*smoke_args, "train.steps=2", "model.ema.decay=0.5"))
     run = tmp_path / "run"
     for target in (run, run / "checkpoints" / "step-00000002",
@@ -113,7 +112,7 @@ def test_sample_command(tmp_path, smoke_args):
     assert not np.array_equal(ema, np.load(tmp_path / "raw.npz")["arr_0"])
 
 
-def test_sample_command_bad_input(tmp_path, smoke_args):
+def test_sample_command_bad_input(tmp_path, smoke_args, sample):
     assert_ok(run_train(*smoke_args, "train.steps=2"))
     run = tmp_path / "run"
     cases = [
@@ -157,7 +156,7 @@ def test_ema_update_rule_with_warmup(tmp_path):
 @pytest.mark.parametrize("extra", [["model.cond=projection", "model.ema.decay=0.9", "model.spectral_norm=both"],
                                    ["model.cond=concat", "model.spectral_norm=d", "train.mixed_precision=bf16",
                                     "train.channels_last=true"]], ids=["projection", "concat"])
-def test_conditional_run_grid_rows_and_class_sampling(tmp_path, smoke_args, extra):
+def test_conditional_run_grid_rows_and_class_sampling(tmp_path, smoke_args, sample, extra):
     from PIL import Image
 
     from dcgan_dist.gan import sampling
