@@ -30,7 +30,7 @@ from dcgan_dist import checkpoint
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
 from dcgan_dist.gan.models import Generator
-from dcgan_dist.registry import DATASETS, METRICS
+from dcgan_dist.registry import DATASETS, LUCIC_BEST, METRICS
 
 CONFIG, WEIGHTS, CARD, GRID = "config.json", "model.safetensors", "README.md", "samples.png"
 FILES = (WEIGHTS, CONFIG, CARD, GRID)
@@ -235,7 +235,7 @@ def card_fields(meta: dict, ema: bool, name: str, licence: str, reports: list[di
                 "datasets": [info.hub] if info and info.hub else None,
                 "pipeline_tag": None if conditional else PIPELINE,
                 "dcgan_dist": {"step": step, "ema": ema, "data": data or None, "images_seen": seen}}
-    fid_rows, own_rows, results = [], [], []
+    fid_rows, own_rows, results, published = [], [], [], []
     for r in reports:
         for space, protocol in r.get("protocol", {}).items():
             for key, label in (("fd", "FID"), ("kid", "KID")):
@@ -244,6 +244,11 @@ def card_fields(meta: dict, ema: bool, name: str, licence: str, reports: list[di
                     continue
                 note = protocol.get("note", "")
                 fid_rows.append(f"| {label} | {value:.4g} | {note} |")
+                best = LUCIC_BEST.get(protocol.get("reference"), {}) if protocol.get("protocol") == "lucic" else {}
+                if key == "fd" and best:
+                    published.append(f"Under this protocol Lucic et al. 2018 (\"Are GANs Created Equal?\") report best "
+                                      f"FIDs on {protocol['reference']} of " +
+                                      ", ".join(f"{v} ({k})" for k, v in best.items()) + ".")
                 results.append({"task_type": PIPELINE, "dataset_type": info.hub if info and info.hub else data,
                                 "dataset_name": data, "dataset_split": protocol.get("split"),
                                 "metric_type": label.lower(), "metric_value": round(float(value), 6),
@@ -263,7 +268,8 @@ def card_fields(meta: dict, ema: bool, name: str, licence: str, reports: list[di
                             "one row per class, each column one z (seed 0)",
             "labels_note": "; labels: class i mod K" if conditional else "",
             "shape": f"[64, {kwargs.get('channels', 1)}, {size}, {size}]",
-            "quality": _quality(fid_rows, own_rows), "training": _training(cfg, meta), "weights": _weights(ema),
+            "quality": _quality(fid_rows + ([""] + published if published else []), own_rows),
+            "training": _training(cfg, meta), "weights": _weights(ema),
             "licence": licence if licence != "other" else "not stated by the exporter (`dcgan-export --license`); "
                        f"the weights derive from {data or 'the training images'}, whose own terms apply"}
 

@@ -170,3 +170,19 @@ def test_a_crafted_folder_is_refused_with_one_line_before_allocation(folder, tmp
     with pytest.raises(UserError, match="has no model.safetensors"):
         HubGenerator.from_pretrained(folder)
     assert not (REPO / ".planted-pickle-ran").exists()
+
+
+def test_a_lucic_fid_is_shown_beside_the_published_figures():
+    from dcgan_dist import hub
+
+    note = ("lucic: 10000 samples (centre 28x28 of 32x32) vs all 10000 mnist test images at 28x28, "
+            "pt_inception-2015-12-05")
+    report = {"num": 10000, "seed": 0, "metrics": {"inception/fd": 5.381, "inception/kid": 0.0021},
+              "protocol": {"inception": {"protocol": "lucic", "reference": "mnist", "split": "test", "note": note}}}
+    meta = {"step": 15625, "world_size": 1, "batch_size": 64, "config": {"data": {"name": "mnist"}},
+            "generator": {"latent_dim": 100, "channels": 1, "image_size": 32, "width": 64}}
+    fields = hub.card_fields(meta, True, "m", "other", [report])
+    assert f"| FID | 5.381 | {note} |" in fields["quality"]
+    assert "Lucic et al. 2018 (\"Are GANs Created Equal?\") report best FIDs on mnist of 6.7 (WGAN), 6.8 (NS GAN)" \
+        in fields["quality"]
+    assert fields["eval_results"][0]["dataset_split"] == "test" and fields["metadata"]["datasets"] == ["ylecun/mnist"]
