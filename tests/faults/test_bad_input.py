@@ -244,10 +244,10 @@ def _setup(tmp, trained, conditional, prepared):
 IN_PROCESS = ("sample", "export", "eval", "plot")  # the readers: run in this process (seconds of imports saved)
 
 
-def _run(command, args, capsys):
+def _run(command, args, capsys=None):
     if command == "train":
         return run_train(*args)
-    if command in IN_PROCESS:
+    if command in IN_PROCESS and capsys is not None:
         return run_main(capsys, f"{command}_main", *args)
     fn = {"sample": "sample_main", "export": "export_main", "eval": "eval_main", "prepare": "prepare_main",
           "plot": "plot_main"}[command]
