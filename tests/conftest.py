@@ -151,3 +151,22 @@ def fault_row(record_property):
         record_property("fault_row", json.dumps({"fault": fault, "trials": trials, "survived": survived,
                                                  "data_lost": data_lost, "exit_s": exit_s, "whole_run": whole_run}))
     return record
+
+
+def random_inception():
+    """pytorch-fid's TF-Inception with seeded random weights (nothing downloaded). Kaiming-normal convolutions keep
+    the activations O(1) through the ~90 layers (BatchNorm at its identity initialisation)."""
+    import torch
+
+    from dcgan_dist.quality import fid
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = fid.fid_inception()
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=0.01)
+                torch.nn.init.zeros_(m.bias)
+    return net

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, assert_ok
+from conftest import accelerate_launch, assert_ok, random_inception
 from dcgan_dist.data.sources import load_images
 from dcgan_dist.errors import UserError
 from dcgan_dist.quality import evaluation as E
@@ -39,20 +39,10 @@ def run_main(main, args, capsys) -> tuple[int, str, str]:
 def torch_home(tmp_path_factory):
     """A TORCH_HOME whose hub cache holds randomly initialised weights under the exact name pytorch-fid loads
     (`hub/checkpoints/pt_inception-2015-12-05-6726825d.pth`, a plain state dict as torch.save writes it), so
-    pytorch-fid's own `InceptionV3()` finds them there and downloads nothing. Kaiming-normal convolutions keep the
-    activations O(1) through the ~90 layers (BatchNorm at its identity initialisation)."""
+    pytorch-fid's own `InceptionV3()` finds them there and downloads nothing (`conftest.random_inception`)."""
     home = tmp_path_factory.mktemp("torch_home")
     (home / "hub" / "checkpoints").mkdir(parents=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = fid.fid_inception()
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            elif isinstance(m, torch.nn.Linear):
-                torch.nn.init.normal_(m.weight, std=0.01)
-                torch.nn.init.zeros_(m.bias)
-    torch.save(net.state_dict(), home / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILE)
+    torch.save(random_inception().state_dict(), home / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILE)
     return home
 
 

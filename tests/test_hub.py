@@ -9,11 +9,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-from conftest import REPO, assert_ok, run_train
+from conftest import REPO, assert_ok, random_inception, run_train
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
 from dcgan_dist.hub import HubGenerator
@@ -81,16 +80,8 @@ def test_export_loads_with_from_pretrained_and_samples_like_the_checkpoint(train
 @pytest.fixture(scope="module")
 def fid_weights(tmp_path_factory):
     """TF-Inception with random weights (nothing downloaded): a real dcgan-eval report to put in a card."""
-    from dcgan_dist.quality import fid
-
     path = tmp_path_factory.mktemp("fid") / "inception.safetensors"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = fid.fid_inception()
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    save_file({k: v.contiguous() for k, v in random_inception().state_dict().items()}, path)
     return path
 
 
