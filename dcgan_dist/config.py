@@ -107,6 +107,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC weights and images: faster convolutions on CUDA (bf16/fp16) and on CPU
     augment: str = ""  # differentiable augmentation of all that D sees, e.g. translation,cutout (augment.py)
     compile: bool = False  # torch.compile G and D (first steps slower while it compiles; needs a C++ compiler)
+    cuda_graphs: bool = False  # replay the whole step as one CUDA graph: one CUDA process, fp32 or bf16, no sync BN
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only the final one (and on preemption)
     checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last; 0 = off
     max_minutes: float = 0.0  # end the run as if finished after this much wall time (set-up included); 0 = no limit
@@ -338,6 +339,13 @@ def validate(cfg: Config) -> None:
     _check(t.global_batch_size is None or t.global_batch_size >= 1, "train.global_batch_size",
            t.global_batch_size, "use a positive global batch size or null")
     _one_of("train.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16", "auto"))
+    if t.cuda_graphs:  # what a captured step cannot hold (docs/PERFORMANCE.md, "CUDA graphs")
+        _check(t.mixed_precision != "fp16", "train.cuda_graphs", t.cuda_graphs, "fp16's gradient scaler reads its "
+               "overflow flag on the host at every step; use train.mixed_precision=bf16 (or no) with graphs")
+        _check(not t.compile, "train.cuda_graphs", t.cuda_graphs, "choose one of train.compile and "
+               "train.cuda_graphs (the graph replays the eager kernels)")
+        _check(not m.sync_bn, "train.cuda_graphs", t.cuda_graphs, "model.sync_bn=true all-reduces in every forward; "
+               "graphs run one process, where sync BN does nothing: set model.sync_bn=false")
     try:
         parse_augment(t.augment)
     except ValueError as e:
@@ -414,6 +422,11 @@ def validate_world(cfg: Config, world_size: int, device: str = "cpu", bf16: bool
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=t.global_batch_size // world_size))
     _check(device == "cuda" or t.mixed_precision != "fp16", "train.mixed_precision", t.mixed_precision,
            f"fp16 needs CUDA (with its gradient scaler); use bf16 (or no) on {device}")
+    _check(device == "cuda" or not t.cuda_graphs, "train.cuda_graphs", t.cuda_graphs,
+           f"CUDA graphs need a CUDA GPU and this process trains on {device}: set train.cuda_graphs=false")
+    _check(world_size == 1 or not t.cuda_graphs, "train.cuda_graphs", t.cuda_graphs,
+           f"graphs replay a one-process step and this job has {world_size} processes (DDP's reductions are not "
+           "captured): launch one process, or set train.cuda_graphs=false")
     if t.mixed_precision == "auto":
         precision = "bf16" if bf16 else "no"
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=precision))

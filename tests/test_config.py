@@ -49,6 +49,22 @@ def test_global_batch_is_split_over_ranks():
         validate_world(load_config(None, ["train.mixed_precision=fp16"]), 1, device="cpu")
 
 
+def test_cuda_graphs_are_refused_where_a_captured_step_cannot_run():
+    """train.cuda_graphs: one CUDA process, fp32 or bf16, eager kernels, no sync BN; else one line each."""
+    graphs = load_config(None, ["train.cuda_graphs=true", "train.mixed_precision=bf16"])
+    assert validate_world(graphs, 1, "cuda", True).train.cuda_graphs
+    cases = [(["train.mixed_precision=fp16"], "gradient scaler reads its overflow flag on the host"),
+             (["train.compile=true"], "choose one of train.compile and train.cuda_graphs"),
+             (["model.sync_bn=true"], "set model.sync_bn=false")]
+    for extra, message in cases:
+        with pytest.raises(UserError, match=f"train.cuda_graphs = True is not accepted; .*{message}"):
+            load_config(None, ["train.cuda_graphs=true", *extra])
+    with pytest.raises(UserError, match="CUDA graphs need a CUDA GPU and this process trains on cpu"):
+        validate_world(graphs, 1, "cpu")
+    with pytest.raises(UserError, match="this job has 2 processes .*launch one process"):
+        validate_world(graphs, 2, "cuda", True)
+
+
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
     auto = load_config(None, ["train.mixed_precision=auto"])
     has = torch.cpu._is_amx_tile_supported()  # AVX512-BF16 alone runs these models slower in bf16 than in fp32

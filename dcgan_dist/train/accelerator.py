@@ -9,7 +9,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import (AutocastKwargs, DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                               ProjectConfiguration)
 
 from dcgan_dist import launcher
 from dcgan_dist.config import Config
@@ -33,7 +34,9 @@ def build(cfg: Config, device: str) -> Accelerator:
             project_config=ProjectConfiguration(project_dir=str(cfg.run_dir),
                                                 logging_dir=str(cfg.run_dir / "tensorboard")),
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
-                             InitProcessGroupKwargs(timeout=timeout)])
+                             InitProcessGroupKwargs(timeout=timeout)]
+            # a captured step must record every cast of a weight, not reuse one cached before the capture
+            + ([AutocastKwargs(cache_enabled=False)] if cfg.train.cuda_graphs else []))
     except (RuntimeError, ValueError) as e:  # torch's DistNetworkError, DistStoreError, gloo's connect errors
         if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
             raise

@@ -25,11 +25,21 @@ class EMA:
         self.decay, self.warmup_steps, self.calibration_seed = decay, warmup_steps, calibration_seed
         self.calibrated_step = -1
 
+    def weight(self, step: int) -> float:
+        """How far the average moves towards G after G step `step` (0-based): 1 - decay."""
+        return 1.0 - (self.decay * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.decay)
+
     @torch.no_grad()
-    def update(self, generator: nn.Module, step: int) -> None:
-        """After G step `step` (0-based); `generator` un-wrapped."""
-        decay = self.decay * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.decay
-        torch._foreach_lerp_(list(self.module.parameters()), list(generator.parameters()), 1.0 - decay)
+    def update(self, generator: nn.Module, weight: float | torch.Tensor) -> None:
+        """EMA += weight * (G - EMA), `weight` from `weight(step)`; `generator` un-wrapped. A 0-d tensor on the
+        device is read there, not on the host (a step replayed as a CUDA graph fills it before each replay)."""
+        ema, live = list(self.module.parameters()), list(generator.parameters())
+        if isinstance(weight, torch.Tensor):  # torch's foreach lerp takes its weight on the host only
+            delta = torch._foreach_sub(live, ema)
+            torch._foreach_mul_(delta, weight)
+            torch._foreach_add_(ema, delta)
+        else:
+            torch._foreach_lerp_(ema, live, weight)
         for b_ema, b in zip(self.module.buffers(), generator.buffers()):  # BN running stats follow G's until
             b_ema.copy_(b)  # module_at() recomputes them
         self.calibrated_step = -1

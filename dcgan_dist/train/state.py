@@ -227,7 +227,8 @@ class OptimizerState:
         loaded = unflatten_optimizer({k: v for k, v in state.items() if torch.is_tensor(v)}, state)
         now = opt.param_groups[0]
         for group in loaded["param_groups"]:  # the config's learning rate and betas win on resume, and
-            group.update(lr=self.lr, betas=self.betas, fused=now.get("fused"), foreach=now.get("foreach"))
+            group.update(lr=self.lr, betas=self.betas, fused=now.get("fused"), foreach=now.get("foreach"),
+                         capturable=now.get("capturable", False))
         opt.load_state_dict(loaded)  # ... this Adam's implementation
         for param, st in opt.state.items():  # the moments in the parameter's layout (channels_last):
             for k, v in st.items():  # fused Adam walks them in memory order with the gradients

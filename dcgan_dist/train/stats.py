@@ -1,7 +1,9 @@
 """What each training step reports, reduced once per log interval; and the count behind train.on_nonfinite.
 
-Rows stay on the device during the interval (no host sync per step); at a log step they are averaged
-over the interval's finite steps and over the ranks in one reduction.
+A step reports one row, made by three small kernels (`step_row`: its losses, gradient norms, non-finite flag and D's
+logits); the statistics derived from the logits are computed for the whole interval at once (`per_step`). Rows
+stay on the device during the interval (no host sync per step); at a log step they are averaged over the
+interval's finite steps and over the ranks in one reduction.
 """
 
 from __future__ import annotations
@@ -10,9 +12,31 @@ import math
 
 import torch
 
-# What Trainer.train_step returns, per step (plus a last "non-finite" flag).
+# What a step reports (`per_step` of its row; plus a last "non-finite" flag), averaged per log interval.
 STATS = ("loss/D", "loss/D_real", "loss/D_fake", "loss/G", "D/real", "D/fake_before", "D/fake_after", "D/accuracy",
          "grad_norm/G", "grad_norm/D")
+
+
+_SCALARS = 6  # a row's head: loss_real, loss_fake, loss_g, grad_norm_G, grad_norm_D, non-finite flag
+
+
+def step_row(loss_real: torch.Tensor, loss_fake: torch.Tensor, loss_g: torch.Tensor, grad_norm_G: torch.Tensor,
+             grad_norm_D: torch.Tensor, nonfinite: torch.Tensor, real_logits: torch.Tensor,
+             fake_logits: torch.Tensor, g_logits: torch.Tensor) -> torch.Tensor:
+    """One step's report as one float32 tensor: the scalars, then D's logits on the real images, on the fakes in
+    the D phase and in the G phase (B each). Detached; three small kernels (the flag's cast, the stack, the concatenation)."""
+    head = torch.stack([loss_real, loss_fake, loss_g, grad_norm_G, grad_norm_D, nonfinite.float()])
+    return torch.cat([head, real_logits.flatten(), fake_logits.flatten(), g_logits.flatten()]).float().detach()
+
+
+def per_step(rows: torch.Tensor) -> torch.Tensor:
+    """Rows [n, 6 + 3B] of `step_row` -> [n, len(STATS) + 1]: STATS, then the non-finite flag."""
+    loss_real, loss_fake, loss_g, norm_G, norm_D, flag = rows[:, :_SCALARS].unbind(1)
+    real, fake, _ = rows[:, _SCALARS:].unflatten(1, (3, -1)).unbind(1)  # [n, B] each
+    D_real, D_fake, D_after = torch.sigmoid(rows[:, _SCALARS:]).unflatten(1, (3, -1)).mean(2).unbind(1)
+    accuracy = ((real > 0).float().mean(1) + (fake < 0).float().mean(1)) / 2
+    return torch.stack([loss_real + loss_fake, loss_real, loss_fake, loss_g, D_real, D_fake, D_after, accuracy,
+                        norm_G, norm_D, flag], 1)
 
 
 class IntervalStats:
@@ -31,7 +55,7 @@ class IntervalStats:
         run must stop, or ''. The flags come from all-reduced gradients, so every rank agrees."""
         new = self.rows[self.counted:]
         first, self.counted = step - len(new) + 1, len(self.rows)
-        for i, bad in enumerate((torch.stack([r[-1] for r in new]) > 0).tolist() if new else []):
+        for i, bad in enumerate((torch.stack([r[_SCALARS - 1] for r in new]) > 0).tolist() if new else []):
             self.nonfinite_steps += bad
             self.nonfinite_run = self.nonfinite_run + 1 if bad else 0
             if bad and self.on_nonfinite == "stop":
@@ -44,8 +68,8 @@ class IntervalStats:
     def reduce(self, accelerator, step: int) -> tuple[dict[str, float], int, float, str]:
         """(STATS averaged over the interval's finite steps and the ranks, steps, data seconds, stop reason);
         starts the next interval. A collective, and the one host sync of the interval."""
-        per_step = accelerator.reduce(torch.stack(self.rows), reduction="mean").cpu()
-        finite = per_step[per_step[:, -1] == 0, :-1]
+        steps = accelerator.reduce(per_step(torch.stack(self.rows)), reduction="mean").cpu()
+        finite = steps[steps[:, -1] == 0, :-1]
         means = finite.mean(0).tolist() if len(finite) else [math.nan] * len(STATS)
         reason = self.check(step)
         out = dict(zip(STATS, means)), len(self.rows), self.data_time, reason

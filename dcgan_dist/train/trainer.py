@@ -30,7 +30,8 @@ from dcgan_dist.registry import parse_augment
 from dcgan_dist.train import accelerator, devices, networks, tracking
 from dcgan_dist.train import state as train_state
 from dcgan_dist.train.agreement import Agreement
-from dcgan_dist.train.stats import IntervalStats
+from dcgan_dist.train.graphs import GraphedStep
+from dcgan_dist.train.stats import IntervalStats, step_row
 from dcgan_dist.train.sync_bn import check_consistency
 from dcgan_dist.train.tracking import Tracker, format_line
 
@@ -80,6 +81,10 @@ class Trainer:
         self.noise = torch.Generator(self.device).manual_seed(rank_seed)
         random.seed(rank_seed)  # training draws from neither, but checkpoints hold their states: the same run,
         np.random.seed(rank_seed % 2**32)  # the same checkpoint files
+        # train.cuda_graphs: the step from the batch on is replayed as one CUDA graph, which reads the EMA's
+        # weight from the device (filled before each call, warm-up steps included, so every step does the same)
+        self.graphed = GraphedStep(self._step_on, [self.noise]) if cfg.train.cuda_graphs else None
+        self.ema_weight = torch.zeros((), device=self.device) if self.graphed and self.ema is not None else None
         # the fixed grid: the same z everywhere; a conditional model's has one row per class
         self.fixed_z, self.fixed_y, self.grid_nrow = sampling.class_grid(cfg.log.num_samples, cfg.model.latent_dim,
                                                                          cfg.model.num_classes, cfg.train.seed)
@@ -143,7 +148,7 @@ class Trainer:
 
         Under DDP every rank must make the same forwards in the same order (with synchronized BN each
         forward is a collective): G(z), D(real), D(fake), then D(fake) again in the G phase.
-        Returns the STATS and a last "non-finite" flag as one detached tensor (no host sync here).
+        Returns the step's report, `stats.step_row`: one detached tensor (no host sync here).
         """
         acc, G, D, loss, aug = self.accelerator, self.G, self.D, self.loss, self._augment
         fake = G(z, y)  # [B, C, H, W]; one G forward serves both phases, as in the reference recipe
@@ -169,13 +174,18 @@ class Trainer:
         self._backward(loss_g)
         grad_norm_G, bad_G = self._update(self.opt_G, G)
         if self.ema is not None:
-            self.ema.update(self.G_raw, self.step)
+            self.ema.update(self.G_raw, self.ema.weight(self.step) if self.ema_weight is None else self.ema_weight)
+        return step_row(loss_real, loss_fake, loss_g, grad_norm_G, grad_norm_D, bad_D | bad_G,
+                        real_logits, fake_logits, g_logits)
 
-        real_logits, fake_logits = real_logits.detach().float(), fake_logits.detach().float()
-        probs = [torch.sigmoid(x).mean() for x in (real_logits, fake_logits, g_logits.detach().float())]
-        accuracy = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
-        return torch.stack([loss_real + loss_fake, loss_real, loss_fake, loss_g, *probs, accuracy,
-                            grad_norm_G, grad_norm_D, (bad_D | bad_G).float()]).detach()
+    def _step_on(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The step from this rank's batch on the device (uint8 images, labels or None): the model's range and
+        layout, the noise, `train_step`. What train.cuda_graphs captures."""
+        real = to_model_range(images)
+        if self.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+        z = torch.randn(len(images), self.cfg.model.latent_dim, device=self.device, generator=self.noise)
+        return self.train_step(real, z, labels)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         """train.augment: the same random transforms for real and fake, drawn from the checkpointed noise generator."""
@@ -222,13 +232,12 @@ class Trainer:
         while self.step < steps:
             t0 = time.perf_counter()
             images, labels = next(self.data)  # this rank's slice of the global batch, uint8 on the host
-            real = to_model_range(images.to(self.device, non_blocking=True))  # async from pinned memory on CUDA
-            if self.channels_last:
-                real = real.contiguous(memory_format=torch.channels_last)
-            z = torch.randn(len(images), cfg.model.latent_dim, device=self.device, generator=self.noise)
-            y = labels.to(self.device, non_blocking=True) if cfg.model.num_classes else None
+            images = images.to(self.device, non_blocking=True)  # async from pinned memory on CUDA
+            labels = labels.to(self.device, non_blocking=True) if cfg.model.num_classes else None
             data_time = time.perf_counter() - t0
-            self.stats.add(self.train_step(real, z, y), data_time)
+            if self.ema_weight is not None:
+                self.ema_weight.fill_(self.ema.weight(self.step))
+            self.stats.add((self.graphed or self._step_on)(images, labels), data_time)
             self.step += 1
             bar.update(1)
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from dcgan_dist.config import load_config
+from dcgan_dist.train import stats
 from dcgan_dist.train.trainer import Trainer
 
 mode, out = sys.argv[1], Path(sys.argv[2])
@@ -67,7 +68,7 @@ if mode == "train":
 
     def recording_step(real, z, y=None):
         out = step_fn(real, z, y)
-        per_step.append(out.tolist())
+        per_step.append(stats.per_step(out[None])[0].tolist())
         return out
 
     trainer.train_step = recording_step

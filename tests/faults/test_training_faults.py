@@ -40,17 +40,19 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_alone(tmp_path, mon
     sys.path.insert(0, str(REPO / "tests" / "faults"))
     from faulty_train import FaultyTrainer
 
+    from dcgan_dist.train.stats import per_step
+
     monkeypatch.setenv("FAULT_NONFINITE", "3")  # D's loss is NaN at step 3
     cfg = load_config("configs/smoke.yaml", [f"run.dir={tmp_path / 'run'}", "log.wandb.mode=disabled"])
     trainer = FaultyTrainer(cfg, overwrite=True)
     real, z = torch.rand(16, 1, 32, 32) * 2 - 1, torch.randn(16, 16)
     for _ in range(2):
-        assert trainer.train_step(real, z)[-1] == 0
+        assert per_step(trainer.train_step(real, z)[None])[0, -1] == 0
         trainer.step += 1
     D = [p.detach().clone() for p in trainer.D.parameters()]
     G = [p.detach().clone() for p in trainer.G.parameters()]
     adam_steps = [float(s["step"]) for s in trainer.opt_D.state.values()]
-    row = trainer.train_step(real, z)
+    row = per_step(trainer.train_step(real, z)[None])[0]
     assert row[-1] == 1 and not torch.isfinite(row[9])  # flagged; D's gradient norm is NaN
     assert all(torch.equal(a, b) for a, b in zip(D, trainer.D.parameters()))  # D: not updated
     assert [float(s["step"]) for s in trainer.opt_D.state.values()] == adam_steps  # nor its Adam state
