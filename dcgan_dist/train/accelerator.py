@@ -9,8 +9,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import (AutocastKwargs, DistributedDataParallelKwargs, InitProcessGroupKwargs,
-                               ProjectConfiguration)
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
 from dcgan_dist import launcher
 from dcgan_dist.config import Config

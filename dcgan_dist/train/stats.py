@@ -24,7 +24,8 @@ def step_row(loss_real: torch.Tensor, loss_fake: torch.Tensor, loss_g: torch.Ten
              grad_norm_D: torch.Tensor, nonfinite: torch.Tensor, real_logits: torch.Tensor,
              fake_logits: torch.Tensor, g_logits: torch.Tensor) -> torch.Tensor:
     """One step's report as one float32 tensor: the scalars, then D's logits on the real images, on the fakes in
-    the D phase and in the G phase (B each). Detached; three small kernels (the flag's cast, the stack, the concatenation)."""
+    the D phase and in the G phase (B each). Detached; three small kernels (the flag's cast, the stack, the
+    concatenation)."""
     head = torch.stack([loss_real, loss_fake, loss_g, grad_norm_G, grad_norm_D, nonfinite.float()])
     return torch.cat([head, real_logits.flatten(), fake_logits.flatten(), g_logits.flatten()]).float().detach()
 

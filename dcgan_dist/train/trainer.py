@@ -178,6 +178,13 @@ class Trainer:
         return step_row(loss_real, loss_fake, loss_g, grad_norm_G, grad_norm_D, bad_D | bad_G,
                         real_logits, fake_logits, g_logits)
 
+    def run_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Step `self.step` from this rank's batch on the device (uint8 images, labels or None), as the loop runs
+        it: replayed as a CUDA graph under train.cuda_graphs, else eagerly. Returns `stats.step_row`."""
+        if self.ema_weight is not None:  # read by the graph on the device
+            self.ema_weight.fill_(self.ema.weight(self.step))
+        return (self.graphed or self._step_on)(images, labels)
+
     def _step_on(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The step from this rank's batch on the device (uint8 images, labels or None): the model's range and
         layout, the noise, `train_step`. What train.cuda_graphs captures."""
@@ -235,9 +242,7 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)  # async from pinned memory on CUDA
             labels = labels.to(self.device, non_blocking=True) if cfg.model.num_classes else None
             data_time = time.perf_counter() - t0
-            if self.ema_weight is not None:
-                self.ema_weight.fill_(self.ema.weight(self.step))
-            self.stats.add((self.graphed or self._step_on)(images, labels), data_time)
+            self.stats.add(self.run_step(images, labels), data_time)
             self.step += 1
             bar.update(1)
 
