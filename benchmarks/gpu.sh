@@ -54,7 +54,7 @@ while [ $# -gt 0 ]; do
     --parts) PARTS="$2"; shift ;;
     --table) TABLE="$2"; shift ;;
     --out) TSV="$2"; shift ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
