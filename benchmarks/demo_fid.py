@@ -1,23 +1,25 @@
 """The demos (and variants of them) in FID: N samples against N MNIST test digits, beside the real floor.
 
-usage: python benchmarks/demo_fid.py [--runs-dir runs/demo_fid] [--num 2000] [--threads N] [--table]
+usage: python benchmarks/demo_fid.py [--train] [--runs-dir runs/demo_fid] [--num 2000] [--threads N]
                                      [NAME=CONFIG[,key=value...] ...]
 
-Each variant is trained from CONFIG with the overrides into `<runs-dir>/<NAME>` (unless a finished run is there;
-`train.max_minutes=0`, so every variant trains all its steps whatever the CPU), then scored:
+With --train each variant is trained from CONFIG with the overrides into `<runs-dir>/<NAME>` (unless a finished
+run is there; `train.max_minutes=0`, so every variant trains all its steps whatever the CPU), then scored:
 
 - FID (TF-Inception pool3, pytorch-fid's computation, `dcgan-eval --ref`'s "pair" protocol): the EMA generator's
   first NUM images of seed 0 (a conditional one asked for every class equally often), brought back to 28x28 as
   the model's data.fit made them, against NUM MNIST test digits (a seeded draw of the 10,000, the same for every
   variant). The **floor**: NUM MNIST training digits (a seeded draw of the 60,000) against the same test digits,
   what a generator that reproduces the data would score at this count.
-- `class acc.`: a conditional model's requested-class accuracy (the project's MNIST classifier, as `dcgan-eval` trains it).
+- `class acc.`: a conditional model's requested-class accuracy (the project's MNIST classifier, as
+  `dcgan-eval` trains it).
 - `spread`: within-class variety, the mean over classes of trace(cov) of the samples' Inception features of a
   class over that of the test digits of the class (1.0: as varied as real digits; a conditional model's classes
   are the ones asked, an unconditional model's the classifier's). A diagnostic beside FID, not a score.
 
-With no variants the two demos are scored: `demo=configs/mnist5k.yaml demo_cond=configs/mnist5k_cond.yaml`.
-`--table` prints the table of every variant scored in `<runs-dir>` (`<NAME>.fid.json`) and trains nothing.
+With no variants the two demos are trained and scored: `demo=configs/mnist5k.yaml
+demo_cond=configs/mnist5k_cond.yaml`. Without --train (as `make bench` runs it) it prints the table of every
+variant scored in `<runs-dir>` (`<NAME>.fid.json`) and trains nothing.
 Needs full MNIST (`make datasets`) and the TF-Inception weights (`make fid-weights`). Results: docs/QUALITY.md.
 """
 
@@ -151,10 +153,11 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=2000)
     parser.add_argument("--threads", type=int, help="torch threads of the trainings and the scoring "
                         "(default: torch's; 1 to run two of these side by side on 2 cores)")
-    parser.add_argument("--table", action="store_true", help="print the table of what is scored; train nothing")
+    parser.add_argument("--train", action="store_true", help="train and score the variants (else: print the table "
+                        "of those scored)")
     args = parser.parse_args()
     runs = Path(args.runs_dir)
-    if args.table:
+    if not args.train:
         return print_table(runs)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)

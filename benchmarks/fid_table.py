@@ -1,20 +1,26 @@
-"""DCGAN against the published table: FID under Lucic et al. 2018's protocol, this project's rows beside theirs.
+"""DCGAN against the published table: FID under Lucic et al. 2018's protocol, over seeds, beside their rows.
 
 Lucic, Kurach, Michalski, Gelly, Bousquet, "Are GANs Created Equal? A Large-Scale Study" (NeurIPS 2018): the best
 FID of each model after a large hyperparameter search, 10,000 samples against the 10,000 test images at 28x28,
-TF-Inception pool3 (grey tiled to RGB), batch 64, 20 epochs of 50,000 images = 15,625 steps.
+TF-Inception pool3 (grey tiled to RGB), batch 64, 20 epochs of 50,000 images = 15,625 steps. Their own finding is
+that random restarts move a GAN's FID about as much as the choice of model: a row is several seeds, not one.
 
-usage: python benchmarks/fid_table.py [--score | --train] [--runs-dir runs/lucic] [--only mnist fashion ...]
-                                      [--checkpoint NAME=PATH ...] [--fid-weights PATH] [--json OUT]
+usage: python benchmarks/fid_table.py [--train | --score] [--only mnist fashion ...] [--seeds 0 1 2]
+                                      [--jobs 2] [--runs-dir runs/lucic] [--fid-weights PATH] [--json OUT]
 
-Rows are this project's recipes `configs/<name>_lucic.yaml` (`mnist`, `fashion`, and `<name>_cond` where the
-recipe exists), trained into `<runs-dir>/<name>` with `--train` when no finished run is there (a killed run
-resumes), or scored from `--checkpoint`. `--score` scores the finished runs there and trains none. Each is
-scored with `dcgan-eval --protocol lucic` (the EMA generator where it has one; a conditional one asked for
-every class equally often): its FID, KID, the training's wall time from its metrics.jsonl, and the CPU. With
-none of --score, --train, --checkpoint (as `make bench` runs it) it prints the last table it wrote
-(`<runs-dir>/table.json`), or how to make one. Each row's whole report is `<runs-dir>/<name>.eval.json`
-(`dcgan-export <run> OUT --eval` puts it in the model card). Results and the commands: docs/QUALITY.md.
+Rows are this project's recipes `configs/<name>_lucic.yaml` (`mnist`, `fashion`, `mnist_cond`, `fashion_cond`),
+each trained once per seed (`train.seed`) into `<runs-dir>/<name>-seed<S>` with `--train` when no finished run is
+there (a killed run resumes where its last checkpoint left it), then scored by `dcgan-eval RUN --protocol lucic
+--json <runs-dir>/<name>-seed<S>.eval.json` (the EMA generator; a conditional one asked for every class equally
+often, with the requested-class accuracy of the project's classifier beside it); a run already scored is not
+scored again. `--score` scores the finished runs and trains none. `--jobs J` runs J trainings (and scorings) side
+by side, each on cpu_count / J threads. The recipes log FID while training (train.eval_every, lucic protocol at
+train.eval_num samples): `dcgan-plot` draws it against steps and training minutes.
+
+The table gives per row the seeds' mean ± sample standard deviation, the range and each seed's FID, the
+training minutes (the steps' own time from metrics.jsonl) and the CPU, then the published rows, and says plainly
+whether the mean beats the best published figure. With neither --train nor --score (as `make bench` runs it)
+it prints the last table it wrote (`<runs-dir>/table.json`), or how to make one. Results: docs/QUALITY.md.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PUBLISHED = {  # Lucic et al. 2018, Table (best FID per model): (MNIST, Fashion-MNIST)
@@ -50,21 +57,16 @@ def finished(run: Path) -> bool:
     from dcgan_dist import checkpoint
 
     ckpts = checkpoint.complete_checkpoints(run / "checkpoints") if (run / "checkpoints").is_dir() else []
-    return bool(ckpts) and checkpoint.read_meta(ckpts[0])["step"] >= checkpoint.read_meta(ckpts[0])["config"][
-        "train"]["steps"]
-
-
-def train(recipe: Path, run: Path) -> None:
-    command = [str(Path(sys.executable).with_name("dcgan-train")), "--config", str(recipe), f"run.dir={run}",
-               "log.wandb.mode=disabled"]
-    print(f"training {recipe} into {run}: {' '.join(command)}", flush=True)
-    subprocess.run(command, check=True)
+    if not ckpts:
+        return False
+    meta = checkpoint.read_meta(ckpts[0])
+    return meta["step"] >= meta["config"]["train"]["steps"]
 
 
 def train_minutes(run: Path) -> float | None:
     """The training steps' wall time from its metrics.jsonl: each interval's perf/step_time x its steps (set-up,
-    sample grids and checkpoints left out; a resumed run's repeated steps counted once)."""
-    path, seconds, done = run / "metrics.jsonl", {}, 0
+    evaluations, sample grids and checkpoints left out; a resumed run's repeated steps counted once)."""
+    path, seconds = run / "metrics.jsonl", {}
     if not path.is_file():
         return None
     for line in path.read_text().splitlines():
@@ -75,67 +77,93 @@ def train_minutes(run: Path) -> float | None:
         if "perf/step_time" in record:
             steps = record["step"] - max((s for s in seconds if s < record["step"]), default=0)
             seconds[record["step"]] = record["perf/step_time"] * steps
-            done = max(done, record["step"])
     return sum(seconds.values()) / 60 if seconds else None
 
 
-def score(path: str, fid_weights: str | None, conditional: bool, report_json: Path) -> dict:
-    """dcgan-eval --protocol lucic of a run or checkpoint; a conditional one's requested-class accuracy too. The
-    whole report goes to `report_json` (dcgan-eval --json's format: `dcgan-export --eval` puts it in a model card)."""
-    from dcgan_dist.quality import assess
+def one(name: str, seed: int, args, threads: int) -> dict | None:
+    """Train (if asked and not finished) and score (if not scored) `name` at `seed`: its row, or None."""
+    run, bin_dir = Path(args.runs_dir) / f"{name}-seed{seed}", Path(sys.executable).parent
+    report = run.with_name(f"{run.name}.eval.json")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if not finished(run):
+        if not args.train:
+            print(f"{run.name}: no finished run (pass --train to train configs/{name}_lucic.yaml)", flush=True)
+            return None
+        command = [str(bin_dir / "dcgan-train"), "--config", f"configs/{name}_lucic.yaml", f"run.dir={run}",
+                   f"train.seed={seed}", "log.wandb.mode=disabled", "log.progress=false"]
+        print(f"{run.name}: training ({threads} thread(s)): {' '.join(command)} > {run}.train.log", flush=True)
+        with open(f"{run}.train.log", "a") as log:
+            subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if not report.is_file() or json.loads(report.read_text()).get("step") != _last_step(run):
+        command = [str(bin_dir / "dcgan-eval"), str(run), "--protocol", "lucic", "--quiet", "--json", str(report),
+                   *(["--fid-weights", args.fid_weights] if args.fid_weights else [])]
+        print(f"{run.name}: scoring: {' '.join(command)}", flush=True)
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    scored = json.loads(report.read_text())
+    metrics = scored["metrics"]
+    row = {"name": name, "seed": seed, "fid": metrics["inception/fd"], "kid": metrics["inception/kid"],
+           "protocol": scored["protocol"]["inception"]["note"], "data": scored["data"], "step": scored["step"],
+           "train_minutes": train_minutes(run)}
+    if "classifier/class_accuracy" in metrics:
+        row["class_accuracy"] = metrics["classifier/class_accuracy"]
+    print(f"{run.name}: FID {row['fid']:.2f} [{row['protocol']}]", flush=True)
+    return row
 
-    started = time.perf_counter()
-    report = assess.plan(path, protocol="lucic", fid=True, fid_weights=fid_weights, use_classifier=conditional).run()
-    report.write_json(report_json)
-    out = {"fid": report.metrics["inception/fd"], "kid": report.metrics["inception/kid"],
-           "protocol": report.protocols["inception"]["note"], "data": report.plan.data, "step": report.plan.step,
-           "ema": report.plan.ema, "score_minutes": (time.perf_counter() - started) / 60}
-    if "classifier/class_accuracy" in report.metrics:
-        out["class_accuracy"] = report.metrics["classifier/class_accuracy"]
+
+def _last_step(run: Path) -> int:
+    from dcgan_dist import checkpoint
+
+    return checkpoint.read_meta(checkpoint.complete_checkpoints(run / "checkpoints")[0])["step"]
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """{name: {"fids", "mean", "sd", "min", "max", "seeds", ...}} over the seeds of each recipe."""
+    rows = {}
+    for r in runs:
+        rows.setdefault(r["name"], []).append(r)
+    out = {}
+    for name, rs in rows.items():
+        fids = [r["fid"] for r in sorted(rs, key=lambda r: r["seed"])]
+        minutes = [r["train_minutes"] for r in rs if r["train_minutes"]]
+        out[name] = {"data": rs[0]["data"], "seeds": sorted(r["seed"] for r in rs), "fids": fids,
+                     "mean": statistics.fmean(fids), "sd": statistics.stdev(fids) if len(fids) > 1 else None,
+                     "min": min(fids), "max": max(fids), "protocol": rs[0]["protocol"], "step": rs[0]["step"],
+                     "train_minutes": statistics.fmean(minutes) if minutes else None}
+        accuracies = [r["class_accuracy"] for r in rs if "class_accuracy" in r and r["name"].endswith("_cond")]
+        if accuracies:
+            out[name]["class_accuracy"] = statistics.fmean(accuracies)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", action="store_true", help="train the recipes that have no finished run")
+    parser.add_argument("--train", action="store_true", help="train the runs that are not finished, then score")
     parser.add_argument("--score", action="store_true", help="score the finished runs (train none)")
     parser.add_argument("--runs-dir", default="runs/lucic")
     parser.add_argument("--only", nargs="*", choices=RECIPES, help="these rows only")
-    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
-                        help="score this checkpoint as row NAME instead of <runs-dir>/NAME")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0], help="train.seed of each row's runs")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each on cpu_count / JOBS threads")
     parser.add_argument("--fid-weights", help="TF-Inception weights (default: dcgan-eval fid-weights' file)")
     parser.add_argument("--json", help="where the table is written (default <runs-dir>/table.json)")
     args = parser.parse_args()
-    given = dict(c.split("=", 1) for c in args.checkpoint)
     last = Path(args.json or Path(args.runs_dir) / "table.json")
-    if not (args.train or args.score or given):
+    if not (args.train or args.score):
         if last.is_file():
             print_table(json.loads(last.read_text()))
         else:
             print(f"fid_table: no table yet ({last}); --score scores finished runs in {args.runs_dir}, --train "
                   "trains them first (hours on a CPU)")
         return
-    rows = {}
-    for name in args.only or RECIPES:
-        recipe, run = Path(f"configs/{name}_lucic.yaml"), Path(args.runs_dir) / name
-        report_json = last.with_name(f"{name}.eval.json")
-        if name in given:
-            rows[name] = score(given[name], args.fid_weights, name.endswith("_cond"), report_json)
-            continue
-        if not recipe.is_file():
-            continue
-        if not finished(run):
-            if not args.train:
-                print(f"{name}: no finished run in {run} (pass --train to train {recipe})")
-                continue
-            train(recipe, run)
-        rows[name] = score(str(run), args.fid_weights, name.endswith("_cond"), report_json) | {
-            "train_minutes": train_minutes(run)}
-        print(f"{name}: FID {rows[name]['fid']:.2f} [{rows[name]['protocol']}]", flush=True)
-    if not rows:
+    Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
+    todo = [(name, seed) for name in args.only or RECIPES if Path(f"configs/{name}_lucic.yaml").is_file()
+            for seed in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = [r for r in pool.map(lambda job: one(*job, args, threads), todo) if r]
+    if not runs:
         print("fid_table: nothing to score")
         return
-    table = {"cpu": cpu_name(), "rows": rows, "published": PUBLISHED}
+    table = {"cpu": cpu_name(), "runs": runs, "rows": aggregate(runs), "published": PUBLISHED}
     print_table(table)
     last.parent.mkdir(parents=True, exist_ok=True)
     last.write_text(json.dumps(table, indent=2) + "\n")
@@ -144,21 +172,25 @@ def main() -> None:
 
 def print_table(table: dict) -> None:
     rows = table["rows"]
-    print(f"\nFID, Lucic et al. 2018's protocol; this project on {table['cpu']}\n")
-    print("| model | MNIST | Fashion-MNIST | train (min) | step |")
-    print("|---|---|---|---|---|")
+    print(f"\nFID, Lucic et al. 2018's protocol; this project on {table['cpu']}: mean ± sd over seeds [range]\n")
+    print("| model | seeds | MNIST | Fashion-MNIST | each seed | train (min) |")
+    print("|---|---|---|---|---|---|")
     for name, row in rows.items():
         cells = ["", ""]
-        cells[COLUMN[row["data"]]] = f"**{row['fid']:.2f}**"
-        minutes = row.get("train_minutes")
+        sd = "" if row["sd"] is None else f" ± {row['sd']:.2f}"
+        cells[COLUMN[row["data"]]] = f"**{row['mean']:.2f}**{sd} [{row['min']:.2f}, {row['max']:.2f}]"
         label = f"this project: {name}" + (f" (class accuracy {row['class_accuracy']:.3f})"
                                            if "class_accuracy" in row else "")
-        print(f"| {label} | {cells[0]} | {cells[1]} | {'-' if minutes is None else f'{minutes:.0f}'} | "
-              f"{row['step']} |")
+        minutes = "-" if row["train_minutes"] is None else f"{row['train_minutes']:.0f}"
+        print(f"| {label} | {len(row['seeds'])} | {cells[0]} | {cells[1]} | "
+              f"{', '.join(f'{f:.2f}' for f in row['fids'])} | {minutes} |")
     for model, (mnist, fashion) in table["published"].items():
-        print(f"| Lucic et al.: {model} | {mnist} | {fashion} | | |")
+        print(f"| Lucic et al.: {model} | | {mnist} | {fashion} | | |")
     for name, row in rows.items():
-        print(f"{name}: [{row['protocol']}], scored in {row['score_minutes']:.1f} min")
+        best = min(v[COLUMN[row["data"]]] for v in table["published"].values())
+        verdict = "below" if row["mean"] < best else "NOT below"
+        print(f"{name}: mean {row['mean']:.2f} over {len(row['seeds'])} seed(s) is {verdict} the best published "
+              f"{best} [{row['protocol']}]")
 
 
 if __name__ == "__main__":

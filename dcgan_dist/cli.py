@@ -231,8 +231,9 @@ def eval_main(argv: list[str] | None = None) -> None:
                      "real-vs-real floor, KID, precision/recall, inception score, class coverage, confidence, class "
                      "KL) and the standard FID/KID (pytorch-fid's TF-Inception) when its weights are at hand. "
                      "Subcommands: train-classifier, fid-stats, fid-weights, convert-fid-weights (each with --help).")
-    parser.add_argument("checkpoint", help="a checkpoint dir, a run dir (its latest), generator*.safetensors, or a "
-                        "samples .npz (arr_0: uint8 [N, S, S, C], as dcgan-sample writes; needs --data)")
+    parser.add_argument("checkpoint", help="a checkpoint dir, a run dir (its latest), generator*.safetensors, a Hub "
+                        "folder, or a set of images (an .npz/.npy array or a folder of PNG/JPEG files, as --ref; "
+                        "needs --data or --ref)")
     parser.add_argument("--num", type=int, help="generated images (default 5000; 50000 with --fid-standard; an .npz: "
                         "all of its images, or its first NUM)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -251,11 +252,14 @@ def eval_main(argv: list[str] | None = None) -> None:
                         "standard: 50,000 samples vs the whole training split; lucic: 10,000 samples vs the 10,000 "
                         "test images at the dataset's own size (Lucic et al. 2018: 28x28 for MNIST)")
     parser.add_argument("--fid-standard", action="store_true", help="the same as --protocol standard")
-    parser.add_argument("--ref", help="another samples .npz: FID/KID of CHECKPOINT.npz against it (each uint8 "
-                        "[N, S, S, 1|3], any size), instead of a dataset")
-    parser.add_argument("--samples-fit", default="resize", choices=("resize", "pad"), help="an .npz of samples at "
+    parser.add_argument("--ref", help="a set of real images, instead of a dataset: FID/KID of CHECKPOINT (a "
+                        "generator's samples, or a set of images) against it; a set is an .npz (arr_0) or .npy of "
+                        "uint8 [N, H, W], [N, H, W, C] or [N, C, H, W] (C 1 or 3), or a folder of PNG/JPEG files")
+    parser.add_argument("--samples-fit", default="resize", choices=("resize", "pad"), help="a set of samples at "
                         "another size than the reference: resize them (default), or pad: the model trained on "
-                        "images padded to its size (data.fit=pad), score their centre")
+                        "images padded to its size (data.fit=pad), score their centre (a generator says itself)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a "
+                        "terminal)")
     parser.add_argument("--ref-num", type=int, help="real images for the FID statistics: a fixed subset (default: "
                         "the training set as the checkpoint trained on it; an .npz: the whole split)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
@@ -263,12 +267,14 @@ def eval_main(argv: list[str] | None = None) -> None:
 
     def evaluate() -> None:
         from dcgan_dist.quality import assess
+        from dcgan_dist.quality.fid import progress_bars
 
-        report = assess.plan(args.checkpoint, num=args.num, seed=args.seed, ema=not args.no_ema, data=args.data,
-                             data_root=args.data_root, classifier=args.classifier, cache_dir=args.cache_dir,
-                             fid=args.fid, fid_weights=args.fid_weights, fid_standard=args.fid_standard,
-                             ref_num=args.ref_num, protocol=args.protocol, ref=args.ref,
-                             sample_fit=args.samples_fit).run()
+        with progress_bars(not args.quiet):
+            report = assess.plan(args.checkpoint, num=args.num, seed=args.seed, ema=not args.no_ema, data=args.data,
+                                 data_root=args.data_root, classifier=args.classifier, cache_dir=args.cache_dir,
+                                 fid=args.fid, fid_weights=args.fid_weights, fid_standard=args.fid_standard,
+                                 ref_num=args.ref_num, protocol=args.protocol, ref=args.ref,
+                                 sample_fit=args.samples_fit).run()
         for line in report.lines():  # the table: the generated figures beside the real reference's
             print(line)
         if args.json:

@@ -26,6 +26,7 @@ from dcgan_dist.registry import (
     CONDITIONAL_ARCHS,
     CONDS,
     DATASETS,
+    FID_PROTOCOLS,
     FITS,
     G_LOSSES,
     HIGHER_IS_BETTER,
@@ -117,6 +118,8 @@ class TrainConfig:
     check_consistency_every: int = 0  # steps between cross-rank checks that G and D are identical; 0 = off
     eval_every: int = 0  # steps between sample-quality evaluations (dcgan-eval's metrics, logged as eval/*); 0 = off
     eval_num: int = 1000  # generated images per evaluation, split across the ranks
+    eval_protocol: str = ""  # FID/KID under this registry.FID_PROTOCOLS name, reference computed once and cached;
+    # empty: FID/KID only where `dcgan-eval fid-stats` computed the run protocol's reference ahead
     keep_best: str = ""  # keep checkpoints/best by this eval metric, e.g. classifier/fd; empty = off
     on_nonfinite: str = "skip"  # a step with inf/NaN gradients is never applied; skip: go on | stop: end the run
     max_consecutive_skips: int = 10  # skip: end the run after more non-finite steps than this in a row
@@ -365,6 +368,7 @@ def validate(cfg: Config) -> None:
            "BatchNorm statistics differ by design")
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (off) or a step count")
     _check(t.eval_num >= 8, "train.eval_num", t.eval_num, "use at least 8 images (1000 or more for stable numbers)")
+    _one_of("train.eval_protocol", t.eval_protocol, ("", *FID_PROTOCOLS))
     if t.keep_best:
         space, _, name = t.keep_best.partition("/")
         _check(space in METRIC_SPACES and name in LOWER_IS_BETTER + HIGHER_IS_BETTER, "train.keep_best", t.keep_best,

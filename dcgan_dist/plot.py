@@ -3,10 +3,12 @@ and `run_dir/curves.png` at the end of a run (log.curves).
 
 Every logged metric gets a panel: the losses; D(x), D(G(z)) and D's accuracy; gradient norms; throughput; step and
 data time; learning rates; non-finite steps; then each `eval/*` metric (FID, KID, the classifier figures, a
-conditional model's requested-class accuracy and class shares) and anything else logged. The x-axis is the
-training step, with images seen on the top axis when every run has the same global batch (else images seen is
-the x-axis). Several runs are overlaid, one colour each, named by their directory. A logarithmic y-axis where
-the values are positive and span more than a factor of 30. matplotlib's headless Agg backend: no display needed.
+conditional model's requested-class accuracy and class shares), FID once more against the minutes of training
+(the steps' own time, from perf/step_time: how fast a recipe gets to its FID), and anything else logged.
+The x-axis is the training step, with images seen on the top axis when every run has the same global batch
+(else images seen is the x-axis). Several runs are overlaid, one colour each, named by their directory. A
+logarithmic y-axis where the values are positive and span more than a factor of 30.
+matplotlib's headless Agg backend: no display needed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ _SERIES = {"D/real": "D(x)", "D/fake_before": "D(G(z)) before G's step", "D/fake
            "class_share_max": "largest"}
 _STYLES = ("-", "--", ":", "-.")
 LOG_SPAN = 30  # a log y-axis when the positive values span more than this factor
+TIME_PANEL = ("FID against training time", "FID")  # x: minutes of training steps, not steps
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -106,7 +109,8 @@ def _order(panel: tuple[str, str]) -> tuple[int, str]:
     title = panel[0]
     if panel in groups:
         return groups.index(panel), ""
-    rank = 1 if "(inception space)" in title else 2 if " space)" in title else 3 if title == "evaluation time" else 4
+    rank = 1 if "(inception space)" in title or panel == TIME_PANEL else 2 if " space)" in title else \
+        3 if title == "evaluation time" else 4
     return len(groups) + rank, title
 
 
@@ -122,7 +126,22 @@ def series(runs: list[Path]) -> dict[str, dict[str, dict[str, list]]]:
                     points[key][record["step"]] = float(value)  # a step logged twice: its last value
         for key, by_step in points.items():
             panels[_panel(key)][key][name] = sorted(by_step.items())
+        minutes = training_minutes(points.get("perf/step_time", {}))
+        if minutes and "eval/inception/fd" in points:  # how fast the recipe gets there, not only where it ends
+            panels[TIME_PANEL]["eval/inception/fd"][name] = [
+                (minutes[max((s for s in minutes if s <= step), default=min(minutes))], value)
+                for step, value in sorted(points["eval/inception/fd"].items())]
     return dict(sorted(panels.items(), key=lambda kv: _order(kv[0])))
+
+
+def training_minutes(step_time: dict[int, float]) -> dict[int, float]:
+    """{step: minutes of training up to it} from the logged per-step times ({interval's last step: seconds per
+    step}): the steps' own time, set-up, evaluations, sample grids and checkpoints left out."""
+    out, total, last = {}, 0.0, 0
+    for step, seconds in sorted(step_time.items()):
+        total, last = total + seconds * (step - last), step
+        out[step] = total / 60
+    return out
 
 
 def _names(runs: list[Path]) -> list[str]:
@@ -163,7 +182,7 @@ def write(runs: list[Path], out: Path) -> Path:
         values = []
         for style, (key, by_run) in zip(_STYLES * 8, keys.items()):
             for name, points in by_run.items():
-                scale = per_step[name] if images else 1
+                scale = per_step[name] if images and (title, unit) != TIME_PANEL else 1
                 xs, ys = [s * scale for s, _ in points], [v for _, v in points]
                 short = key.rsplit("/", 1)[-1]
                 label = _SERIES.get(key, _SERIES.get(short, short))
@@ -175,12 +194,14 @@ def write(runs: list[Path], out: Path) -> Path:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(unit, fontsize=9)
-        ax.set_xlabel("images seen" if images else "step", fontsize=9)
+        timed = (title, unit) == TIME_PANEL
+        ax.set_xlabel("training minutes (the steps' own time)" if timed else "images seen" if images else "step",
+                      fontsize=9)
         ax.xaxis.set_major_formatter(_count)
         ax.grid(alpha=0.3)
         if len(keys) > 1 or len(names) > 1:
             ax.legend(fontsize=7, loc="best")
-        if batch:
+        if batch and not timed:
             top = ax.secondary_xaxis("top", functions=(lambda s, b=batch: s * b, lambda i, b=batch: i / b))
             top.xaxis.set_major_formatter(_count)
             top.tick_params(labelsize=7)

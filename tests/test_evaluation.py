@@ -229,7 +229,7 @@ def test_eval_command_on_unlabelled_data_names_the_metrics_that_need_labels(tmp_
     (["{run}", "--fid-weights", "/nonexistent/w.safetensors"], "does not exist"),
     (["{run}", "--fid-standard", "--num", "100"], "--protocol standard fixes --num at 50000"),
     (["{run}", "--protocol", "lucic", "--num", "100"], "--protocol lucic fixes --num at 10000"),
-    (["{run}", "--protocol", "lucic"], "--protocol lucic scores against the test split at its own size: mnist5k"),
+    (["{run}", "--protocol", "lucic"], "FID protocol lucic scores against the test split at its own size: mnist5k"),
     (["{run}", "--ref", "/nonexistent/b.npz"], "compares two samples files"),
     (["{run}", "--ref-num", "1"], "--ref-num 1"),
     (["{run}", "--bogus"], "unrecognized arguments"),

@@ -116,9 +116,9 @@ def test_convert_to_safetensors_gives_the_same_network(weights, tmp_path, capsys
     assert code == 2 and "must end in .safetensors" in err
 
 
-def test_training_reads_fid_statistics_that_fid_stats_computed_ahead(weights, tmp_path, capsys):
+def test_fid_statistics_that_fid_stats_computed_ahead_are_read(weights, tmp_path, capsys):
     spaces, notes = E.feature_spaces("synthetic", "data", tmp_path, image_size=32, channels=3, num_images=4,
-                                     compute_missing=False)  # as train.eval_every asks
+                                     compute_missing=False)  # read only
     assert spaces == [] and not (tmp_path / "fid-stats").exists()
     (note,) = [n for n in notes if "fid-stats" in n]
     command = note.split("compute them once with dcgan-eval ")[1].split()
@@ -152,12 +152,13 @@ def test_a_conditional_generator_is_scored_in_the_fid_space(weights, tmp_path, c
 
 
 @pytest.mark.parametrize("arrays,message", [
-    ({"images": np.zeros((8, 32, 32, 1), np.uint8)}, "no arr_0 array (it holds images)"),
-    ({"arr_0": np.zeros((8, 32, 32, 1), np.float32)}, "arr_0 is float32 [8, 32, 32, 1]"),
-    ({"arr_0": np.zeros((8, 1, 32, 32), np.uint8)}, "expected uint8 [N, S, S, C]"),  # NCHW
-    ({"arr_0": np.zeros((32, 32, 3), np.uint8)}, "arr_0 is uint8 [32, 32, 3]"),
-    ({"arr_0": np.zeros((8, 32, 32, 3), np.uint8)}, "arr_0 has 3 channel(s) but mnist5k images have 1"),
-    ({"arr_0": np.zeros((3, 32, 32, 1), np.uint8)}, "arr_0 holds 3 image(s); score at least 8"),
+    ({"images": np.zeros((8, 32, 32, 1), np.uint8), "labels": np.zeros(8)}, "no arr_0 array (it holds images, "),
+    ({"arr_0": np.zeros((8, 32, 32, 1), np.float32)}, "are float32 [8, 32, 32, 1]; expected uint8 [N, H, W]"),
+    ({"arr_0": np.zeros((8, 2, 32, 32), np.uint8)}, "the images are uint8 [8, 2, 32, 32]"),  # 2 channels
+    ({"arr_0": np.zeros((8, 32), np.uint8)}, "the images are uint8 [8, 32]"),
+    ({"arr_0": np.zeros((8, 32, 32, 3), np.uint8)}, "its images have 3 channel(s) but mnist5k images have 1"),
+    ({"arr_0": np.zeros((8, 32, 28), np.uint8)}, "its images are 28x32; scoring against a dataset needs square"),
+    ({"arr_0": np.zeros((3, 32, 32, 1), np.uint8)}, "holds 3 image(s); score at least 8"),
     (None, "not a readable .npz"),
 ])
 def test_bad_samples_file_is_one_line_and_exit_2(tmp_path, capsys, arrays, message):
@@ -168,6 +169,49 @@ def test_bad_samples_file_is_one_line_and_exit_2(tmp_path, capsys, arrays, messa
         np.savez(path, **arrays)
     code, out, err = run_main("eval_main", [str(path), "--data", "mnist5k"], capsys)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_image_sets_in_every_layout_and_folders_read_the_same(tmp_path):
+    """Grey [N, H, W], [N, H, W, C] and [N, C, H, W] in .npz (arr_0 or its only array) and .npy, and a folder of
+    PNG files (grey; mixed grey and colour as RGB) -> the same uint8 [N, C, H, W]."""
+    from dcgan_dist.quality.image_sets import is_image_set, read_image_set
+
+    grey = torch.randint(0, 256, (5, 1, 12, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    nhw = grey[:, 0].numpy()
+    np.save(tmp_path / "nhw.npy", nhw)
+    np.savez(tmp_path / "nhwc.npz", nhw[..., None])
+    np.savez(tmp_path / "nchw.npz", images=nhw[:, None])  # one array, not named arr_0
+    np.savez(tmp_path / "labelled.npz", nhw, labels=np.arange(5))  # dcgan-sample's: arr_0 and labels
+    _write_pngs(grey, tmp_path / "pngs")
+    for name in ("nhw.npy", "nhwc.npz", "nchw.npz", "labelled.npz", "pngs"):
+        assert is_image_set(str(tmp_path / name)), name
+        assert torch.equal(read_image_set(tmp_path / name), grey), name
+    colour = torch.randint(0, 256, (2, 3, 12, 10), dtype=torch.uint8)
+    (tmp_path / "pngs" / "sub").mkdir()
+    _write_pngs(colour, tmp_path / "pngs" / "sub" / "c")  # any depth, sorted by path: after 0000..0004.png
+    mixed = read_image_set(tmp_path / "pngs")
+    assert torch.equal(mixed, torch.cat([grey.expand(-1, 3, -1, -1), colour]))
+    np.save(tmp_path / "nhwc3.npy", colour.permute(0, 2, 3, 1).numpy())
+    assert torch.equal(read_image_set(tmp_path / "nhwc3.npy"), colour)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: d.mkdir(), "holds no PNG/JPG/JPEG images"),
+    (lambda d: (d.mkdir(), (d / "a.png").write_bytes(b"not a png")), "cannot decode image"),
+    (lambda d: (_write_pngs(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), d),
+                Image.new("L", (9, 8)).save(d / "b.png")), "is 9x8 but"),
+    (lambda d: np.save(d.with_suffix(".npy"), np.zeros((8, 4, 4, 4), np.float64)), "float64 [8, 4, 4, 4]"),
+])
+def test_bad_image_sets_are_one_line_naming_file_shape_and_dtype(tmp_path, capsys, make, message):
+    make(tmp_path / "set")
+    arg = tmp_path / "set.npy" if (tmp_path / "set.npy").exists() else tmp_path / "set"
+    np.savez(tmp_path / "ok.npz", np.zeros((8, 8, 8), np.uint8))
+    empty = not any(arg.iterdir()) if arg.is_dir() else False  # as the scored side: no images, so not a set
+    for args, says in (([str(arg), "--data", "mnist5k"], "is not a checkpoint" if empty else message),
+                       ([str(tmp_path / "ok.npz"), "--ref", str(arg)], message)):
+        code, out, err = run_main("eval_main", args, capsys)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and says in err, err
+        assert str(arg) in err
 
 
 def test_samples_file_needs_a_dataset(tmp_path, capsys):
@@ -240,7 +284,7 @@ def test_fid_equals_pytorch_fid_on_the_same_images(weights, tmp_path, capsys):
     note = f"[run: {n} samples vs {n} synthetic training images at 32x32, pt_inception-2015-12-05]"
     assert out.count(note) == 2, out  # beside FID and beside KID
     assert ours["protocol"]["inception"]["reference_count"] == n and ours["protocol"]["inception"]["num_samples"] == n
-    (stats_file,) = (cache / "fid-stats").iterdir()
+    (stats_file,) = (cache / "fid-stats").glob("*.safetensors")  # beside its lock file
     stored = load_file(stats_file)
     assert stored["mu"].dtype == stored["sigma"].dtype == torch.float64 and stored["sigma"].shape == (2048, 2048)
     assert np.allclose(stored["mu"].numpy(), ref_stats[1][0], rtol=1e-5, atol=1e-6)
@@ -248,14 +292,17 @@ def test_fid_equals_pytorch_fid_on_the_same_images(weights, tmp_path, capsys):
     assert code == 0 and "FID reference" not in out, err  # ... and read back
     assert json.loads((tmp_path / "b.json").read_text())["metrics"] == ours["metrics"]
 
-    # any two sets, as pytorch-fid's two-path command: the same figure with the real set given as an .npz
+    # any two sets, as pytorch-fid's two-path command: the same figure with the real set given as an .npz (NHWC),
+    # an .npy (NCHW), and with both sets given as the very folders pytorch-fid read
     np.savez(tmp_path / "real.npz", real.permute(0, 2, 3, 1).numpy())
-    code, out, err = run_main("eval_main", [str(tmp_path / "fake.npz"), "--ref", str(tmp_path / "real.npz"),
-                                            "--json", str(tmp_path / "pair.json")], capsys)
-    assert code == 0, err
-    pair = json.loads((tmp_path / "pair.json").read_text())
-    assert pair["metrics"]["inception/fd"] == pytest.approx(theirs, rel=1e-4)
-    assert f"[pair: {n} images vs {n} images of {tmp_path / 'real.npz'}, pt_inception-2015-12-05]" in out
+    np.save(tmp_path / "real.npy", real.numpy())
+    for fake_set, real_set in (("fake.npz", "real.npz"), ("fake.npz", "real.npy"), ("fake", "real")):
+        code, out, err = run_main("eval_main", [str(tmp_path / fake_set), "--ref", str(tmp_path / real_set),
+                                                "--json", str(tmp_path / "pair.json")], capsys)
+        assert code == 0, err
+        pair = json.loads((tmp_path / "pair.json").read_text())
+        assert pair["metrics"]["inception/fd"] == pytest.approx(theirs, rel=1e-4), (fake_set, real_set)
+        assert f"[pair: {n} images vs {n} images of {tmp_path / real_set}, pt_inception-2015-12-05]" in out
 
 
 @pytest.mark.slow
@@ -276,20 +323,19 @@ def test_frechet_maths_equals_pytorch_fid_at_full_rank():
 
 @pytest.mark.slow
 def test_fid_during_two_rank_training_equals_one_process(torch_home, weights, tmp_path, capsys):
-    """train.eval_every with FID: the statistics computed ahead by `dcgan-eval fid-stats`, read by both ranks, each
-    running Inception on its share; the logged value equals a one-process `evaluate` of the saved checkpoint."""
+    """train.eval_every with FID: the reference statistics computed once by one rank (under the cache file's lock;
+    the other waits, then reads them), each rank running Inception on its share; the logged value equals a
+    one-process `evaluate` of the saved checkpoint over the statistics read back from the cache."""
     cache = tmp_path / "cache"
-    code, _, err = run_main("eval_main", ["fid-stats", "--data", "synthetic", "--image-size", "32", "--channels", "1",
-                                          "--num-images", "32", "--cache-dir", str(cache)], capsys)
-    assert code == 0, err
     run = tmp_path / "run"
     proc = accelerate_launch(2, "launch/train.py", "--config", "configs/smoke.yaml", f"run.dir={run}",
                              "data.num_images=32", f"data.cache_dir={cache}", "train.steps=4",
                              "train.checkpoint_every=4", "train.eval_every=4", "train.eval_num=8",
-                             "train.keep_best=inception/fd",
+                             "train.keep_best=inception/fd", "train.eval_protocol=run",
                              extra_env={"TORCH_HOME": str(torch_home)})
     assert_ok(proc)
-    assert "FID reference" not in proc.stdout  # read, not computed
+    (stats_file,) = (cache / "fid-stats").glob("*.safetensors")  # computed once, by one rank
+    assert "eval/inception/fd: FID [run: 8 samples vs 32 synthetic training images at 32x32" in proc.stdout
     records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     (record,) = [r for r in records if "eval/inception/fd" in r]
     from dcgan_dist.checkpoint import load_generator

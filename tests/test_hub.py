@@ -108,6 +108,16 @@ def test_model_card_holds_the_metrics_with_their_protocol(fid_weights, tmp_path,
     assert results["fid"].task_type == "unconditional-image-generation"
     assert f"| FID | {scored['metrics']['inception/fd']:.4g} | {note} |" in card.text
 
+    # the folder, scored against the same real images given as a file (--ref), gives the card's figure
+    from dcgan_dist.data.sources import load_images
+
+    np.save(tmp_path / "real.npy", load_images("synthetic", "data", 32, 1, num_images=8).numpy())  # NCHW
+    assert_ok(cli("eval_main", str(out), "--num", "8", "--ref", str(tmp_path / "real.npy"), "--fid-weights",
+                  str(fid_weights), "--json", str(tmp_path / "pair.json")))
+    pair = json.loads((tmp_path / "pair.json").read_text())
+    assert pair["metrics"]["inception/fd"] == pytest.approx(results["fid"].metric_value, rel=1e-5)
+    assert pair["protocol"]["inception"]["note"].startswith("pair: 8 images vs 8 images of ")
+
     # a report of another checkpoint is refused before anything is written
     (tmp_path / "other.json").write_text(json.dumps({**scored, "step": 3}))
     proc = cli("export_main", str(run), str(tmp_path / "hub2"), "--eval", str(tmp_path / "other.json"))

