@@ -1,6 +1,8 @@
 """dcgan-plot and run_dir/curves.png: every logged metric of real runs drawn into one PNG, runs overlaid; a damaged
 or empty metrics.jsonl is one line, not a traceback."""
 
+import json
+
 import pytest
 from PIL import Image
 
@@ -85,3 +87,18 @@ def test_a_damaged_or_empty_metrics_file_is_one_line(tmp_path, content, message,
 def test_out_must_be_a_png(runs, tmp_path, cli):
     proc = cli(str(runs[1]), "--out", str(tmp_path / "x.jpg"))
     assert proc.returncode == 2 and "the curves are a .png file" in proc.stderr
+
+
+def test_fid_is_drawn_against_training_minutes(tmp_path, cli):
+    """The minutes of a step are the logged per-step times summed over the intervals before it (a resumed run's
+    repeated interval counted once); FID gets a panel against them besides its panel against steps."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 100, "perf/step_time": 0.6}, {"step": 200, "perf/step_time": 1.2},
+               {"step": 200, "eval/inception/fd": 40.0}, {"step": 200, "perf/step_time": 0.6},  # resumed
+               {"step": 300, "perf/step_time": 0.6}, {"step": 300, "eval/inception/fd": 20.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    panels = plot.series([run])
+    assert panels[plot.TIME_PANEL]["eval/inception/fd"]["run"] == [(2.0, 40.0), (3.0, 20.0)]
+    assert panels[("FID (inception space)", "FID")]["eval/inception/fd"]["run"] == [(200, 40.0), (300, 20.0)]
+    assert_ok(cli(str(run), "--out", str(tmp_path / "c.png")))
