@@ -118,8 +118,7 @@ class TrainConfig:
     check_consistency_every: int = 0  # steps between cross-rank checks that G and D are identical; 0 = off
     eval_every: int = 0  # steps between sample-quality evaluations (dcgan-eval's metrics, logged as eval/*); 0 = off
     eval_num: int = 1000  # generated images per evaluation, split across the ranks
-    eval_protocol: str = ""  # FID/KID under this registry.FID_PROTOCOLS name, reference computed once and cached;
-    # empty: FID/KID only where `dcgan-eval fid-stats` computed the run protocol's reference ahead
+    eval_protocol: str = ""  # FID/KID by this registry.FID_PROTOCOLS name, reference made once; empty: if fid-stats ran
     keep_best: str = ""  # keep checkpoints/best by this eval metric, e.g. classifier/fd; empty = off
     on_nonfinite: str = "skip"  # a step with inf/NaN gradients is never applied; skip: go on | stop: end the run
     max_consecutive_skips: int = 10  # skip: end the run after more non-finite steps than this in a row
