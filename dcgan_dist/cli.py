@@ -184,6 +184,8 @@ def prepare_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default="data", help="where the built-in datasets live (default data)")
     parser.add_argument("--skip-bad-files", action="store_true", help="skip (and count) files that cannot be "
                         "decoded instead of stopping")
+    parser.add_argument("--background", type=int, default=255, help="the grey level (0..255) that transparent "
+                        "pixels (RGBA, LA, palette transparency) are composited onto (default 255: white)")
     parser.add_argument("--image-column", help="a table's image column (default: its Hugging Face Image feature, "
                         "else 'image' or 'img')")
     parser.add_argument("--label-column", help="a table's label column (default: its ClassLabel feature, else "
@@ -198,6 +200,8 @@ def prepare_main(argv: list[str] | None = None) -> None:
         parser.error("--verify and --stage take no SOURCE or --out")
     if not (args.verify or args.stage) and not (args.source and args.out and args.size):
         parser.error("give SOURCE, --size and --out (or --verify STORE, or --stage STORE DEST)")
+    if not 0 <= args.background <= 255:
+        parser.error(f"--background {args.background}: use a grey level from 0 (black) to 255 (white)")
 
     def prepare() -> None:
         from dcgan_dist.data import store
@@ -210,7 +214,8 @@ def prepare_main(argv: list[str] | None = None) -> None:
             print(f"store {args.verify}: {store.describe(store.verify_store(args.verify))}; every sha256 matches")
         else:  # the bar only on a terminal: a log file gets the summary line (with images/s) instead
             options = PrepareOptions.for_job(args.size, args.workers, args.shard_size, sys.stderr.isatty(),
-                                             skip_bad_files=args.skip_bad_files, overwrite=args.overwrite)
+                                             skip_bad_files=args.skip_bad_files, overwrite=args.overwrite,
+                                             background=args.background)
             prepare_store(args.source, args.out, args.size, args.channels, options, args.root,
                           image_column=args.image_column, label_column=args.label_column)
             if options.rank == 0:

@@ -26,6 +26,7 @@ from dcgan_dist.registry import (
     CONDITIONAL_ARCHS,
     CONDS,
     DATASETS,
+    DEFAULT_ROOT,
     FID_PROTOCOLS,
     FITS,
     G_LOSSES,
@@ -51,12 +52,13 @@ class RunConfig:
 @dataclass
 class DataConfig:
     name: str = "mnist5k"  # one of registry.DATASETS; store: a store prepared by dcgan-prepare, at data.root
-    root: str = "data"  # where torchvision datasets / image folders live; the store directory for data.name=store
+    root: str = DEFAULT_ROOT  # where datasets' files / image folders live; a store's directory (data.name=store)
     download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into data.root
     cache_dir: str = ""  # stores prepared on first use, evaluation classifiers (empty: ~/.cache/dcgan_dist)
     wait_minutes: float = 60.0  # the longest wait for another process preparing the same cached store/classifier
     num_images: int | None = None  # use a fixed random subset of this many images (None = all)
     skip_bad_files: bool = False  # imagefolder: skip (and count) files that cannot be decoded instead of stopping
+    background: int = 255  # image files: the grey level (0..255) transparent pixels are composited onto
     fit: str = "resize"  # a built-in set's images to model.image_size: resize | pad (centred on black, unresampled)
 
 
@@ -296,6 +298,7 @@ def validate(cfg: Config) -> None:
     _check(d.wait_minutes > 0 and math.isfinite(d.wait_minutes), "data.wait_minutes", d.wait_minutes,
            "use a positive number of minutes such as 60")
     _one_of("data.fit", d.fit, FITS)
+    _check(0 <= d.background <= 255, "data.background", d.background, "use a grey level from 0 (black) to 255 (white)")
     _check(d.fit == "resize" or DATASETS[d.name].built_in, "data.fit", d.fit,
            f"pad is for the built-in datasets ({', '.join(n for n, i in DATASETS.items() if i.built_in)}); "
            "prepare a store at the size you want instead")

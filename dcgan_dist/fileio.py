@@ -70,7 +70,8 @@ def listing(files: list[Path], root: Path | None = None) -> str:
         except FileNotFoundError:
             raise UserError(f"{p} vanished while {root or p.parent} was being read; is something else changing the "
                             "folder? Run again once it is stable") from None
-        digest.update(f"{p if root is None else p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        name = os.fsencode(p if root is None else p.relative_to(root))  # the name's bytes, UTF-8 or not
+        digest.update(name + f":{st.st_size}:{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 

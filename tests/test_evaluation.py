@@ -230,7 +230,7 @@ def test_eval_command_on_unlabelled_data_names_the_metrics_that_need_labels(tmp_
     (["{run}", "--fid-standard", "--num", "100"], "--protocol standard fixes --num at 50000"),
     (["{run}", "--protocol", "lucic", "--num", "100"], "--protocol lucic fixes --num at 10000"),
     (["{run}", "--protocol", "lucic"], "FID protocol lucic scores against the test split at its own size: mnist5k"),
-    (["{run}", "--ref", "/nonexistent/b.npz"], "compares two samples files"),
+    (["{run}", "--ref", "/nonexistent/b.npz"], "/nonexistent/b.npz: no such file or folder"),
     (["{run}", "--ref-num", "1"], "--ref-num 1"),
     (["{run}", "--bogus"], "unrecognized arguments"),
     (["train-classifier", "--data", "synthetic"], "has no labels"),

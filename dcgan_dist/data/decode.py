@@ -21,15 +21,26 @@ import numpy as np
 from dcgan_dist.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+BACKGROUND = 255  # data.background's default: transparent pixels land on white
 FOLDER_RESIZE = ("shorter side to S (PIL bilinear), centre crop S x S; JPEGs of at least 2S first decoded at a "
                  "reduced scale no smaller than S (PIL draft); uint8")
 _CHUNK = 64  # images per decoding task: small enough to keep workers busy, large enough to amortise the pipe
 
 
-def list_images(root: Path, exclude: Path | None = None) -> list[Path]:
-    """Every image file under `root`, recursively, sorted (the order of a store); none under `exclude`."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and (exclude is None or exclude not in p.parents))
+def list_images(root: Path, exclude: Path | None = None, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Every image file under `root`, at any depth, sorted (the order of a store); none under `exclude`. Links to
+    files and to folders are followed, as torchvision's ImageFolder does; a folder reached again (a loop of links)
+    is read once. Names need not be UTF-8: they are the file system's bytes (surrogate-escaped str)."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        here = Path(folder)
+        st = here.stat()
+        if (st.st_dev, st.st_ino) in seen or (exclude is not None and (here == exclude or exclude in here.parents)):
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        found += [here / f for f in files if os.path.splitext(f)[1].lower() in extensions and (here / f).is_file()]
+    return sorted(found)
 
 
 def folder_classes(root: Path, files: list[Path]) -> tuple[list[int] | None, list[str] | None]:
@@ -43,10 +54,23 @@ def folder_classes(root: Path, files: list[Path]) -> tuple[list[int] | None, lis
     return [index[q[0]] for q in parts], names
 
 
+def flatten_alpha(im, background: int):
+    """A PIL image with transparency (RGBA, LA, PA, or a palette / grey / RGB image with a transparent colour) ->
+    the same composited onto an opaque grey `background` (0..255), as RGBA; others unchanged. One rule for every
+    mode, so transparent pixels never come out as whatever colour they happen to store."""
+    from PIL import Image
+
+    if im.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in im.info:
+        return im
+    im = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", im.size, (background,) * 3 + (255,)), im)
+
+
 def decode_image(path: Path, size: int, channels: int, draft: bool = False, encoded: bytes | None = None,
-                 fix: str = "remove or replace the file") -> np.ndarray:
-    """One image file (or `encoded` bytes, `path` then naming them in messages) -> uint8 [C, S, S]: the
-    shorter side resized to `size` (bilinear), then centre-cropped.
+                 fix: str = "remove or replace the file", background: int = BACKGROUND) -> np.ndarray:
+    """One image file (or `encoded` bytes, `path` then naming them in messages) -> uint8 [C, S, S]: transparent
+    pixels composited onto the grey `background` (`flatten_alpha`), the shorter side resized to `size`
+    (bilinear), then centre-cropped.
 
     `draft`: a JPEG at least twice `size` is decoded at a reduced scale (1/2, 1/4 or 1/8, never below `size`),
     several times faster for large photos; its pixels then differ slightly from a full decode.
@@ -58,7 +82,7 @@ def decode_image(path: Path, size: int, channels: int, draft: bool = False, enco
             mode = "L" if channels == 1 else "RGB"
             if draft and im.format == "JPEG" and min(im.size[0] // size, im.size[1] // size) >= 2:
                 im.draft(mode, (size, size))
-            im = im.convert(mode)
+            im = flatten_alpha(im, background).convert(mode)
             w, h = im.size
             scale = size / min(w, h)  # resize the shorter side to `size`, then centre-crop
             im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
@@ -73,7 +97,7 @@ def decode_image(path: Path, size: int, channels: int, draft: bool = False, enco
     return arr.transpose(2, 0, 1).copy()  # [C, S, S], C-contiguous and writable (PIL's array is read-only)
 
 
-def _decode_into(task: tuple[str, int, list], size: int, channels: int) -> list[str | None]:
+def _decode_into(task: tuple[str, int, list], size: int, channels: int, background: int) -> list[str | None]:
     """A worker's task (unit file, first slot, images: paths, or (name, encoded bytes or None)): each image
     decoded and written into its slot of the unit file, so no pixels cross a pipe; per image None, or the
     one-line reason it cannot be decoded (its slot stays empty; the parent decides)."""
@@ -84,12 +108,12 @@ def _decode_into(task: tuple[str, int, list], size: int, channels: int) -> list[
         for k, item in enumerate(items):
             try:
                 if isinstance(item, str):
-                    image = decode_image(Path(item), size, channels, draft=True)
+                    image = decode_image(Path(item), size, channels, draft=True, background=background)
                 elif item[1] is None:
                     raise UserError(f"{item[0]} has no image bytes")
                 else:
                     image = decode_image(item[0], size, channels, draft=True, encoded=item[1],
-                                         fix="fix or drop that row")
+                                         fix="fix or drop that row", background=background)
             except UserError as e:
                 errors.append(str(e))
                 continue
@@ -113,8 +137,9 @@ def decoding_pool(workers: int) -> Iterator:
             pool.join()
 
 
-def decode_jobs(items_of: Callable[[int, int], list], size: int, channels: int, pool, workers: int,
-                skip_bad_files: bool, skip_option: str, jobs: list[tuple[range, Path]]) -> Iterator[tuple[int, bool]]:
+def decode_jobs(items_of: Callable[[int, int], list], size: int, channels: int, background: int, pool,
+                workers: int, skip_bad_files: bool, skip_option: str,
+                jobs: list[tuple[range, Path]]) -> Iterator[tuple[int, bool]]:
     """Decode the sources of each job (sources, unit file) into the unit file's slots (`_decode_into`) by
     `pool`'s workers in chunks (or here, without a pool); yield (index, written: False for a skipped source) in
     order, once the image is in its file. `items_of(start, stop)`: the sources' paths or (name, bytes). Up to
@@ -125,7 +150,7 @@ def decode_jobs(items_of: Callable[[int, int], list], size: int, channels: int, 
     n = max(1, min(_CHUNK, total // (4 * workers))) if pool else 1  # a small job keeps every worker busy
     tasks = ((str(unit), i - r.start, items_of(i, min(i + n, r.stop)))
              for r, unit in jobs for i in range(r.start, r.stop, n))
-    decode = functools.partial(_decode_into, size=size, channels=channels)
+    decode = functools.partial(_decode_into, size=size, channels=channels, background=background)
     results = _in_order(pool, decode, tasks, 16 * workers) if pool else map(decode, tasks)
     indices = (i for r, _ in jobs for i in r)
     for errors in results:

