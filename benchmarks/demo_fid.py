@@ -43,22 +43,21 @@ def real_features(runs: Path, num: int) -> dict[str, torch.Tensor]:
     """TF-Inception features of NUM seeded test digits and NUM seeded training digits, and the test digits'
     labels; computed once, cached in `<runs>/real-<num>.pt`."""
     from dcgan_dist.data.sources import load_dataset
+    from dcgan_dist.fileio import exclusive
     from dcgan_dist.quality.fid import build_fid_inception, fid_features
 
     path = runs / f"real-{num}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    net, _ = build_fid_inception()
-    out = {}
-    for split, seed in (("test", 0), ("train", 1)):
-        images, labels = load_dataset("mnist", "data", SIZE, 1, split=split)
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
-        print(f"real {split} digits: Inception features of {num} (once; {path})", flush=True)
-        out[split], out[f"{split}_labels"] = fid_features(net, images[pick]), labels[pick]
-    runs.mkdir(parents=True, exist_ok=True)
-    torch.save(out, f"{path}.{os.getpid()}")
-    os.replace(f"{path}.{os.getpid()}", path)  # whole, when two of these run side by side
-    return out
+    with exclusive(path.with_name(f".{path.name}.lock"), f"computing {path}", 120):  # once, when two run
+        if not path.is_file():
+            net, out = build_fid_inception()[0], {}
+            for split, seed in (("test", 0), ("train", 1)):
+                images, labels = load_dataset("mnist", "data", SIZE, 1, split=split)
+                pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
+                print(f"real {split} digits: Inception features of {num} (once; {path})", flush=True)
+                out[split], out[f"{split}_labels"] = fid_features(net, images[pick]), labels[pick]
+            torch.save(out, f"{path}.{os.getpid()}")
+            os.replace(f"{path}.{os.getpid()}", path)
+    return torch.load(path, weights_only=True)
 
 
 def fid(a: torch.Tensor, b: torch.Tensor) -> float:
