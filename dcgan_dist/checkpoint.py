@@ -271,7 +271,7 @@ def resolve(arg: str) -> tuple[Path, str]:
     return path, "generator"
 
 
-_hash = sha256_file  # the name tests and older callers use
+_hash = sha256_file  # a file's sha256, as meta.json records it
 
 
 def _fsync_and_hash(path: Path) -> str:

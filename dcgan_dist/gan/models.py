@@ -10,7 +10,7 @@ Class-conditional (`num_classes` > 0, dcgan arch), two label paths (`cond`):
   psi(phi(x)) + <embed(y), phi(x)>, phi(x) the sum-pooled features of its last 4x4 block, psi its last conv.
 - "concat" (cDCGAN, Mirza & Osindero 2014): G joins the one-hot label to z; D reads the one-hot label as
   `num_classes` constant feature maps concatenated to the image.
-With `num_classes` = 0 (the default) nothing is added: the same layers, names and initial weights as before.
+With `num_classes` = 0 (the default) nothing is added: no label layers, the plain DCGAN's parameters alone.
 `spectral_norm` re-parametrises every convolution (and the embedding) by its largest singular value.
 """
 
