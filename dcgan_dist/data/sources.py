@@ -29,7 +29,7 @@ from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
 from dcgan_dist.data.decode import BACKGROUND, IMAGE_EXTENSIONS, list_images
 from dcgan_dist.data.prepare import PrepareOptions, check_out, prepare_arrays, prepare_folder, prepare_table
 from dcgan_dist.errors import UserError
-from dcgan_dist.registry import BUILT_IN, DATASETS, DATA_ROOT
+from dcgan_dist.registry import BUILT_IN, DATA_ROOT, DATASETS
 
 
 @dataclass(frozen=True)
