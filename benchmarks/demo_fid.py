@@ -46,6 +46,9 @@ def real_features(runs: Path, num: int) -> dict[str, torch.Tensor]:
     from dcgan_dist.fileio import exclusive
     from dcgan_dist.quality.fid import build_fid_inception, fid_features
 
+    larger = sorted((p for p in runs.glob("real-*.pt") if int(p.stem[5:]) >= num), key=lambda p: int(p.stem[5:]))
+    if larger:  # the first `num` of a larger seeded draw are a seeded draw of `num`
+        return {k: v[:num] for k, v in torch.load(larger[0], weights_only=True).items()}
     path = runs / f"real-{num}.pt"
     with exclusive(path.with_name(f".{path.name}.lock"), f"computing {path}", 120):  # once, when two run
         if not path.is_file():
@@ -96,11 +99,13 @@ def score(name: str, spec: str, run: Path, real: dict, num: int) -> dict:
     from dcgan_dist.gan.sampling import draw
     from dcgan_dist.hub import load_generator
     from dcgan_dist.quality.evaluation import feature_spaces
+    from dcgan_dist.quality.features import to_uint8
     from dcgan_dist.quality.fid import build_fid_inception, fid_features
 
     started = time.perf_counter()
     generator, meta, ema = load_generator(str(run))
     images, labels = draw(generator, num, seed=0)
+    images = to_uint8(images)  # [-1, 1] -> uint8, quantised like the real digits (as dcgan-eval does)
     feats = fid_features(build_fid_inception()[0], fit_back(images, SIZE, meta["config"]["data"].get("fit",
                                                                                                        "resize")))
     (classifier,), _ = feature_spaces("mnist", image_size=generator.image_size, channels=1, fid=False)
