@@ -140,6 +140,10 @@ def test_an_explicit_root_that_does_not_exist_is_refused(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_images("fashion_mnist", str(tmp_path / "none"), 28, 1)
     assert load_images("mnist5k", str(tmp_path / "none"), 28, 1).shape[0] == 5000  # reads no root: unaffected
+    from dcgan_dist.config import DataConfig
+    from dcgan_dist.registry import DATA_ROOT
+
+    assert DataConfig().root == DATA_ROOT  # the default root is the one that may fall back
 
 
 def test_synthetic_is_deterministic():
