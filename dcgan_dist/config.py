@@ -51,7 +51,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     name: str = "mnist5k"  # one of registry.DATASETS; store: a store prepared by dcgan-prepare, at data.root
-    root: str = "data"  # registry.DATA_ROOT: where datasets' files / image folders live; a store's directory (data.name=store)
+    root: str = "data"  # (registry.DATA_ROOT) datasets' files, an image folder, a store (data.name=store)
     download: bool = False  # let torchvision download mnist/fashion_mnist/cifar10 into data.root
     cache_dir: str = ""  # stores prepared on first use, evaluation classifiers (empty: ~/.cache/dcgan_dist)
     wait_minutes: float = 60.0  # the longest wait for another process preparing the same cached store/classifier
