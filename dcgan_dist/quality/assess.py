@@ -217,7 +217,6 @@ def _pair_plan(scored: str, ref: str, num: int | None, seed: int, ema: bool, fid
                 ref, step, used_ema, [space], [], generator=generator, images=images)
 
 
-
 def cache_fid_stats(data: str, root: str, image_size: int, channels: int, num_images: int | None = None,
                     cache_dir: str | Path | None = None, fid_weights: str | None = None,
                     log=print, fit: str = "resize") -> tuple[dict, dict]:
