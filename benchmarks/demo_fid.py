@@ -124,13 +124,15 @@ def score(name: str, spec: str, run: Path, real: dict, num: int) -> dict:
 
 
 def train_minutes(run: Path) -> float | None:
-    """Training steps' wall time from metrics.jsonl (perf/step_time x the interval's steps)."""
-    seconds, last = 0.0, 0
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "perf/step_time" in record and record["step"] > last:
-            seconds, last = seconds + record["perf/step_time"] * (record["step"] - last), record["step"]
-    return seconds / 60 if last else None
+    """The training steps' wall time from its metrics.jsonl (`plot.training_minutes`: each interval's
+    perf/step_time x its steps; set-up, evaluations, sample grids and checkpoints left out; a resumed run's
+    repeated steps counted once)."""
+    from dcgan_dist.plot import read_metrics, training_minutes
+
+    if not (run / "metrics.jsonl").is_file():
+        return None
+    minutes = training_minutes({r["step"]: r["perf/step_time"] for r in read_metrics(run) if "perf/step_time" in r})
+    return max(minutes.values()) if minutes else None
 
 
 def print_table(runs: Path) -> None:

@@ -64,20 +64,15 @@ def finished(run: Path) -> bool:
 
 
 def train_minutes(run: Path) -> float | None:
-    """The training steps' wall time from its metrics.jsonl: each interval's perf/step_time x its steps (set-up,
-    evaluations, sample grids and checkpoints left out; a resumed run's repeated steps counted once)."""
-    path, seconds = run / "metrics.jsonl", {}
-    if not path.is_file():
+    """The training steps' wall time from its metrics.jsonl (`plot.training_minutes`: each interval's
+    perf/step_time x its steps; set-up, evaluations, sample grids and checkpoints left out; a resumed run's
+    repeated steps counted once)."""
+    from dcgan_dist.plot import read_metrics, training_minutes
+
+    if not (run / "metrics.jsonl").is_file():
         return None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "perf/step_time" in record:
-            steps = record["step"] - max((s for s in seconds if s < record["step"]), default=0)
-            seconds[record["step"]] = record["perf/step_time"] * steps
-    return sum(seconds.values()) / 60 if seconds else None
+    minutes = training_minutes({r["step"]: r["perf/step_time"] for r in read_metrics(run) if "perf/step_time" in r})
+    return max(minutes.values()) if minutes else None
 
 
 def one(name: str, seed: int, args, threads: int) -> dict | None:
