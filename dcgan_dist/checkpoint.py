@@ -10,6 +10,7 @@ weights a reader gets (EMA or raw): `choose_generator`, here.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -157,11 +158,10 @@ def read_meta(ckpt_dir: Path, verify: bool = True) -> dict:
 
 # file stem -> the meta.json key of the kwargs that build its model
 MODEL_FILES = {"generator": "generator", "generator_ema": "generator", "discriminator": "discriminator"}
-_COND_ARGS = {"num_classes": int, "cond": str, "spectral_norm": bool}  # absent from older checkpoints: defaults
-_MODEL_ARGS = {  # the kwargs meta.json may hold for each model, and what each must be (absent: the default)
-    "generator": {"latent_dim": int, "channels": int, "image_size": int, "width": int, "norm": str, "arch": str,
-                  **_COND_ARGS},
-    "discriminator": {"channels": int, "image_size": int, "width": int, "norm": str, "arch": str, **_COND_ARGS},
+_MODEL_ARGS = {  # the kwargs meta.json may hold for each model, and the type of each (absent: the default), as
+    # the model's own signature says: a new kwarg is read from it
+    key: {name: type(p.default) for name, p in inspect.signature(model).parameters.items()}
+    for key, model in (("generator", Generator), ("discriminator", Discriminator))
 }
 MAX_CLASSES = 100_000
 MAX_WIDTH = 2**20  # latent_dim and the width unit (64 in DCGAN): far beyond any model that fits in memory

@@ -1,3 +1,4 @@
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -5,9 +6,10 @@ import torch
 import yaml
 
 from conftest import run_train
-from dcgan_dist.config import Config, load_config, validate_world
+from dcgan_dist.config import Config, load_config
 from dcgan_dist.errors import UserError
 from dcgan_dist.train import devices
+from dcgan_dist.validate import check_data, validate_world
 
 
 def test_defaults_and_typed_overrides():
@@ -27,9 +29,11 @@ def test_every_recipe_loads(tmp_path):
     prepare_store("synthetic", store, 64, 3, PrepareOptions(progress=False, log=lambda *_: None))
     for path in sorted(Path("configs").glob("*.yaml")):
         if yaml.safe_load(path.read_text())["data"]["name"] == "store":
-            with pytest.raises(UserError, match=r"is not a prepared store .* dcgan-prepare SOURCE --size S --out"):
-                facts(load_config(str(path), ["data.root=" + str(tmp_path / "missing")]))
-            facts(load_config(str(path), [f"data.root={store}"]))
+            for root, error in ((tmp_path / "missing", r"is not a prepared store .* dcgan-prepare SOURCE --size S "
+                                 "--out"), (store, None)):
+                cfg = load_config(str(path), [f"data.root={root}"])
+                with pytest.raises(UserError, match=error) if error else contextlib.nullcontext():
+                    check_data(cfg, facts(cfg.data, cfg.model))
         else:
             load_config(str(path))
 

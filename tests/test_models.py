@@ -39,7 +39,7 @@ def shapes(module):
 
 def test_mnist_config_is_the_seed_networks():
     cfg = load_config("configs/mnist.yaml")
-    g_kw, d_kw = cfg.model_kwargs(facts(cfg).channels)
+    g_kw, d_kw = cfg.model_kwargs(facts(cfg.data, cfg.model).channels)
     seed_d = shapes(SeedDiscriminator())
     assert shapes(Generator(**g_kw)) == shapes(SeedGenerator(100))
     assert shapes(Discriminator(**d_kw)) == seed_d  # the Sigmoid has no parameters: D returns its logit
@@ -188,3 +188,15 @@ def test_spectral_norm_reaches_the_mlp_arch_too():
         linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
         assert linears and all(hasattr(m, "parametrizations") for m in linears)
     assert D(G(torch.randn(3, 8))).shape == (3,)
+
+
+def test_every_registered_arch_is_built_and_nothing_else():
+    # an architecture's name is added in the registry and here, nowhere else
+    from dcgan_dist import registry
+    from dcgan_dist.gan.models import DISCRIMINATORS, GENERATORS
+
+    assert set(GENERATORS) == set(DISCRIMINATORS) == set(registry.ARCHS)
+    for arch in registry.ARCHS:
+        G, D = Generator(16, 3, 32, 8, arch=arch), Discriminator(3, 32, 8, arch=arch)
+        images = G(torch.randn(2, 16))
+        assert images.shape == (2, 3, 32, 32) and D(images).shape == (2,)

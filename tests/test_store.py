@@ -23,6 +23,7 @@ from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
 from dcgan_dist.data.prepare import PrepareOptions
 from dcgan_dist.data.sources import batch_source, facts, load_dataset, prepare_store
 from dcgan_dist.errors import UserError
+from dcgan_dist.validate import check_data
 
 SIZES = [(40, 60), (70, 45), (100, 130), (33, 33)]  # (h, w); 100x130 JPEGs take the draft path at 32
 
@@ -227,20 +228,22 @@ def test_verify_names_a_damaged_shard_and_readers_refuse_broken_stores(tmp_path)
     with pytest.raises(UserError, match="has no manifest.json"):
         store.open_store(path)
     with pytest.raises(UserError, match="is not a prepared store"):
-        facts(load_config(None, ["data.name=store", f"data.root={path}"]))
+        cfg = load_config(None, ["data.name=store", f"data.root={path}"])
+        facts(cfg.data, cfg.model)
 
 
 def test_the_config_takes_the_store_channels_and_refuses_another_size(tmp_path):
     path = tmp_path / "s"
     prepare("synthetic", path, channels=1, shard_size=100)
     cfg = load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=32"])
-    channels = facts(cfg).channels
+    channels = facts(cfg.data, cfg.model).channels
     assert channels == 1 and cfg.model_kwargs(channels)[0]["channels"] == 1  # model.channels=0: the store's
-    with pytest.raises(UserError, match=r"model.image_size = 64 .* holds 32x32 images: set model.image_size=32, "
-                                        r"or prepare a store with --size 64"):
-        facts(load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=64"]))
-    with pytest.raises(UserError, match="holds 1-channel images"):
-        facts(load_config(None, ["data.name=store", f"data.root={path}", "model.image_size=32", "model.channels=3"]))
+    for extra, error in ((["model.image_size=64"], r"model.image_size = 64 .* holds 32x32 images: set "
+                                                   r"model.image_size=32, or prepare a store with --size 64"),
+                         (["model.image_size=32", "model.channels=3"], "holds 1-channel images")):
+        cfg = load_config(None, ["data.name=store", f"data.root={path}", *extra])
+        with pytest.raises(UserError, match=error):
+            check_data(cfg, facts(cfg.data, cfg.model))
     with pytest.raises(UserError, match="holds 32x32 images but model.image_size = 64"):
         store.open_store(path, image_size=64)
     with pytest.raises(UserError, match="holds 1-channel images but the config asks for 3"):
@@ -248,6 +251,11 @@ def test_the_config_takes_the_store_channels_and_refuses_another_size(tmp_path):
 
 
 # --- batches -------------------------------------------------------------------------------------------
+
+
+def source(cfg, rank, world_size):
+    t = cfg.train
+    return batch_source(cfg.data, facts(cfg.data, cfg.model), t.batch_size, t.seed, rank, world_size)
 
 
 def test_memmap_batches_are_the_in_memory_batches(tmp_path):
@@ -261,8 +269,8 @@ def test_memmap_batches_are_the_in_memory_batches(tmp_path):
     images, labels = load_dataset("mnist5k", "data", 32, 1, num_images=300)
     for rank in (0, 1):
         a = InMemoryBatches(images, labels, batch_size=8, rank=rank, world_size=2, seed=3, num_classes=10)
-        b, cached = (batch_source(store_cfg, facts(store_cfg), rank, 2),
-                     batch_source(cached_cfg, facts(cached_cfg), rank, 2))
+        b, cached = (source(store_cfg, rank, 2),
+                     source(cached_cfg, rank, 2))
         assert isinstance(b, StoreBatches) and isinstance(cached, StoreBatches)  # data.name=mnist5k: a store too
         assert torch.equal(next(cached)[0], next(InMemoryBatches(images, labels, 8, rank, 2, 3))[0])
         assert [(s.num_items, s.channels, s.image_size, s.num_classes, s.batches_per_epoch) for s in (a, b)] == [
@@ -274,12 +282,12 @@ def test_memmap_batches_are_the_in_memory_batches(tmp_path):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
         state = b.state_dict()
         assert state == a.state_dict() and b.epoch == 1
-        c = batch_source(store_cfg, facts(store_cfg), rank, 2)
+        c = source(store_cfg, rank, 2)
         assert c.load_state_dict(state)
         for _ in range(15):
             (xa, ya), (xc, yc) = next(a), next(c)
             assert torch.equal(xa, xc) and torch.equal(ya, yc)
-        one = batch_source(store_cfg, facts(store_cfg), 0, 1)  # another world size: the same share of the epoch
+        one = source(store_cfg, 0, 1)  # another world size: the same share of the epoch
         assert not one.load_state_dict(state) and one.state_dict()["position"] == 14
 
 

@@ -216,4 +216,5 @@ def test_the_config_reads_no_file_but_the_yaml(tmp_path):
     from dcgan_dist.data.sources import facts
 
     with pytest.raises(UserError, match=r"is not a prepared store .* dcgan-prepare SOURCE --size S --out"):
-        facts(load_config(str(recipe), [f"data.root={missing}"]))
+        cfg = load_config(str(recipe), [f"data.root={missing}"])
+        facts(cfg.data, cfg.model)

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from dcgan_dist import fileio
-from dcgan_dist.config import check_classes, check_store
 from dcgan_dist.data import idx, store, tables
 from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
 from dcgan_dist.data.decode import BACKGROUND, IMAGE_EXTENSIONS, list_images
@@ -44,20 +43,17 @@ class DataFacts:
     count: int | None  # images in the dataset (a store's count); None: known once it is read
 
 
-def facts(cfg) -> DataFacts:
-    """The data facts of a config, with the checks that need the data (a store's image size and channels against
-    the model, model.num_classes against a store's classes): call once when a run starts, before anything heavy.
-    For data.name=store this reads the store's manifest.json (`store.read_manifest`), nothing else."""
-    d, m = cfg.data, cfg.model
-    info = DATASETS[d.name]
-    check_root(d.name, d.root, d.download)
+def facts(data, model) -> DataFacts:
+    """The data facts of a run's `data` and `model` config sections: call once when a run starts, before anything
+    heavy (`validate.check_data` then checks them against the model). For data.name=store this reads the store's
+    manifest.json (`store.read_manifest`), nothing else."""
+    info = DATASETS[data.name]
+    check_root(data.name, data.root, data.download)
     if not info.is_store:
-        return DataFacts(d.name, m.channels or info.channels or 3, m.image_size, info.num_classes, None)
-    manifest = _store_manifest(d.root)
-    check_store(cfg, manifest["image_size"], manifest["channels"])
+        return DataFacts(data.name, model.channels or info.channels or 3, model.image_size, info.num_classes, None)
+    manifest = _store_manifest(data.root)
     classes = manifest["num_classes"] if manifest["labels"] else 0
-    check_classes(cfg, classes)
-    return DataFacts(d.name, manifest["channels"], manifest["image_size"], classes, manifest["count"])
+    return DataFacts(data.name, manifest["channels"], manifest["image_size"], classes, manifest["count"])
 
 
 def check_root(name: str, root: str, download: bool) -> None:
@@ -133,27 +129,27 @@ def subset(count: int, num_images: int, name: str) -> torch.Tensor:
     return keep.sort().values  # a fixed random subset: mnist5k is sorted by class
 
 
-def batch_source(cfg, data: DataFacts, rank: int, world_size: int, pin_memory: bool = False,
-                 warn=print) -> InMemoryBatches | StoreBatches:
-    """The batch source of a config for this rank (`data`: its facts): a store's shards, read through the page
-    cache, which the ranks of a node share (no rank holds the dataset). data.name=store reads the store at
-    data.root; the built-in sets and image folders are prepared into a store in the cache on first use
-    (`cached_store`); generated data (`synthetic`) is made in memory. Safe to call on every rank at once: no
-    collective, a bounded file-lock wait."""
-    d, info, size, channels = cfg.data, DATASETS[cfg.data.name], data.image_size, data.channels
+def batch_source(d, data: DataFacts, batch_size: int, seed: int, rank: int, world_size: int,
+                 pin_memory: bool = False, progress: bool = True, warn=print) -> InMemoryBatches | StoreBatches:
+    """The batch source of the data config section `d` for this rank (`data`: its facts; `batch_size` per rank,
+    the order seeded by `seed`): a store's shards, read through the page cache, which the ranks of a node share
+    (no rank holds the dataset). data.name=store reads the store at data.root; the built-in sets and image
+    folders are prepared into a store in the cache on first use (`cached_store`, its bar shown with `progress`);
+    generated data (`synthetic`) is made in memory. Safe to call on every rank at once: no collective, a bounded
+    file-lock wait."""
+    info, size, channels = DATASETS[d.name], data.image_size, data.channels
     if info.generated:
         images, _ = load_dataset(d.name, d.root, size, channels, num_images=d.num_images)
-        return InMemoryBatches(images, None, cfg.train.batch_size, rank, world_size, cfg.train.seed,
-                               pin_memory=pin_memory)
+        return InMemoryBatches(images, None, batch_size, rank, world_size, seed, pin_memory=pin_memory)
     if info.is_store:
         opened = store.open_store(d.root, size, channels)
     else:
         opened = cached_store(d.name, d.root, size, channels, d.cache_dir, d.download, d.skip_bad_files,
-                              d.wait_minutes, cfg.log.progress, warn, fit=d.fit, background=d.background)
+                              d.wait_minutes, progress, warn, fit=d.fit, background=d.background)
     where = f"store {d.root}" if info.is_store else d.name
     keep = None if d.num_images is None else subset(opened.count, d.num_images, where)
-    return StoreBatches(opened, cfg.train.batch_size, rank, world_size, cfg.train.seed, subset=keep,
-                         pin_memory=pin_memory, labels=not info.is_folder)  # a folder's classes: data.name=store
+    return StoreBatches(opened, batch_size, rank, world_size, seed, subset=keep, pin_memory=pin_memory,
+                        labels=not info.is_folder)  # a folder's classes: data.name=store
 
 
 def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str = "", download: bool = False,

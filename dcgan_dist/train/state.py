@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,14 @@ import torch
 from torch import nn
 
 from dcgan_dist import checkpoint
-from dcgan_dist.config import Config
+from dcgan_dist.config import Config, ModelConfig
 from dcgan_dist.errors import UserError
 from dcgan_dist.train.ema import EMA
 
-# Config keys that must not change on resume: the weights or the data would not fit.
-FIXED_ON_RESUME = ("model.arch", "model.image_size", "model.channels", "model.latent_dim", "model.g_width",
-                   "model.d_width", "model.norm", "model.num_classes", "model.cond", "model.spectral_norm", "data.name",
+# Config keys that must not change on resume, else the weights or the data would not fit: every model key but
+# these two (how the weights are trained, not what they are), and the data's
+_TRAINING_ONLY = ("sync_bn", "ema")
+FIXED_ON_RESUME = (*(f"model.{f.name}" for f in fields(ModelConfig) if f.name not in _TRAINING_ONLY), "data.name",
                    "data.num_images")
 # what a checkpoint written before these keys existed was trained with
 _OLD_DEFAULTS = {"model.num_classes": 0, "model.cond": "projection", "model.spectral_norm": "none"}
@@ -146,15 +147,15 @@ class TrainState:
         return self.step
 
 
-def training_state(accelerator, cfg: Config, G: nn.Module, D: nn.Module, ema: EMA | None, opt_G, opt_D,
-                   noise: torch.Generator, data, warn) -> TrainState:
-    """The training state with the parts of the networks and the data registered (G and D un-wrapped from DDP;
-    `noise`: this rank's noise stream; `data`: the batch source; the GradScaler under fp16: accelerate's). The
-    trainer registers its own counters. A new part: one `register` line, here or there."""
+def training_state(accelerator, cfg: Config, kwargs: tuple[dict, dict], G: nn.Module, D: nn.Module,
+                   ema: EMA | None, opt_G, opt_D, noise: torch.Generator, data, warn) -> TrainState:
+    """The training state with the parts of the networks and the data registered (G and D un-wrapped from DDP,
+    `kwargs` the kwargs that build them; `noise`: this rank's noise stream; `data`: the batch source; the
+    GradScaler under fp16: accelerate's). `cfg` is saved whole (meta.json's `config`). The trainer registers its
+    own counters. A new part: one `register` line, here or there."""
     st = TrainState(accelerator, cfg.run_dir / "checkpoints", cfg.train.keep_last, cfg.train.keep_every)
     scaler = accelerator.scaler
-    g_kwargs, d_kwargs = cfg.model_kwargs(data.channels)
-    o, position = cfg.optim, DataPosition(data, warn)
+    (g_kwargs, d_kwargs), o, position = kwargs, cfg.optim, DataPosition(data, warn)
     st.register("generator", Weights(G, g_kwargs))
     st.register("discriminator", Weights(D, d_kwargs))
     if ema is not None:  # saved with BatchNorm statistics of its own weights; EMA switched on now: start from G

@@ -3,14 +3,13 @@
 The trainer sets up Accelerate, the models and their optimizers, and runs the step and the loop. It draws
 batches from a batch source (`batches`), never from storage; registers its stateful parts once with the
 training state (`train_state`), which saves and restores them; agrees with the other ranks on signals and
-clocks through `agreement`; reports through `tracking`; evaluates through `evaluation.DuringTraining`.
+clocks through `agreement`; reports through `tracking`; evaluates through `evaluator.DuringTraining`.
 Lifecycle: `with Trainer(cfg) as trainer: trainer.train()` (or call `close()` yourself).
 """
 
 from __future__ import annotations
 
 import gc
-import math
 import random
 import time
 from pathlib import Path
@@ -20,20 +19,21 @@ import torch
 from tqdm.auto import tqdm
 
 from dcgan_dist import checkpoint, fileio, launcher
-from dcgan_dist.config import Config, validate_world
+from dcgan_dist.config import Config
 from dcgan_dist.data.sources import batch_source, facts, to_model_range
 from dcgan_dist.errors import RunError, UserError
 from dcgan_dist.gan import augment, sampling
-from dcgan_dist.gan.losses import AdversarialLoss
-from dcgan_dist.quality.evaluation import DuringTraining
+from dcgan_dist.gan.losses import adversarial_loss
 from dcgan_dist.registry import parse_augment
 from dcgan_dist.train import accelerator, devices, networks, tracking
 from dcgan_dist.train import state as train_state
 from dcgan_dist.train.agreement import Agreement
+from dcgan_dist.train.evaluator import DuringTraining
 from dcgan_dist.train.graphs import GraphedStep
 from dcgan_dist.train.stats import IntervalStats, step_row
 from dcgan_dist.train.sync_bn import check_consistency
 from dcgan_dist.train.tracking import Tracker, format_line
+from dcgan_dist.validate import check_data, validate_world
 
 
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
@@ -48,7 +48,8 @@ class Trainer:
         # job's first start in a worker group the launcher restarted (`_own_run_dir`)
         device = devices.accelerator_type()
         cfg = validate_world(cfg, launcher.place(slurm=False).world_size, device, devices.native_bf16(device))
-        self.facts = facts(cfg)  # once, before anything heavy (a store's manifest, checked against the model)
+        self.facts = facts(cfg.data, cfg.model)  # once, before anything heavy (a store's manifest)
+        check_data(cfg, self.facts)  # ... against the model
         self.accelerator = acc = accelerator.build(cfg, device)  # DDP, precision, trackers, the process group
         self.cfg, self.device, self.world, self.rank = cfg, acc.device, acc.num_processes, acc.process_index
         self.run_dir, self.ckpt_root, self.closed = cfg.run_dir, cfg.run_dir / "checkpoints", False
@@ -61,39 +62,42 @@ class Trainer:
             raise
 
     def _set_up(self, cfg: Config, overwrite: bool, device: str) -> None:
-        acc = self.accelerator
+        acc, m, t = self.accelerator, cfg.model, cfg.train
         channels = self.facts.channels  # every rank reads what it resumes from; no writes yet
         resume = None if overwrite else train_state.find_resume(cfg, self._print, channels)
 
         # no collective: one process prepares a missing cached store while the others wait on its file lock
-        self.data = batch_source(cfg, self.facts, self.rank, self.world, pin_memory=device == "cuda", warn=self._print)
-        self.evaluator = DuringTraining(cfg, acc, self._print, channels) if cfg.train.eval_every else None
+        self.data = batch_source(cfg.data, self.facts, t.batch_size, t.seed, self.rank, self.world,
+                                 pin_memory=device == "cuda", progress=cfg.log.progress, warn=self._print)
+        self.evaluator = DuringTraining(cfg.data, t, m.image_size, channels, acc, self._print) if t.eval_every \
+            else None
 
-        nets = networks.build(cfg, self.device, channels)
+        kwargs = cfg.model_kwargs(channels)  # what builds G and D, and what their checkpoints say builds them
+        nets = networks.build(*kwargs, m, t, cfg.optim, self.device)
         self.ema, self.opt_G, self.opt_D, self.channels_last = nets.ema, nets.opt_G, nets.opt_D, nets.channels_last
         # The optimizers stay plain torch ones: accelerate's wrapper adds ~0.15 ms of Python per step and call,
         # which a small model on a GPU notices (benchmarks/gpu.sh); fp16 scaling is done here (`_update`).
         self.G, self.D = acc.prepare(nets.G, nets.D)
-        self.loss = AdversarialLoss(cfg.loss.name, cfg.loss.g_loss, cfg.loss.real_target, cfg.loss.g_target)
-        self.augment_policy = parse_augment(cfg.train.augment)
+        self.loss = adversarial_loss(cfg.loss.name, cfg.loss.g_loss, cfg.loss.real_target, cfg.loss.g_target)
+        self.augment_policy = parse_augment(t.augment)
         # Each rank draws its own noise; the fixed grid noise is the same everywhere.
-        rank_seed = cfg.train.seed * 1_000_003 + self.rank + 1
+        rank_seed = t.seed * 1_000_003 + self.rank + 1
         self.noise = torch.Generator(self.device).manual_seed(rank_seed)
         random.seed(rank_seed)  # training draws from neither, but checkpoints hold their states: the same run,
         np.random.seed(rank_seed % 2**32)  # the same checkpoint files
         # train.cuda_graphs: the step from the batch on is replayed as one CUDA graph, which reads the EMA's
         # weight from the device (filled before each call, warm-up steps included, so every step does the same)
-        self.graphed = GraphedStep(self._step_on, [self.noise]) if cfg.train.cuda_graphs else None
+        self.graphed = GraphedStep(self._step_on, [self.noise]) if t.cuda_graphs else None
         self.ema_weight = torch.zeros((), device=self.device) if self.graphed and self.ema is not None else None
         # the fixed grid: the same z everywhere; a conditional model's has one row per class
-        self.fixed_z, self.fixed_y, self.grid_nrow = sampling.class_grid(cfg.log.num_samples, cfg.model.latent_dim,
-                                                                         cfg.model.num_classes, cfg.train.seed)
+        self.fixed_z, self.fixed_y, self.grid_nrow = sampling.class_grid(cfg.log.num_samples, m.latent_dim,
+                                                                         m.num_classes, t.seed)
         self.G_raw, D_raw = acc.unwrap_model(self.G), acc.unwrap_model(self.D)  # un-wrapped from DDP
-        self.stats = IntervalStats(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips)
+        self.stats = IntervalStats(t.on_nonfinite, t.max_consecutive_skips)
         self.step, self.best, self.wandb_run_id = 0, None, None  # best: {metric, value, step} of checkpoints/best
         # Everything a checkpoint holds, each part registered once; the networks' and the data's in train_state
-        self.state = st = train_state.training_state(acc, cfg, self.G_raw, D_raw, self.ema, self.opt_G, self.opt_D,
-                                                     self.noise, self.data, self._print)
+        self.state = st = train_state.training_state(acc, cfg, kwargs, self.G_raw, D_raw, self.ema, self.opt_G,
+                                                     self.opt_D, self.noise, self.data, self._print)
         st.register("nonfinite_steps", lambda: self.stats.nonfinite_steps,
                     lambda n: setattr(self.stats, "nonfinite_steps", n or 0))
         st.register("best", lambda: self.best, lambda best: setattr(self, "best", best))
@@ -102,7 +106,7 @@ class Trainer:
             self.step = st.restore(*resume)
             self._print(f"resuming from {resume[0]} at step {self.step} (epoch {self.data.epoch})")
         # preemption signals and the clocks, agreed at each step boundary: `self.agree()`
-        self.agree = Agreement(cfg.train.checkpoint_minutes, cfg.train.max_minutes, self.rank, self.world, self.started)
+        self.agree = Agreement(t.checkpoint_minutes, t.max_minutes, self.rank, self.world, self.started)
         acc.wait_for_everyone()  # every rank has read what it resumes from before rank 0 writes
         if acc.is_main_process:
             tracking.prepare_run_dir(cfg, self.step, overwrite)
@@ -157,11 +161,11 @@ class Trainer:
         D.requires_grad_(True)
         with acc.no_sync(D):
             real_logits = D(aug(real), y)
-            loss_real = loss.d_real(real_logits)  # -log D(x)  (BCE against real_target)
+            loss_real = loss.d_real(real_logits)  # D's loss on the real images (the objective's: gan/losses.py)
             self._backward(loss_real)
         # D: fake. G is not updated here: the graph is cut at fake.detach().
         fake_logits = D(aug(fake.detach()), y)
-        loss_fake = loss.d_fake(fake_logits)  # -log(1 - D(G(z)))
+        loss_fake = loss.d_fake(fake_logits)  # ... and on the fakes
         self._backward(loss_fake)
         grad_norm_D, bad_D = self._update(self.opt_D, D)
 
@@ -170,7 +174,7 @@ class Trainer:
         D.requires_grad_(False)
         with acc.no_sync(D):
             g_logits = D(aug(fake), y)
-        loss_g = loss.g(g_logits)  # -log D(G(z))  (non-saturating)
+        loss_g = loss.g(g_logits)  # G's: D should take the fakes for real
         self._backward(loss_g)
         grad_norm_G, bad_G = self._update(self.opt_G, G)
         if self.ema is not None:
@@ -231,11 +235,11 @@ class Trainer:
         if self.step >= steps:
             self._print(f"run already complete: step {self.step} of {steps} (raise train.steps to continue)")
             return True
-        bar = tqdm(total=steps, initial=self.step, disable=not (acc.is_main_process and cfg.log.progress),
-                   dynamic_ncols=True, desc="train")
+        self.bar = tqdm(total=steps, initial=self.step, disable=not (acc.is_main_process and cfg.log.progress),
+                        dynamic_ncols=True, desc="train")
         if self.step == 0:  # what the data looks like, once
             self.tracker.log_data(self.data, cfg.log.num_samples)
-        t_last = time.perf_counter()
+        self.interval_start = time.perf_counter()
         while self.step < steps:
             t0 = time.perf_counter()
             images, labels = next(self.data)  # this rank's slice of the global batch, uint8 on the host
@@ -244,39 +248,15 @@ class Trainer:
             data_time = time.perf_counter() - t0
             self.stats.add(self.run_step(images, labels), data_time)
             self.step += 1
-            bar.update(1)
-
-            stop, overdue, out_of_time = self.agree()
-            save = stop or overdue or (t.checkpoint_every and self.step % t.checkpoint_every == 0)
-            logged = self.step % cfg.log.every == 0 or self.step == steps or out_of_time
-            if save and not logged:  # train.on_nonfinite is applied before anything is written
-                self._stop_if(self.stats.check(self.step))
-            if logged:
-                record = self._log(time.perf_counter() - t_last)
-                if acc.is_main_process:
-                    bar.set_postfix_str(format_line(self.step, steps, record).split("  ", 1)[1])
-                    if not cfg.log.progress:
-                        print(format_line(self.step, steps, record), flush=True)
-            # once a stop signal has arrived nothing new starts: the launcher's grace period is for the checkpoint
-            if cfg.log.sample_every and self.step % cfg.log.sample_every == 0 and not stop:
-                self.save_samples()
-            if t.eval_every and self.step % t.eval_every == 0 and not stop:
-                self._evaluate()
-            if t.check_consistency_every and self.step % t.check_consistency_every == 0:
-                check_consistency(self.G, "G"), check_consistency(self.D, "D")  # collectives: every rank
-            if save:
-                self.save_checkpoint()
-            if logged:  # the next interval's clock starts after this one's samples and checkpoint
-                t_last = time.perf_counter()
+            self.bar.update(1)
+            stop, out_of_time = self._after_step()
             if stop:
-                self.tracker.mark_preempting()
-                bar.close()
                 self._print(f"stopped by signal at step {self.step}: checkpoint {self.ckpt_root / 'latest'} written; "
                             "continue with train.resume=auto")
                 return False
             if out_of_time:
                 break
-        bar.close()
+        self.bar.close()
         if not (cfg.log.sample_every and self.step % cfg.log.sample_every == 0):  # else this grid is saved already
             self.save_samples()
         last = self.save_checkpoint()
@@ -287,6 +267,38 @@ class Trainer:
                     + budget)
         return True
 
+    def _after_step(self) -> tuple[bool, bool]:
+        """The periodic jobs after a step, in their order: the agreement (signals, clocks), train.on_nonfinite,
+        the interval's metrics, the sample grid, evaluation, the consistency check, the checkpoint. Returns
+        (stopped by a signal: checkpoint written, train.max_minutes reached)."""
+        t, lg, step = self.cfg.train, self.cfg.log, self.step
+        stop, overdue, out_of_time = self.agree()
+        save = stop or overdue or (t.checkpoint_every and step % t.checkpoint_every == 0)
+        logged = step % lg.every == 0 or step == t.steps or out_of_time
+        if save and not logged:  # train.on_nonfinite is applied before anything is written
+            self._stop_if(self.stats.check(step))
+        if logged:
+            record = self._log(time.perf_counter() - self.interval_start)
+            if self.accelerator.is_main_process:
+                self.bar.set_postfix_str(format_line(step, t.steps, record).split("  ", 1)[1])
+                if not lg.progress:
+                    print(format_line(step, t.steps, record), flush=True)
+        # once a stop signal has arrived nothing new starts: the launcher's grace period is for the checkpoint
+        if lg.sample_every and step % lg.sample_every == 0 and not stop:
+            self.save_samples()
+        if t.eval_every and step % t.eval_every == 0 and not stop:
+            self._evaluate()
+        if t.check_consistency_every and step % t.check_consistency_every == 0:
+            check_consistency(self.G, "G"), check_consistency(self.D, "D")  # collectives: every rank
+        if save:
+            self.save_checkpoint()
+        if logged:  # the next interval's clock starts after this one's samples and checkpoint
+            self.interval_start = time.perf_counter()
+        if stop:
+            self.tracker.mark_preempting()
+            self.bar.close()
+        return stop, out_of_time
+
     def _log(self, seconds: float) -> dict:
         """The interval's statistics -> metrics.jsonl / trackers; then train.on_nonfinite is applied."""
         acc, cfg = self.accelerator, self.cfg
@@ -296,9 +308,7 @@ class Trainer:
                   "perf/img_per_s": count * cfg.train.batch_size * self.world / seconds,
                   "perf/step_time": seconds / count, "perf/data_time": data_time / count,
                   "lr/G": self.opt_G.param_groups[0]["lr"], "lr/D": self.opt_D.param_groups[0]["lr"]}
-        if cfg.loss.name == "bce" and cfg.loss.real_target == 1.0:
-            # near an optimal D, L_D = log 4 - 2 JSD(p_data || p_g)  (unsmoothed labels only)
-            record["theory/jsd_estimate"] = (math.log(4) - record["loss/D"]) / 2
+        record |= self.loss.theory(record["loss/D"])  # what D's loss estimates, where the objective says
         if self.device.type == "cuda":
             record["perf/max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if acc.scaler is not None:
