@@ -95,7 +95,7 @@ def train(name: str, spec: str, runs: Path) -> Path:
 
 
 def score(name: str, spec: str, run: Path, real: dict, num: int) -> dict:
-    from dcgan_dist.data.sources import fit_back
+    from dcgan_dist.data.builtin import fit_back
     from dcgan_dist.gan.sampling import draw
     from dcgan_dist.hub import load_generator
     from dcgan_dist.quality.evaluation import feature_spaces

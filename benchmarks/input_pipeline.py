@@ -34,8 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dcgan_dist.config import load_config
-from dcgan_dist.data.batches import ShardedBatches
-from dcgan_dist.data.sources import load_images, to_model_range
+from dcgan_dist.data.batches import ShardedBatches, to_model_range
+from dcgan_dist.data.sources import load_images
 from dcgan_dist.train.trainer import Trainer
 
 

@@ -43,7 +43,7 @@ def worker(args):
     import torch.distributed as dist
 
     from dcgan_dist.config import load_config
-    from dcgan_dist.data.sources import to_model_range
+    from dcgan_dist.data.batches import to_model_range
     from dcgan_dist.train.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -205,8 +205,7 @@ def prepare_main(argv: list[str] | None = None) -> None:
 
     def prepare() -> None:
         from dcgan_dist.data import store
-        from dcgan_dist.data.prepare import PrepareOptions, stage_store
-        from dcgan_dist.data.sources import prepare_store
+        from dcgan_dist.data.prepare import PrepareOptions, prepare_store, stage_store
 
         if args.stage:
             stage_store(*args.stage)

@@ -222,3 +222,9 @@ def claim(path: Path, what: str, fix: str, job: str | None = None, wait_s: float
     owned.write(host=socket.gethostname(), pid=os.getpid(), job=job,
                 since=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
     return owned
+
+
+def user_cache_dir() -> Path:
+    """Where caches go by default (stores prepared on first use, classifiers): $XDG_CACHE_HOME/dcgan_dist
+    (~/.cache/dcgan_dist). Never the dataset's own folder, which on clusters is often shared and read-only."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan_dist"

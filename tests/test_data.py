@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dcgan_dist.data.batches import ShardedBatches
-from dcgan_dist.data.sources import load_images, synthetic_shapes, to_model_range
+from dcgan_dist.data.batches import ShardedBatches, to_model_range
+from dcgan_dist.data.builtin import synthetic_shapes
+from dcgan_dist.data.sources import load_images
 from dcgan_dist.errors import UserError
 
 

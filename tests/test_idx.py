@@ -15,7 +15,8 @@ import torch
 
 from conftest import assert_ok, run_train
 from dcgan_dist.data import idx
-from dcgan_dist.data.sources import fit_back, fit_size, load_dataset
+from dcgan_dist.data.builtin import fit_back, fit_size
+from dcgan_dist.data.sources import load_dataset
 from dcgan_dist.errors import UserError
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist

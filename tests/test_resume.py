@@ -89,8 +89,7 @@ def test_world_size_change_continues_with_a_warning(tmp_path):
 
 def test_n_plus_n_steps_equal_2n_steps_from_a_store(tmp_path):
     """Training from a prepared store: 2 ranks, fp32, EMA on, exact resume."""
-    from dcgan_dist.data.prepare import PrepareOptions
-    from dcgan_dist.data.sources import prepare_store
+    from dcgan_dist.data.prepare import PrepareOptions, prepare_store
 
     store = tmp_path / "store"
     prepare_store("synthetic", store, 32, 1, PrepareOptions(shard_size=100, progress=False, log=lambda *_: None))  # 512

@@ -20,8 +20,8 @@ from dcgan_dist import checkpoint
 from dcgan_dist.config import load_config
 from dcgan_dist.data import decode, store
 from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
-from dcgan_dist.data.prepare import PrepareOptions
-from dcgan_dist.data.sources import batch_source, facts, load_dataset, prepare_store
+from dcgan_dist.data.prepare import PrepareOptions, prepare_store
+from dcgan_dist.data.sources import batch_source, facts, load_dataset
 from dcgan_dist.errors import UserError
 from dcgan_dist.validate import check_data
 

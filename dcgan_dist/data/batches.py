@@ -160,3 +160,8 @@ class StoreBatches(_IndexedBatches):
     def first(self, n: int) -> torch.Tensor:
         rows = torch.arange(min(n, self.num_items))
         return self.store.gather(rows if self.subset is None else self.subset[rows])
+
+
+def to_model_range(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the seed's ToTensor + Normalize((0.5,), (0.5,))."""
+    return batch.float().div_(127.5).sub_(1.0)

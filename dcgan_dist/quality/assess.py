@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dcgan_dist.data.sources import user_cache_dir
 from dcgan_dist.errors import UserError
+from dcgan_dist.fileio import user_cache_dir
 from dcgan_dist.hub import load_generator
 from dcgan_dist.quality import evaluation
 from dcgan_dist.quality.features import classifier_path, save_classifier

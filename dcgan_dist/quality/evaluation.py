@@ -30,9 +30,10 @@ from safetensors.torch import save
 from torch import nn
 
 from dcgan_dist import fileio
-from dcgan_dist.data.sources import fit_back, load_dataset, load_images, user_cache_dir
+from dcgan_dist.data.builtin import fit_back
+from dcgan_dist.data.sources import load_dataset, load_images
 from dcgan_dist.errors import UserError
-from dcgan_dist.fileio import write_atomic
+from dcgan_dist.fileio import user_cache_dir, write_atomic
 from dcgan_dist.gan.sampling import class_labels, fixed_noise, generate
 from dcgan_dist.quality import metrics as M
 from dcgan_dist.quality.features import (

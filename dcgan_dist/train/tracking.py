@@ -21,7 +21,7 @@ import numpy as np
 
 from dcgan_dist import checkpoint
 from dcgan_dist.config import save_config
-from dcgan_dist.data.sources import to_model_range
+from dcgan_dist.data.batches import to_model_range
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
 from dcgan_dist.registry import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRIC_SPACES

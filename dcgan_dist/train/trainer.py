@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from dcgan_dist import checkpoint, fileio, launcher
 from dcgan_dist.config import Config
-from dcgan_dist.data.sources import batch_source, facts, to_model_range
+from dcgan_dist.data.batches import to_model_range
+from dcgan_dist.data.sources import batch_source, facts
 from dcgan_dist.errors import RunError, UserError
 from dcgan_dist.gan import augment, sampling
 from dcgan_dist.gan.losses import adversarial_loss
