@@ -134,6 +134,7 @@ def test_lucic_protocol_scores_the_centre_against_the_test_split(tmp_path, monke
     """The pieces of --protocol lucic, with a small Inception stand-in: the reference is the test split at 28x28,
     the samples of a model trained on padded images are cut to their centre, and the note says both."""
     from dcgan_dist.quality import evaluation as E
+    from dcgan_dist.quality import reference as R
 
     write_split(tmp_path, "test", 8)
     seen = []
@@ -143,7 +144,8 @@ def test_lucic_protocol_scores_the_centre_against_the_test_split(tmp_path, monke
         return images.flatten(1)[:, :16].float()
 
     monkeypatch.setattr(E, "fid_features", features)
-    ref = E.fid_reference(None, "0" * 64, "fashion_mnist", str(tmp_path), 28, 1, cache_dir=tmp_path / "c",
+    monkeypatch.setattr(R, "fid_features", features)
+    ref = R.fid_reference(None, "0" * 64, "fashion_mnist", str(tmp_path), 28, 1, cache_dir=tmp_path / "c",
                           split="test")
     space = E.fid_space(None, {"weights": "w", "sha256": "0" * 64}, ref, "fashion_mnist", 32, "lucic", "pad")
     space.extract(torch.zeros(5, 1, 32, 32, dtype=torch.uint8))

@@ -23,7 +23,7 @@ from torch import nn
 from dcgan_dist.errors import UserError
 from dcgan_dist.fileio import user_cache_dir
 from dcgan_dist.hub import load_generator
-from dcgan_dist.quality import evaluation
+from dcgan_dist.quality import evaluation, features, reference
 from dcgan_dist.quality.features import classifier_path, save_classifier
 from dcgan_dist.quality.fid import build_fid_inception
 from dcgan_dist.quality.image_sets import LAYOUTS, is_image_set, read_image_set
@@ -221,9 +221,9 @@ def cache_fid_stats(data: str, root: str, image_size: int, channels: int, num_im
                     cache_dir: str | Path | None = None, fid_weights: str | None = None,
                     log=print, fit: str = "resize") -> tuple[dict, dict]:
     """Compute (once) and cache the FID reference statistics that training with train.eval_every reads:
-    (the reference, as `evaluation.fid_reference` returns it; the weights' info)."""
+    (the reference, as `reference.fid_reference` returns it; the weights' info)."""
     net, weights = build_fid_inception(fid_weights)
-    ref = evaluation.fid_reference(net, weights["sha256"], data, root, image_size, channels, num_images, cache_dir,
+    ref = reference.fid_reference(net, weights["sha256"], data, root, image_size, channels, num_images, cache_dir,
                                    log=log, fit=fit)
     return ref, weights
 
@@ -236,6 +236,6 @@ def save_classifier_for(data: str, root: str = "data", image_size: int = 32, epo
     if image_size < 8 or epochs < 1:
         raise UserError("--image-size must be at least 8 and --epochs at least 1")
     path = Path(out) if out else classifier_path(cache_dir or user_cache_dir(), data, image_size)
-    model, info = evaluation.fit_classifier(data, root, image_size, epochs, log=log)
+    model, info = features.fit_classifier(data, root, image_size, epochs, log=log)
     save_classifier(model, path, info)
     return path, info

@@ -2,68 +2,51 @@
 
 Two feature spaces:
 - the project's own small CNN classifier, trained on a fixed stratified split of a labelled dataset
-  (`train_classifier`); its penultimate layer gives features, its softmax gives the class metrics. Its real
+  (`features.fit_classifier`); its penultimate layer gives features, its softmax gives the class metrics. Its real
   reference (the held-out split) is cut into two disjoint halves A and B of n images. `fd_floor` = FD(A, B) is
   what two real samples of that size score; `fd` is the mean of FD(chunk, B) over the disjoint chunks of n
   generated images, so both carry the same small-sample bias and `fd / fd_floor` is a fair ratio. KID (unbiased)
   and precision/recall compare the generated images with B.
 - "inception": the FID of the published numbers (`fid`: pytorch-fid's TF-Inception, pool3): the generated
-  images' statistics against the cached statistics (mu, sigma) of the real training images (`fid_reference`),
-  and KID against the cached features of up to `KID_REF_MAX` of them.
+  images' statistics against the cached statistics (mu, sigma) of the real images (`reference.fid_reference`),
+  and KID against the cached features of up to `reference.KID_REF_MAX` of them.
 
 This module builds the spaces (extractors: `features`, `fid`; maths: `metrics`) and scores images or a generator
 in them. Plain arguments in, floats out: nothing here knows of ranks or configs, except `evaluate`, which takes
-an optional accelerate `Accelerator` to split generation across ranks and gather the features, and
-`DuringTraining`, the trainer's train.eval_every.
+an optional accelerate `Accelerator` to split generation across ranks and gather the features (the trainer's
+train.eval_every: `train.evaluator`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 from torch import nn
 
 from dcgan_dist import fileio
 from dcgan_dist.data.builtin import fit_back
-from dcgan_dist.data.sources import load_dataset, load_images
 from dcgan_dist.errors import UserError
-from dcgan_dist.fileio import user_cache_dir, write_atomic
+from dcgan_dist.fileio import user_cache_dir
 from dcgan_dist.gan.sampling import class_labels, fixed_noise, generate
 from dcgan_dist.quality import metrics as M
 from dcgan_dist.quality.features import (
+    SPLIT_SEED,
     Classifier,
     classifier_outputs,
     classifier_path,
+    fit_classifier,
+    labelled_data,
     load_classifier,
     save_classifier,
+    split_indices,
     to_uint8,
-    train_classifier,
 )
 from dcgan_dist.quality.fid import FID_WEIGHTS_NAME, build_fid_inception, fid_features, find_weights
+from dcgan_dist.quality.reference import fid_reference, reference_stats
 from dcgan_dist.registry import DATASETS, LABELLED
-
-HOLDOUT_FRACTION = 0.2  # per class, of the labelled training split
-SPLIT_SEED = 0
-
-
-def split_indices(labels: torch.Tensor, holdout: float = HOLDOUT_FRACTION,
-                  seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed stratified split: (train, held-out) indices, `holdout` of every class held out."""
-    g = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().view(-1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        k = max(1, round(len(idx) * holdout))
-        test.append(idx[:k]), train.append(idx[k:])
-    return torch.cat(train).sort().values, torch.cat(test).sort().values
-
 
 # --- one feature space: its real reference and the metrics -----------------------------------------
 
@@ -128,67 +111,16 @@ class FidSpace:
         return {"fd": fd, "kid": M.kid(feats, self.kid_ref)}
 
 
-KID_REF_MAX = 10000  # real features kept (a seeded subset) for KID: 100 subsets of 1,000 draw from them
 STANDARD_NUM = 50000  # the published protocol: 50,000 samples against the whole training split's statistics
 LUCIC_NUM = 10000  # Lucic et al. 2018: 10,000 samples against the 10,000 test images
 
 
-def fid_stats_path(cache_dir: str | Path, data: str, root: str, image_size: int, channels: int,
-                   num_images: int | None, weights_sha256: str, split: str = "train", fit: str = "resize") -> Path:
-    """One file per (dataset, split, image size and fit, channels, count, weights):
-    `<cache_dir>/fid-stats/...safetensors`."""
-    where = f"-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}" \
-        if data in DATASETS and DATASETS[data].at_root else ""  # a folder dataset is its root
-    count = "all" if num_images is None else str(num_images)
-    split = "" if split == "train" else f"-{split}"
-    fit = "" if fit == "resize" else f"-{fit}"
-    name = f"{data}{where}{split}-{channels}x{image_size}x{image_size}{fit}-{count}-{weights_sha256[:16]}.safetensors"
-    return Path(cache_dir) / "fid-stats" / name
 
 
-def fid_reference(net: nn.Module, weights_sha256: str, data: str, root: str, image_size: int, channels: int,
-                  num_images: int | None = None, cache_dir: str | Path | None = None, compute: bool = True,
-                  log=print, split: str = "train", fit: str = "resize", wait_minutes: float = 60.0) -> dict | None:
-    """{"mu", "sigma" (float64), "kid_ref" (float32), "count"} of the `split` images of `data` at `image_size` x
-    `channels` (as `fit` brings them there; `num_images`: its fixed subset, as data.num_images picks; None: all),
-    read from the cache or, with `compute`, computed once and cached (None when not cached and not `compute`).
-    Plain per-process work, no collective: one process at a time computes them (a file lock, `wait_minutes`; the
-    others then read its file), written atomically."""
-    path = fid_stats_path(cache_dir or user_cache_dir(), data, root, image_size, channels, num_images,
-                          weights_sha256, split, fit)
-    if not path.is_file():
-        if not compute:
-            return None
-        with fileio.exclusive(path.with_name(f".{path.name}.lock"), f"computing {path}", wait_minutes, log):
-            if not path.is_file():  # else another process computed them while this one waited
-                _write_reference(net, weights_sha256, data, root, image_size, channels, num_images, path, log,
-                                 split, fit)
-    with safe_open(path, "pt") as f:
-        return {"mu": f.get_tensor("mu"), "sigma": f.get_tensor("sigma"), "kid_ref": f.get_tensor("kid_ref"),
-                "count": int(f.metadata()["count"]), "whole": num_images is None, "path": str(path), "split": split,
-                "size": image_size}
 
 
-def _write_reference(net, weights_sha256, data, root, image_size, channels, num_images, path, log, split,
-                     fit) -> None:
-    images = load_images(data, root, image_size, channels, num_images=num_images, split=split, fit=fit)
-    if len(images) < 2:
-        raise UserError(f"FID statistics need at least 2 real images; {data} at {root} holds {len(images)}")
-    log(f"FID reference: Inception features of {len(images)} {data} {split} images at {image_size}x{image_size} "
-        f"(once; cached in {path})")
-    tensors = reference_stats(fid_features(net, images))
-    meta = {"data": data, "root": str(root), "split": split, "image_size": str(image_size), "fit": fit,
-            "channels": str(channels), "count": str(len(images)), "weights_sha256": weights_sha256,
-            "weights": FID_WEIGHTS_NAME}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save(tensors, metadata=meta))
 
 
-def reference_stats(feats: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The real side of FID/KID from its features: mu, sigma and a seeded subset of up to KID_REF_MAX features."""
-    mu, sigma = M.stats(feats)
-    keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:KID_REF_MAX]
-    return {"mu": mu, "sigma": sigma, "kid_ref": feats[keep].contiguous()}
 
 
 def fid_space(net: nn.Module, weights: dict, ref: dict, data: str, image_size: int, protocol: str = "run",
@@ -315,28 +247,8 @@ def score(images: torch.Tensor, spaces: list[FeatureSpace | FidSpace], batch_siz
 # --- building the spaces for a dataset --------------------------------------------------------------
 
 
-def labelled_data(data: str, root: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(uint8 images [N, C, S, S], labels [N]) of a labelled dataset; None for an unlabelled one."""
-    if data not in LABELLED:
-        return None
-    return load_dataset(data, root, image_size, DATASETS[data].channels)
 
 
-def fit_classifier(data: str, root: str, image_size: int = 32, epochs: int = 6, seed: int = 0,
-                   log=print) -> tuple[Classifier, dict]:
-    """Train on the fixed split's training part; returns the model and its info (held-out accuracy ...)."""
-    found = labelled_data(data, root, image_size)
-    if found is None:
-        raise UserError(f"data {data} has no labels: a classifier needs one of {', '.join(LABELLED)}")
-    images, labels = found
-    train, test = split_indices(labels)
-    num_classes = int(labels.max()) + 1
-    model = train_classifier(images[train], labels[train], num_classes, epochs=epochs, seed=seed, log=log)
-    _, probs = classifier_outputs(model, images[test])
-    accuracy = float((probs.argmax(1) == labels[test]).double().mean())
-    info = {"data": data, "image_size": image_size, "holdout_fraction": HOLDOUT_FRACTION, "split_seed": SPLIT_SEED,
-            "num_train": len(train), "num_heldout": len(test), "epochs": epochs, "seed": seed, "accuracy": accuracy}
-    return model, info
 
 
 def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", classifier: str | Path | None = None,
