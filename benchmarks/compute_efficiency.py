@@ -39,7 +39,7 @@ import torch
 from accelerate.state import AcceleratorState
 from torch import nn
 
-from dcgan_dist.config import load_config
+from dcgan_dist.recipe import load_config
 from dcgan_dist.train.trainer import Trainer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -33,9 +33,9 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dcgan_dist.config import load_config
 from dcgan_dist.data.batches import ShardedBatches, to_model_range
 from dcgan_dist.data.sources import load_images
+from dcgan_dist.recipe import load_config
 from dcgan_dist.train.trainer import Trainer
 
 

@@ -42,8 +42,8 @@ def worker(args):
     import torch
     import torch.distributed as dist
 
-    from dcgan_dist.config import load_config
     from dcgan_dist.data.batches import to_model_range
+    from dcgan_dist.recipe import load_config
     from dcgan_dist.train.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

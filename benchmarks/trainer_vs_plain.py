@@ -29,8 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dcgan_dist.config import load_config
 from dcgan_dist.gan.models import Discriminator, Generator, init_weights
+from dcgan_dist.recipe import load_config
 from dcgan_dist.train.trainer import Trainer
 
 

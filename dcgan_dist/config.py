@@ -1,25 +1,43 @@
-"""Typed, nested run configuration: YAML recipe + `section.key=value` overrides -> validated `Config`.
-
-Every field has a type and a docstring-like comment; unknown keys, wrong types and inconsistent
-values raise `UserError` naming the key, the value and what is accepted, before any work starts.
-The checks are `validate.py`'s (what the config alone says, here; what needs the data's facts or the launch,
-when a run starts). No file is read but the YAML.
+"""The typed, nested run configuration (`Config`: every field with its type, default and a comment, from which
+docs/CONFIG.md is generated) and what it accepts, checked at three moments, each raising `UserError` naming the
+key, the value and what is accepted, before any work starts:
+- `validate(cfg)` when a config is loaded (`recipe.load_config`): what the config alone says, against the
+  registry's names;
+- `check_data(cfg, facts)` when a run starts: what needs the data itself (a store's image size, channels and
+  classes), from its facts (`data.sources.facts`, read once);
+- `validate_world(cfg, world_size, device, bf16)` once the launch is known: the world size and the device.
+A new key: its field here (and its check, if it has one) and its reader. No file is read; no torch at import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dcgan_dist.errors import UserError
-from dcgan_dist.registry import SPECTRAL_NORMS
-from dcgan_dist.validate import validate
+from dcgan_dist.registry import (
+    ARCHS,
+    AUGMENT_POLICIES,
+    CONDITIONAL_ARCHS,
+    CONDS,
+    DATASETS,
+    FID_PROTOCOLS,
+    FITS,
+    G_LOSSES,
+    HIGHER_IS_BETTER,
+    IMAGE_CHANNELS,
+    IMAGE_SIZES,
+    LABELLED,
+    LOSSES,
+    LOWER_IS_BETTER,
+    METRIC_SPACES,
+    NORMS,
+    SPECTRAL_NORMS,
+    parse_augment,
+)
 
 
 @dataclass
@@ -49,7 +67,7 @@ class EmaConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"  # dcgan | mlp (the original fully connected GAN)
+    arch: str = "dcgan"  # one of registry.ARCHS: dcgan, or mlp (the original fully connected GAN)
     image_size: int = 64  # one of registry.IMAGE_SIZES
     channels: int = 0  # image channels; 0 = the dataset's own (1 for MNIST, a store's own, else 3)
     latent_dim: int = 100  # size of z
@@ -65,8 +83,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "bce"  # bce (the seed's objective) | hinge
-    g_loss: str = "non_saturating"  # bce only: non_saturating (-log D(G(z))) | minimax (log(1 - D(G(z))))
+    name: str = "bce"  # one of registry.LOSSES: bce (the seed's objective), hinge
+    g_loss: str = "non_saturating"  # G's objective, as registry.LOSSES allows (bce: non_saturating, minimax)
     real_target: float = 1.0  # bce only: D's target for real images; 0.9 = one-sided label smoothing
     g_target: float = 1.0  # bce non_saturating only: G's target for D(G(z)); the seed uses 0.9
 
@@ -155,105 +173,192 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# --- loading ------------------------------------------------------------------------------------
+# --- validation: when a config is loaded (`validate`), when a run starts (`check_data`, `validate_world`) --
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """Recipe file (or the defaults) + `a.b=value` overrides -> validated Config."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_yaml(path)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=200)")
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = _OverrideText(text)
-    cfg = _build(Config, raw, "")
-    validate(cfg)
-    return cfg
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {path} not found; pass an existing recipe, e.g. --config configs/mnist5k.yaml")
-    try:
-        raw = yaml.safe_load(p.read_text())  # safe_load: a config never constructs Python objects
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" line {where.line + 1}" if where else ""
-        raise UserError(f"config file {path}{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"config file {path} must hold a mapping of sections (run, data, model, ...)")
-    return raw
-
-
-class _OverrideText(str):
-    """A value from the command line: parsed as YAML, then coerced to the field's type."""
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        key = prefix + str(unknown[0])
-        raise UserError(f"unknown config key {key}; accepted keys here: {', '.join(sorted(names))}")
-    values = {}
-    for name in raw:
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name], f"{prefix}{name}.")
-        else:
-            values[name] = _coerce(raw[name], hint, prefix + name)
-    return cls(**values)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check a value against a field type (str, int, float, bool, or X | None)."""
-    optional = False
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional, hint = True, args[0]
-    if isinstance(value, _OverrideText):
-        if hint is str:
-            return str(value)
-        try:
-            value = yaml.safe_load(str(value))
-        except yaml.YAMLError:
-            raise UserError(f"{key}={value!s}: cannot parse the value; expected {hint.__name__}") from None
-    if value is None and optional:
-        return None
-    if typing.get_origin(hint) is list:  # list[str]
-        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise UserError(f"{key} = {value!r} has the wrong type; expected a list of strings, e.g. [a, b]")
-        return list(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    ok = (
-        (hint is bool and isinstance(value, bool))
-        or (hint is int and isinstance(value, int) and not isinstance(value, bool))
-        or (hint is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (hint is str and isinstance(value, str))
-    )
+def _check(ok: bool, key: str, value: Any, accepted: str) -> None:
     if not ok:
-        kind = hint.__name__ + (" or null" if optional else "")
-        raise UserError(f"{key} = {value!r} has the wrong type; expected {kind}")
-    return float(value) if hint is float else value
+        raise UserError(f"{key} = {value!r} is not accepted; {accepted}")
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, key, value, "use one of " + ", ".join(map(str, choices)))
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no knowledge of the machine (world size and devices: `validate_world`) nor of the data's
+    files (`check_data`)."""
+    _check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
+           "use a non-empty name without '/' (or set run.dir)")
+    _data(cfg.data)
+    _model(cfg.model, cfg.data)
+    _loss(cfg.loss)
+    _optim(cfg.optim)
+    _train(cfg.train, cfg.model)
+    _log(cfg.log)
+
+
+def _data(d) -> None:
+    _one_of("data.name", d.name, tuple(DATASETS))
+    _check(d.num_images is None or d.num_images > 0, "data.num_images", d.num_images, "use a positive count or null")
+    _check(d.wait_minutes > 0 and math.isfinite(d.wait_minutes), "data.wait_minutes", d.wait_minutes,
+           "use a positive number of minutes such as 60")
+    _one_of("data.fit", d.fit, FITS)
+    _check(0 <= d.background <= 255, "data.background", d.background, "use a grey level from 0 (black) to 255 (white)")
+    _check(d.fit == "resize" or DATASETS[d.name].built_in, "data.fit", d.fit,
+           f"pad is for the built-in datasets ({', '.join(n for n, i in DATASETS.items() if i.built_in)}); "
+           "prepare a store at the size you want instead")
+
+
+def _model(m, d) -> None:
+    _one_of("model.arch", m.arch, tuple(ARCHS))
+    _one_of("model.image_size", m.image_size, IMAGE_SIZES)
+    _one_of("model.norm", m.norm, NORMS)
+    _check(m.channels == 0 or m.channels in IMAGE_CHANNELS, "model.channels", m.channels,
+           f"use {', '.join(map(str, IMAGE_CHANNELS))}, or 0 for the dataset's own")
+    data = DATASETS[d.name]
+    fixed = data.channels
+    _check(fixed is None or m.channels in (0, fixed), "model.channels", m.channels,
+           f"data.name={d.name} has {fixed} channel(s); set model.channels={fixed} or 0")
+    _one_of("model.cond", m.cond, CONDS)
+    _one_of("model.spectral_norm", m.spectral_norm, tuple(SPECTRAL_NORMS))
+    if m.num_classes:
+        _check(m.num_classes > 0, "model.num_classes", m.num_classes, "use 0 (unconditional) or the dataset's classes")
+        if not data.is_store:  # a store's classes are in its manifest: checked with the data's facts (check_data)
+            _classes(m, d.name, data.num_classes)
+        _check(ARCHS[m.arch].conditional, "model.num_classes", m.num_classes,
+               f"conditional models are model.arch={' or '.join(CONDITIONAL_ARCHS)} only")
+    _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "use a positive size such as 100")
+    _check(m.g_width >= 1, "model.g_width", m.g_width, "use a positive width such as 64")
+    _check(m.d_width >= 1, "model.d_width", m.d_width, "use a positive width such as 64")
+    _check(m.ema.warmup_steps >= 0, "model.ema.warmup_steps", m.ema.warmup_steps, "use 0 (no ramp) or a step count")
+    _check(0.0 <= m.ema.decay < 1.0, "model.ema.decay", m.ema.decay, "use 0 (off) or a value in (0, 1) such as 0.999")
+    _check(not (m.sync_bn and m.norm == "none"), "model.sync_bn", m.sync_bn, "sync_bn needs model.norm=batch")
+    _check(not (m.sync_bn and not ARCHS[m.arch].batch_norm), "model.sync_bn", m.sync_bn,
+           f"the {m.arch} arch has no BatchNorm")
+
+
+def _loss(lo) -> None:
+    _one_of("loss.name", lo.name, tuple(LOSSES))
+    _one_of("loss.g_loss", lo.g_loss, G_LOSSES)
+    _check(0.0 < lo.real_target <= 1.0, "loss.real_target", lo.real_target, "use a value in (0, 1], e.g. 0.9")
+    _check(0.0 < lo.g_target <= 1.0, "loss.g_target", lo.g_target, "use a value in (0, 1], e.g. 1.0")
+    if not LOSSES[lo.name].label_targets:
+        takes = " or ".join(name for name, info in LOSSES.items() if info.label_targets)
+        _check(lo.real_target == 1.0 and lo.g_target == 1.0, "loss.real_target", lo.real_target,
+               f"label targets apply to loss.name={takes} only; leave real_target and g_target at 1.0")
+
+
+def _optim(o) -> None:
+    for key, value in (("optim.lr_g", o.lr_g), ("optim.lr_d", o.lr_d)):
+        _check(value > 0 and math.isfinite(value), key, value, "use a positive learning rate such as 2e-4")
+    for key, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        _check(0.0 <= value < 1.0, key, value, "use a value in [0, 1)")
+
+
+def _train(t, m) -> None:
+    _check(t.steps >= 1, "train.steps", t.steps, "use a positive number of generator steps")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "use a positive per-rank batch size")
+    _check(t.global_batch_size is None or t.global_batch_size >= 1, "train.global_batch_size",
+           t.global_batch_size, "use a positive global batch size or null")
+    _one_of("train.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16", "auto"))
+    if t.cuda_graphs:  # what a captured step cannot hold (docs/PERFORMANCE.md, "CUDA graphs")
+        _check(t.mixed_precision != "fp16", "train.cuda_graphs", t.cuda_graphs, "fp16's gradient scaler reads its "
+               "overflow flag on the host at every step; use train.mixed_precision=bf16 (or no) with graphs")
+        _check(not t.compile, "train.cuda_graphs", t.cuda_graphs, "choose one of train.compile and "
+               "train.cuda_graphs (the graph replays the eager kernels)")
+        _check(not m.sync_bn, "train.cuda_graphs", t.cuda_graphs, "model.sync_bn=true all-reduces in every forward; "
+               "graphs run one process, where sync BN does nothing: set model.sync_bn=false")
+    try:
+        parse_augment(t.augment)
+    except ValueError as e:
+        raise UserError(f"train.augment={t.augment!r}: {e}; use a comma-separated list of "
+                        f"{', '.join(AUGMENT_POLICIES)}, e.g. translation,cutout (or empty for none)") from None
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "use 0 (final only) or a step count")
+    _check(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", t.checkpoint_minutes, "use 0 (off) or minutes")
+    _check(t.max_minutes >= 0 and math.isfinite(t.max_minutes), "train.max_minutes", t.max_minutes,
+           "use 0 (no limit) or minutes, e.g. 9")
+    _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least the newest checkpoint (1 or more)")
+    _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "use 0 (none) or a step count")
+    _check(t.collective_timeout_s >= 1, "train.collective_timeout_s", t.collective_timeout_s, "use seconds >= 1")
+    _check(t.check_consistency_every >= 0, "train.check_consistency_every", t.check_consistency_every,
+           "use 0 (off) or a step count")
+    _check(not (t.check_consistency_every and m.norm == "batch" and not m.sync_bn), "train.check_consistency_every",
+           t.check_consistency_every, "it needs model.sync_bn=true (or model.norm=none): otherwise each rank's "
+           "BatchNorm statistics differ by design")
+    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (off) or a step count")
+    _check(t.eval_num >= 8, "train.eval_num", t.eval_num, "use at least 8 images (1000 or more for stable numbers)")
+    _one_of("train.eval_protocol", t.eval_protocol, ("", *FID_PROTOCOLS))
+    if t.keep_best:
+        space, _, name = t.keep_best.partition("/")
+        _check(space in METRIC_SPACES and name in LOWER_IS_BETTER + HIGHER_IS_BETTER, "train.keep_best", t.keep_best,
+               "use <space>/<metric>: space " + " or ".join(METRIC_SPACES) + ", metric one of " +
+               ", ".join(LOWER_IS_BETTER + HIGHER_IS_BETTER) + ", e.g. classifier/fd")
+        _check(t.eval_every > 0, "train.keep_best", t.keep_best, "it needs train.eval_every > 0")
+    _one_of("train.on_nonfinite", t.on_nonfinite, ("skip", "stop"))
+    _check(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", t.max_consecutive_skips,
+           "use 0 or more steps")
+    _check(bool(t.resume), "train.resume", t.resume, "use auto, never, or the path of a checkpoint")
+
+
+def _log(lg) -> None:
+    _check(lg.every >= 1, "log.every", lg.every, "use a positive step count")
+    _check(lg.sample_every >= 0, "log.sample_every", lg.sample_every, "use 0 (end only) or a step count")
+    _one_of("log.wandb.mode", lg.wandb.mode, ("auto", "online", "offline", "disabled"))
+    _check(bool(lg.wandb.project), "log.wandb.project", lg.wandb.project, "use a non-empty project name")
+    _check(1 <= lg.num_samples <= 1024, "log.num_samples", lg.num_samples, "use 1..1024")
+
+
+
+
+def check_data(cfg: Config, facts) -> None:
+    """The checks that need the data itself, from its facts (`data.sources.facts`, read once when a run starts,
+    before anything heavy): a store's image size and channels (its manifest's) against the model, and
+    model.num_classes against a store's classes."""
+    m, root = cfg.model, cfg.data.root
+    if not DATASETS[cfg.data.name].is_store:
+        return  # the registry's facts: validate checked them
+    _check(m.image_size == facts.image_size, "model.image_size", m.image_size, f"the store at data.root={root} "
+           f"holds {facts.image_size}x{facts.image_size} images: set model.image_size={facts.image_size}, or "
+           f"prepare a store with --size {m.image_size}")
+    _check(m.channels in (0, facts.channels), "model.channels", m.channels, f"the store at data.root={root} holds "
+           f"{facts.channels}-channel images: set model.channels={facts.channels} (or 0), or prepare one with "
+           f"--channels {m.channels}")
+    _classes(m, cfg.data.name, facts.num_classes)
+
+
+def _classes(m, name: str, classes: int) -> None:
+    """model.num_classes (> 0) against the dataset's class count `classes` (0: unlabelled)."""
+    if not m.num_classes:
+        return
+    _check(classes > 0, "model.num_classes", m.num_classes, f"data.name={name} has no labels: train a "
+           f"conditional model on a labelled dataset ({', '.join(LABELLED)}, or a store of labelled images), or "
+           "set model.num_classes=0")
+    _check(m.num_classes == classes, "model.num_classes", m.num_classes,
+           f"data.name={name} has {classes} classes: set model.num_classes={classes} (or 0 for unconditional)")
+
+
+def validate_world(cfg: Config, world_size: int, device: str = "cpu", bf16: bool = False) -> Config:
+    """Checks that depend on the launch; returns the config with the per-rank batch resolved.
+
+    `device`: "cuda", "xpu", "mps" or "cpu" (devices.accelerator_type); `bf16`: whether bf16 runs natively there
+    (devices.native_bf16), which decides train.mixed_precision=auto."""
+    t = cfg.train
+    if world_size > 1 and device == "mps":
+        raise UserError(f"{world_size} processes on Apple MPS, which has no distributed backend: launch one "
+                        "process (accelerate launch --num_processes 1, or dcgan-train)")
+    if t.global_batch_size is not None:
+        _check(t.global_batch_size % world_size == 0, "train.global_batch_size", t.global_batch_size,
+               f"it must be divisible by the world size {world_size}")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=t.global_batch_size // world_size))
+    _check(device == "cuda" or t.mixed_precision != "fp16", "train.mixed_precision", t.mixed_precision,
+           f"fp16 needs CUDA (with its gradient scaler); use bf16 (or no) on {device}")
+    _check(device == "cuda" or not t.cuda_graphs, "train.cuda_graphs", t.cuda_graphs,
+           f"CUDA graphs need a CUDA GPU and this process trains on {device}: set train.cuda_graphs=false")
+    _check(world_size == 1 or not t.cuda_graphs, "train.cuda_graphs", t.cuda_graphs,
+           f"graphs replay a one-process step and this job has {world_size} processes (DDP's reductions are not "
+           "captured): launch one process, or set train.cuda_graphs=false")
+    if t.mixed_precision == "auto":
+        precision = "bf16" if bf16 else "no"
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=precision))
+    return cfg

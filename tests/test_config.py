@@ -6,10 +6,10 @@ import torch
 import yaml
 
 from conftest import run_train
-from dcgan_dist.config import Config, load_config
+from dcgan_dist.config import Config, check_data, validate_world
 from dcgan_dist.errors import UserError
+from dcgan_dist.recipe import load_config
 from dcgan_dist.train import devices
-from dcgan_dist.validate import check_data, validate_world
 
 
 def test_defaults_and_typed_overrides():

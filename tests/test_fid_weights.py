@@ -29,10 +29,10 @@ CONVERTED_SHA256 = "78b5dba924528d30623da7f4e1bf0aee1df4df542c999b0505ec3ce5a6e1
 
 def run_eval(args, capsys) -> tuple[int, str, str]:
     """dcgan-eval ARGS in this process: (exit status, stdout, stderr)."""
-    from dcgan_dist import cli
+    from dcgan_dist import eval_cli
 
     try:
-        cli.eval_main([str(a) for a in args])
+        eval_cli.eval_main([str(a) for a in args])
         code = 0
     except SystemExit as e:
         code = e.code

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from dcgan_dist.config import load_config
 from dcgan_dist.data.sources import facts
 from dcgan_dist.gan.models import Discriminator, Generator, init_weights
+from dcgan_dist.recipe import load_config
 
 
 # A literal transcription of the reference recipe's networks (docs/DCGAN.md#the-reference-recipe), Sigmoid included.

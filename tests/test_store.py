@@ -17,13 +17,13 @@ from PIL import Image
 
 from conftest import REPO, accelerate_launch, assert_ok, env, free_port, run_train, snapshot
 from dcgan_dist import checkpoint
-from dcgan_dist.config import load_config
+from dcgan_dist.config import check_data
 from dcgan_dist.data import decode, store
 from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
 from dcgan_dist.data.prepare import PrepareOptions, prepare_store
 from dcgan_dist.data.sources import batch_source, facts, load_dataset
 from dcgan_dist.errors import UserError
-from dcgan_dist.validate import check_data
+from dcgan_dist.recipe import load_config
 
 SIZES = [(40, 60), (70, 45), (100, 130), (33, 33)]  # (h, w); 100x130 JPEGs take the draft path at 32
 

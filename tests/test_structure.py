@@ -133,7 +133,7 @@ def test_in_memory_batches_keep_labels_with_their_images_and_resume():
 
 
 def test_importing_the_config_loads_no_torch():
-    code = "import sys, dcgan_dist.config, dcgan_dist.registry; print(sorted(m for m in sys.modules if m == 'torch'))"
+    code = "import sys, dcgan_dist.recipe, dcgan_dist.config, dcgan_dist.registry; print(sorted(m for m in sys.modules if m == 'torch'))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -205,15 +205,15 @@ def test_the_config_reads_no_file_but_the_yaml(tmp_path):
     """load_config of a store recipe whose store does not exist opens the recipe alone (an audit hook on "open",
     after the imports); the data facts, resolved when a run starts, are what read the store and refuse it."""
     missing, recipe = tmp_path / "no-store", REPO / "configs" / "celeba64.yaml"
-    code = ("import sys, json, dcgan_dist.config as C\n"
+    code = ("import sys, json, dcgan_dist.recipe as C\n"
             "opened = []\n"
             "sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == 'open' else None)\n"
             f"cfg = C.load_config({str(recipe)!r}, ['data.root={missing}'])\n"
             "print(json.dumps([cfg.data.name, [p for p in opened if not p.endswith(('.py', '.pyc'))]]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == ["store", [str(recipe)]]
-    from dcgan_dist.config import load_config
     from dcgan_dist.data.sources import facts
+    from dcgan_dist.recipe import load_config
 
     with pytest.raises(UserError, match=r"is not a prepared store .* dcgan-prepare SOURCE --size S --out"):
         cfg = load_config(str(recipe), [f"data.root={missing}"])

@@ -133,7 +133,7 @@ def test_sample_command_bad_input(tmp_path, smoke_args, sample):
 
 def test_ema_update_rule_with_warmup(tmp_path):
     """EMA_t = d_t EMA_{t-1} + (1 - d_t) G_t with d_t = decay * min(1, t / warmup); BN buffers copied from G."""
-    from dcgan_dist.config import load_config
+    from dcgan_dist.recipe import load_config
     from dcgan_dist.train.trainer import Trainer
 
     cfg = load_config("configs/smoke.yaml", [f"run.dir={tmp_path / 'run'}", "log.wandb.mode=disabled",

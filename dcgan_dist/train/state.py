@@ -166,12 +166,26 @@ def training_state(accelerator, cfg: Config, kwargs: tuple[dict, dict], G: nn.Mo
                 lambda state: scaler.load_state_dict(state) if scaler is not None and state else None)
     st.register("data", position)
     st.register("rng", RandomState(accelerator, noise, position, lambda: (
-        cfg.train.seed * 1_000_003 + accelerator.process_index + 1 + st.step * 7919)))
+        rank_seed(cfg.train.seed, accelerator.process_index) + st.step * 7919)))
     st.register("epoch", lambda: data.epoch)  # these four: for readers (restored through `data`, or checked by
     st.register("world_size", lambda: data.state_dict()["world_size"])  # find_resume)
     st.register("batch_size", lambda: data.state_dict()["batch_size"])
     st.register("config", lambda: asdict(cfg))
     return st
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of `rank`'s own random streams (its noise; python's and numpy's, which a checkpoint holds too)."""
+    return seed * 1_000_003 + rank + 1
+
+
+def seed_rank(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """This rank's noise generator on `device`, python's and numpy's random state seeded alike: training draws
+    from neither, but checkpoints hold their states (the same run, the same checkpoint files)."""
+    s = rank_seed(seed, rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    return torch.Generator(device).manual_seed(s)
 
 
 def _upgrade(meta: dict) -> dict:

@@ -9,8 +9,12 @@ interval's finite steps and over the ranks in one reduction.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+
+from dcgan_dist import checkpoint
+from dcgan_dist.errors import RunError
 
 # What a step reports (`per_step` of its row; plus a last "non-finite" flag), averaged per log interval.
 STATS = ("loss/D", "loss/D_real", "loss/D_fake", "loss/G", "D/real", "D/fake_before", "D/fake_after", "D/accuracy",
@@ -41,8 +45,8 @@ def per_step(rows: torch.Tensor) -> torch.Tensor:
 
 
 class IntervalStats:
-    def __init__(self, on_nonfinite: str, max_consecutive_skips: int, nonfinite_steps: int = 0):
-        self.on_nonfinite, self.max_consecutive_skips = on_nonfinite, max_consecutive_skips
+    def __init__(self, on_nonfinite: str, max_consecutive_skips: int, ckpt_root: Path, nonfinite_steps: int = 0):
+        self.on_nonfinite, self.max_consecutive_skips, self.ckpt_root = on_nonfinite, max_consecutive_skips, ckpt_root
         self.nonfinite_steps, self.nonfinite_run = nonfinite_steps, 0  # in the whole run; in a row now
         self.rows: list[torch.Tensor] = []
         self.counted, self.data_time = 0, 0.0
@@ -66,13 +70,24 @@ class IntervalStats:
                         f"{first + i} (more than train.max_consecutive_skips={self.max_consecutive_skips})")
         return ""
 
-    def reduce(self, accelerator, step: int) -> tuple[dict[str, float], int, float, str]:
-        """(STATS averaged over the interval's finite steps and the ranks, steps, data seconds, stop reason);
-        starts the next interval. A collective, and the one host sync of the interval."""
+    def stop_if(self, reason: str) -> None:
+        """End the run (RunError) for `reason` (`check`'s), naming the last good checkpoint; '' goes on."""
+        if reason:
+            last = checkpoint.latest_checkpoint(self.ckpt_root)
+            raise RunError(f"{reason}; no update was applied from non-finite gradients. Last good checkpoint: "
+                           f"{last or 'none written yet'}. Lower optim.lr_g/optim.lr_d and continue from it "
+                           "(train.resume=auto), or set train.on_nonfinite=skip")
+
+    def reduce(self, accelerator, step: int, seconds: float, images_per_step: int) -> tuple[dict[str, float], str]:
+        """The interval that ends at `step` after `seconds` ({STATS averaged over its finite steps and the ranks,
+        the run's non-finite steps, images/s, step and data seconds}, why the run must stop or ''); starts the
+        next interval. A collective, and the one host sync of the interval."""
         steps = accelerator.reduce(per_step(torch.stack(self.rows)), reduction="mean").cpu()
         finite = steps[steps[:, -1] == 0, :-1]
         means = finite.mean(0).tolist() if len(finite) else [math.nan] * len(STATS)
-        reason = self.check(step)
-        out = dict(zip(STATS, means)), len(self.rows), self.data_time, reason
+        reason, count = self.check(step), len(self.rows)
+        record = {**dict(zip(STATS, means)), "train/nonfinite_steps": self.nonfinite_steps,
+                  "perf/img_per_s": count * images_per_step / seconds, "perf/step_time": seconds / count,
+                  "perf/data_time": self.data_time / count}
         self.rows, self.counted, self.data_time = [], 0, 0.0
-        return out
+        return record, reason

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from dcgan_dist import checkpoint
-from dcgan_dist.config import save_config
 from dcgan_dist.data.batches import to_model_range
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
+from dcgan_dist.recipe import save_config
 from dcgan_dist.registry import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRIC_SPACES
 
 
@@ -266,6 +266,14 @@ def describe_run(cfg, data, world: int, device_type: str) -> str:
             f"({data.num_items} images, {data.batches_per_epoch} batches/epoch)\n"
             f"  world size {world} ({device_type}), batch {t.batch_size}/rank = {t.batch_size * world} global, "
             f"precision {t.mixed_precision}, {t.steps} steps, run dir {cfg.run_dir}")
+
+
+def show(bar, line: str, main: bool, progress: bool) -> None:
+    """An interval's `format_line` on rank 0 (`main`): on the bar, or printed when there is none (log.progress)."""
+    if main:
+        bar.set_postfix_str(line.split("  ", 1)[1])
+        if not progress:
+            print(line, flush=True)
 
 
 def format_line(step: int, steps: int, record: dict) -> str:

@@ -10,23 +10,20 @@ Lifecycle: `with Trainer(cfg) as trainer: trainer.train()` (or call `close()` yo
 from __future__ import annotations
 
 import gc
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dcgan_dist import checkpoint, fileio, launcher
-from dcgan_dist.config import Config
+from dcgan_dist import launcher
+from dcgan_dist.config import Config, check_data, validate_world
 from dcgan_dist.data.batches import to_model_range
 from dcgan_dist.data.sources import batch_source, facts
-from dcgan_dist.errors import RunError, UserError
 from dcgan_dist.gan import augment, sampling
 from dcgan_dist.gan.losses import adversarial_loss
 from dcgan_dist.registry import parse_augment
-from dcgan_dist.train import accelerator, devices, networks, tracking
+from dcgan_dist.train import accelerator, devices, networks, ownership, tracking, updates
 from dcgan_dist.train import state as train_state
 from dcgan_dist.train.agreement import Agreement
 from dcgan_dist.train.evaluator import DuringTraining
@@ -34,19 +31,12 @@ from dcgan_dist.train.graphs import GraphedStep
 from dcgan_dist.train.stats import IntervalStats, step_row
 from dcgan_dist.train.sync_bn import check_consistency
 from dcgan_dist.train.tracking import Tracker, format_line
-from dcgan_dist.validate import check_data, validate_world
-
-
-def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of all gradients, on the device (no host sync)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
 
 
 class Trainer:
     def __init__(self, cfg: Config, overwrite: bool = False):
         self.started = time.monotonic()  # train.max_minutes counts from here (set-up included), or from the
-        # job's first start in a worker group the launcher restarted (`_own_run_dir`)
+        # job's first start in a worker group the launcher restarted (`ownership.own_run_dir`)
         device = devices.accelerator_type()
         cfg = validate_world(cfg, launcher.place(slurm=False).world_size, device, devices.native_bf16(device))
         self.facts = facts(cfg.data, cfg.model)  # once, before anything heavy (a store's manifest)
@@ -54,7 +44,9 @@ class Trainer:
         self.accelerator = acc = accelerator.build(cfg, device)  # DDP, precision, trackers, the process group
         self.cfg, self.device, self.world, self.rank = cfg, acc.device, acc.num_processes, acc.process_index
         self.run_dir, self.ckpt_root, self.closed = cfg.run_dir, cfg.run_dir / "checkpoints", False
-        self.owner = self._own_run_dir()  # rank 0 owns the run directory from here until close()
+        # rank 0 owns the run directory from here until close()
+        self.owner, self.started = ownership.own_run_dir(acc, cfg.run_dir, cfg.train.collective_timeout_s, self.started,
+                                               self._print)
         try:
             self._set_up(cfg, overwrite, device)
         except BaseException:
@@ -70,22 +62,17 @@ class Trainer:
         # no collective: one process prepares a missing cached store while the others wait on its file lock
         self.data = batch_source(cfg.data, self.facts, t.batch_size, t.seed, self.rank, self.world,
                                  pin_memory=device == "cuda", progress=cfg.log.progress, warn=self._print)
-        self.evaluator = DuringTraining(cfg.data, t, m.image_size, channels, acc, self._print) if t.eval_every \
-            else None
+        self.evaluator = DuringTraining(cfg.data, t, m.image_size, channels, acc, self._print) if t.eval_every else None
 
         kwargs = cfg.model_kwargs(channels)  # what builds G and D, and what their checkpoints say builds them
         nets = networks.build(*kwargs, m, t, cfg.optim, self.device)
         self.ema, self.opt_G, self.opt_D, self.channels_last = nets.ema, nets.opt_G, nets.opt_D, nets.channels_last
         # The optimizers stay plain torch ones: accelerate's wrapper adds ~0.15 ms of Python per step and call,
-        # which a small model on a GPU notices (benchmarks/gpu.sh); fp16 scaling is done here (`_update`).
+        # which a small model on a GPU notices (benchmarks/gpu.sh); fp16 scaling is done here (`updates`).
         self.G, self.D = acc.prepare(nets.G, nets.D)
         self.loss = adversarial_loss(cfg.loss.name, cfg.loss.g_loss, cfg.loss.real_target, cfg.loss.g_target)
         self.augment_policy = parse_augment(t.augment)
-        # Each rank draws its own noise; the fixed grid noise is the same everywhere.
-        rank_seed = t.seed * 1_000_003 + self.rank + 1
-        self.noise = torch.Generator(self.device).manual_seed(rank_seed)
-        random.seed(rank_seed)  # training draws from neither, but checkpoints hold their states: the same run,
-        np.random.seed(rank_seed % 2**32)  # the same checkpoint files
+        self.noise = train_state.seed_rank(t.seed, self.rank, self.device)  # each rank draws its own noise
         # train.cuda_graphs: the step from the batch on is replayed as one CUDA graph, which reads the EMA's
         # weight from the device (filled before each call, warm-up steps included, so every step does the same)
         self.graphed = GraphedStep(self._step_on, [self.noise]) if t.cuda_graphs else None
@@ -94,7 +81,7 @@ class Trainer:
         self.fixed_z, self.fixed_y, self.grid_nrow = sampling.class_grid(cfg.log.num_samples, m.latent_dim,
                                                                          m.num_classes, t.seed)
         self.G_raw, D_raw = acc.unwrap_model(self.G), acc.unwrap_model(self.D)  # un-wrapped from DDP
-        self.stats = IntervalStats(t.on_nonfinite, t.max_consecutive_skips)
+        self.stats = IntervalStats(t.on_nonfinite, t.max_consecutive_skips, self.ckpt_root)
         self.step, self.best, self.wandb_run_id = 0, None, None  # best: {metric, value, step} of checkpoints/best
         # Everything a checkpoint holds, each part registered once; the networks' and the data's in train_state
         self.state = st = train_state.training_state(acc, cfg, kwargs, self.G_raw, D_raw, self.ema, self.opt_G,
@@ -117,72 +104,11 @@ class Trainer:
         if self.owner is not None:
             self.owner.commit()  # the run has started: the lock file names its owner from now on
 
-    def _own_run_dir(self) -> fileio.Claim | None:
-        """Rank 0 owns the run directory (`fileio.claim` on run_dir/.lock) before anything in it is read, until
-        `close()`: a second training on it stops on every rank before touching anything. An earlier attempt of
-        this job still ending (a restarted worker group, a requeued job) is waited for; a restarted group's
-        train.max_minutes goes on counting from the job's first start, which the lock file keeps."""
-        acc, cfg, owner, error = self.accelerator, self.cfg, None, ""
-        if acc.is_main_process:
-            try:
-                owner = fileio.claim(cfg.run_dir / ".lock", f"run directory {cfg.run_dir}", "wait for that training "
-                                     "to end (or stop it), or train into another run.dir", job=launcher.job(),
-                                     wait_s=cfg.train.collective_timeout_s / 2, log=self._print)
-            except UserError as e:
-                error = str(e)
-        refused = torch.tensor([float(bool(error))], device=self.device)
-        if (acc.reduce(refused, "sum") if self.world > 1 else refused).item():
-            raise UserError(error)  # rank 0 says why; the other ranks leave quietly
-        if owner is not None:
-            before, now = owner.previous, time.time()
-            restarted = launcher.attempt() > 0 and before.get("job") == owner.record["job"]
-            job_started = before["job_started"] if restarted and "job_started" in before else \
-                now - (time.monotonic() - self.started)
-            owner.write(job_started=job_started)
-            self.started = time.monotonic() - (now - job_started)
-        return owner
-
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process:  # global rank 0 (accelerator.print prints once per node)
             print(message, flush=True)
 
     # ------------------------------------------------------------------------------------------------
-    def train_step(self, real: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """One D step then one G step on `real` [B, C, H, W] in [-1, 1] and noise `z` [B, latent]; a conditional
-        model also takes the real images' labels `y` [B], which the fakes are asked for too.
-
-        Under DDP every rank must make the same forwards in the same order (with synchronized BN each
-        forward is a collective): G(z), D(real), D(fake), then D(fake) again in the G phase.
-        Returns the step's report, `stats.step_row`: one detached tensor (no host sync here).
-        """
-        acc, G, D, loss, aug = self.accelerator, self.G, self.D, self.loss, self._augment
-        fake = G(z, y)  # [B, C, H, W]; one G forward serves both phases, as in the reference recipe
-
-        # D: real. The first backward only accumulates locally; the fake backward all-reduces both at once.
-        D.requires_grad_(True)
-        with acc.no_sync(D):
-            real_logits = D(aug(real), y)
-            loss_real = loss.d_real(real_logits)  # D's loss on the real images (the objective's: gan/losses.py)
-            self._backward(loss_real)
-        # D: fake. G is not updated here: the graph is cut at fake.detach().
-        fake_logits = D(aug(fake.detach()), y)
-        loss_fake = loss.d_fake(fake_logits)  # ... and on the fakes
-        self._backward(loss_fake)
-        grad_norm_D, bad_D = self._update(self.opt_D, D)
-
-        # G: fool D. D is frozen (no weight gradients) and run outside DDP's reducer (no_sync), so only
-        # G's gradients are all-reduced, once, in this backward.
-        D.requires_grad_(False)
-        with acc.no_sync(D):
-            g_logits = D(aug(fake), y)
-        loss_g = loss.g(g_logits)  # G's: D should take the fakes for real
-        self._backward(loss_g)
-        grad_norm_G, bad_G = self._update(self.opt_G, G)
-        if self.ema is not None:
-            self.ema.update(self.G_raw, self.ema.weight(self.step) if self.ema_weight is None else self.ema_weight)
-        return step_row(loss_real, loss_fake, loss_g, grad_norm_G, grad_norm_D, bad_D | bad_G,
-                        real_logits, fake_logits, g_logits)
-
     def run_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Step `self.step` from this rank's batch on the device (uint8 images, labels or None), as the loop runs
         it: replayed as a CUDA graph under train.cuda_graphs, else eagerly. Returns `stats.step_row`."""
@@ -199,32 +125,45 @@ class Trainer:
         z = torch.randn(len(images), self.cfg.model.latent_dim, device=self.device, generator=self.noise)
         return self.train_step(real, z, labels)
 
+    def train_step(self, real: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """One D step then one G step on `real` [B, C, H, W] in [-1, 1] and noise `z` [B, latent]; a conditional
+        model also takes the real images' labels `y` [B], which the fakes are asked for too.
+
+        Under DDP every rank must make the same forwards in the same order (with synchronized BN each
+        forward is a collective): G(z), D(real), D(fake), then D(fake) again in the G phase.
+        Returns the step's report, `stats.step_row`: one detached tensor (no host sync here).
+        """
+        acc, G, D, loss, aug = self.accelerator, self.G, self.D, self.loss, self._augment
+        fake = G(z, y)  # [B, C, H, W]; one G forward serves both phases, as in the reference recipe
+
+        # D: real. The first backward only accumulates locally; the fake backward all-reduces both at once.
+        D.requires_grad_(True)
+        with acc.no_sync(D):
+            real_logits = D(aug(real), y)
+            loss_real = loss.d_real(real_logits)  # D's loss on the real images (the objective's: gan/losses.py)
+            updates.backward(loss_real, acc.scaler)
+        # D: fake. G is not updated here: the graph is cut at fake.detach().
+        fake_logits = D(aug(fake.detach()), y)
+        loss_fake = loss.d_fake(fake_logits)  # ... and on the fakes
+        updates.backward(loss_fake, acc.scaler)
+        grad_norm_D, bad_D = updates.update(self.opt_D, D, acc.scaler)
+
+        # G: fool D. D is frozen (no weight gradients) and run outside DDP's reducer (no_sync), so only
+        # G's gradients are all-reduced, once, in this backward.
+        D.requires_grad_(False)
+        with acc.no_sync(D):
+            g_logits = D(aug(fake), y)
+        loss_g = loss.g(g_logits)  # G's: D should take the fakes for real
+        updates.backward(loss_g, acc.scaler)
+        grad_norm_G, bad_G = updates.update(self.opt_G, G, acc.scaler)
+        if self.ema is not None:
+            self.ema.update(self.G_raw, self.ema.weight(self.step) if self.ema_weight is None else self.ema_weight)
+        return step_row(loss_real, loss_fake, loss_g, grad_norm_G, grad_norm_D, bad_D | bad_G,
+                        real_logits, fake_logits, g_logits)
+
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         """train.augment: the same random transforms for real and fake, drawn from the checkpointed noise generator."""
         return augment.augment(x, self.augment_policy, self.noise) if self.augment_policy else x
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        scaler = self.accelerator.scaler  # fp16 only
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-
-    def _update(self, opt: torch.optim.Optimizer, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """opt.step(), skipped when a gradient is inf or NaN; returns (gradient norm, skipped). No host sync.
-
-        The gradients are already all-reduced, so every rank sees the same norm and skips the same steps.
-        """
-        scaler = self.accelerator.scaler
-        if scaler is not None:
-            scaler.unscale_(opt)
-        norm = _grad_norm(module)
-        bad = ~torch.isfinite(norm)
-        if scaler is not None:  # fp16: the scaler skips the step itself (and lowers its scale)
-            scaler.step(opt)
-            scaler.update()
-        else:  # fused Adam takes the flag and skips the update on the device
-            opt.found_inf = bad.float()
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        return norm, bad
 
     # ------------------------------------------------------------------------------------------------
     def train(self) -> bool:
@@ -277,13 +216,10 @@ class Trainer:
         save = stop or overdue or (t.checkpoint_every and step % t.checkpoint_every == 0)
         logged = step % lg.every == 0 or step == t.steps or out_of_time
         if save and not logged:  # train.on_nonfinite is applied before anything is written
-            self._stop_if(self.stats.check(step))
+            self.stats.stop_if(self.stats.check(step))
         if logged:
             record = self._log(time.perf_counter() - self.interval_start)
-            if self.accelerator.is_main_process:
-                self.bar.set_postfix_str(format_line(step, t.steps, record).split("  ", 1)[1])
-                if not lg.progress:
-                    print(format_line(step, t.steps, record), flush=True)
+            tracking.show(self.bar, format_line(step, t.steps, record), self.accelerator.is_main_process, lg.progress)
         # once a stop signal has arrived nothing new starts: the launcher's grace period is for the checkpoint
         if lg.sample_every and step % lg.sample_every == 0 and not stop:
             self.save_samples()
@@ -303,11 +239,8 @@ class Trainer:
     def _log(self, seconds: float) -> dict:
         """The interval's statistics -> metrics.jsonl / trackers; then train.on_nonfinite is applied."""
         acc, cfg = self.accelerator, self.cfg
-        means, count, data_time, stop_reason = self.stats.reduce(acc, self.step)
-        record = {"step": self.step, "epoch": self.data.epoch, **means,
-                  "train/nonfinite_steps": self.stats.nonfinite_steps,
-                  "perf/img_per_s": count * cfg.train.batch_size * self.world / seconds,
-                  "perf/step_time": seconds / count, "perf/data_time": data_time / count,
+        stats, stop_reason = self.stats.reduce(acc, self.step, seconds, cfg.train.batch_size * self.world)
+        record = {"step": self.step, "epoch": self.data.epoch, **stats,
                   "lr/G": self.opt_G.param_groups[0]["lr"], "lr/D": self.opt_D.param_groups[0]["lr"]}
         record |= self.loss.theory(record["loss/D"])  # what D's loss estimates, where the objective says
         if self.device.type == "cuda":
@@ -315,15 +248,8 @@ class Trainer:
         if acc.scaler is not None:
             record["train/grad_scale"] = acc.scaler.get_scale()
         self.tracker.log(record)
-        self._stop_if(stop_reason)
+        self.stats.stop_if(stop_reason)
         return record
-
-    def _stop_if(self, reason: str) -> None:
-        if reason:
-            last = checkpoint.latest_checkpoint(self.ckpt_root)
-            raise RunError(f"{reason}; no update was applied from non-finite gradients. Last good checkpoint: "
-                           f"{last or 'none written yet'}. Lower optim.lr_g/optim.lr_d and continue from it "
-                           "(train.resume=auto), or set train.on_nonfinite=skip")
 
     def sampling_generator(self) -> torch.nn.Module:
         """What samples, evaluation and exports use: the EMA generator if on (BatchNorm statistics of its own

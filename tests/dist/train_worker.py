@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dcgan_dist.config import load_config
+from dcgan_dist.recipe import load_config
 from dcgan_dist.train import stats
 from dcgan_dist.train.trainer import Trainer
 

@@ -24,7 +24,7 @@ from conftest import (
     wait_for_step,
 )
 from dcgan_dist import checkpoint
-from dcgan_dist.config import load_config
+from dcgan_dist.recipe import load_config
 
 SMOKE = ["--config", "configs/smoke.yaml", "log.sample_every=0"]
 
