@@ -133,7 +133,8 @@ def test_in_memory_batches_keep_labels_with_their_images_and_resume():
 
 
 def test_importing_the_config_loads_no_torch():
-    code = "import sys, dcgan_dist.recipe, dcgan_dist.config, dcgan_dist.registry; print(sorted(m for m in sys.modules if m == 'torch'))"
+    code = ("import sys, dcgan_dist.recipe, dcgan_dist.config, dcgan_dist.registry; "
+            "print(sorted(m for m in sys.modules if m == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
