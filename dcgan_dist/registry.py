@@ -2,7 +2,9 @@
 image sizes, augmentations, evaluation metrics.
 
 No torch here: config validation reads these tables before anything heavy is imported, and checkpoints, data
-loading and evaluation read the same ones, so a name is added in one place. Only this module compares the
+loading and evaluation read the same ones. Each implementation is a table keyed by these names
+(`gan/losses.OBJECTIVES`, `gan/models.GENERATORS` and `DISCRIMINATORS`, `data/builtin._LOADERS`), which tests
+hold to them: a name is added here and beside its implementation, nowhere else. Only this module compares the
 strings that name a dataset's kind: the others ask a `DatasetInfo` (`in_memory`, `is_folder`, `is_store`,
 `generated`, ...).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# --- models: what gan/models.py builds (it asserts what it implements; these are the names validation takes) ----
+# --- models: what gan/models.py builds (GENERATORS, DISCRIMINATORS; the names validation takes) ----------------
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ SPECTRAL_NORMS = {"none": (False, False), "d": (False, True), "both": (True, Tru
 IMAGE_CHANNELS = (1, 3)  # what a model's images may have (model.channels, meta.json's channels)
 IMAGE_SIZES = (32, 64, 128, 256)
 
-# --- losses: what gan/losses.py computes --------------------------------------------------------------------
+# --- losses: what gan/losses.py computes (OBJECTIVES) ------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -58,11 +58,12 @@ def accelerate_launch(num_processes: int, script: str, *args: str, timeout: floa
 
 
 def run_main(capsys, main: str, *args: str) -> subprocess.CompletedProcess:
-    """A command (`dcgan_dist.cli.<main>`) in this process, as a CompletedProcess: exit status, stdout, stderr."""
-    from dcgan_dist import cli
+    """A command (`dcgan_dist.cli.<main>`, `eval_cli.eval_main`) in this process, as a CompletedProcess: exit
+    status, stdout, stderr."""
+    from dcgan_dist import cli, eval_cli
 
     try:
-        getattr(cli, main)(list(args))
+        getattr(eval_cli if main == "eval_main" else cli, main)(list(args))
         code = 0
     except SystemExit as e:
         code = e.code

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 from conftest import REPO, accelerate_launch, assert_ok, env, run_train
 from dcgan_dist.data.sources import load_dataset
 from dcgan_dist.errors import UserError
@@ -200,15 +201,8 @@ def test_eval_scores_a_samples_file_as_it_scores_the_generator(tmp_path, classif
 
 def run_main(main, args, capsys) -> tuple[int, str, str]:
     """A command in this process (no interpreter start-up): (exit status, stdout, stderr)."""
-    from dcgan_dist import cli
-
-    try:
-        getattr(cli, main)(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    proc = conftest.run_main(capsys, main, *map(str, args))
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_eval_command_on_unlabelled_data_names_the_metrics_that_need_labels(tmp_path, smoke_args, capsys,

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import conftest
 from conftest import accelerate_launch, assert_ok, random_inception
 from dcgan_dist.data.sources import load_images
 from dcgan_dist.errors import UserError
@@ -23,16 +24,9 @@ from dcgan_dist.quality import metrics as M
 
 
 def run_main(main, args, capsys) -> tuple[int, str, str]:
-    """A command in this process: (exit status, stdout, stderr)."""
-    from dcgan_dist import cli
-
-    try:
-        getattr(cli, main)(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """A command in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    proc = conftest.run_main(capsys, main, *map(str, args))
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="module")
