@@ -54,14 +54,13 @@ def sample_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def sample() -> None:
-        from dcgan_dist import hub
-        from dcgan_dist.gan import sampling
+        from dcgan_dist import hub, sample_files
 
         out = Path(args.out)
-        sampling.check_request(args.num, out, bool(args.interpolate), args.steps)
+        sample_files.check_request(args.num, out, bool(args.interpolate), args.steps)
         generator, _, _ = hub.load_generator(args.checkpoint, ema=not args.no_ema)
-        sampling.check_class(generator, args.label, args.checkpoint)
-        print(sampling.write(generator, out, args.num, args.seed, args.label, args.interpolate, args.steps))
+        sample_files.check_class(generator, args.label, args.checkpoint)
+        print(sample_files.write(generator, out, args.num, args.seed, args.label, args.interpolate, args.steps))
 
     run_command(sample)
 

@@ -8,12 +8,7 @@ import sys
 from dcgan_dist.command import Parser, run_command
 
 
-def eval_main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    subcommands = {"train-classifier": _train_classifier_main, "fid-stats": _fid_stats_main,
-                   "convert-fid-weights": _convert_fid_weights_main, "fid-weights": _fid_weights_main}
-    if argv[:1] and argv[0] in subcommands:
-        return subcommands[argv[0]](argv[1:])
+def _parser() -> Parser:
     parser = Parser(prog="dcgan-eval", description="Sample quality of a checkpoint, or of any generator's samples "
                      "in an .npz (arr_0: uint8 NHWC): classifier metrics for labelled datasets (Fréchet distance, its "
                      "real-vs-real floor, KID, precision/recall, inception score, class coverage, confidence, class "
@@ -51,7 +46,16 @@ def eval_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ref-num", type=int, help="real images for the FID statistics: a fixed subset (default: "
                         "the training set as the checkpoint trained on it; an .npz: the whole split)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    subcommands = {"train-classifier": _train_classifier_main, "fid-stats": _fid_stats_main,
+                   "convert-fid-weights": _convert_fid_weights_main, "fid-weights": _fid_weights_main}
+    if argv[:1] and argv[0] in subcommands:
+        return subcommands[argv[0]](argv[1:])
+    args = _parser().parse_args(argv)
 
     def evaluate() -> None:
         from dcgan_dist.quality import assess

@@ -26,7 +26,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, PyTorchModelHu
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from safetensors.torch import load_file
 
-from dcgan_dist import checkpoint
+from dcgan_dist import checkpoint, sample_files
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
 from dcgan_dist.gan.models import Generator
@@ -191,7 +191,7 @@ def export(arg: str, out: str | Path, ema: bool = True, evals: list[str] = (), n
     try:
         generator.save_pretrained(tmp, model_card_kwargs=card_fields(meta, ema, name, licence, results))
         z, labels, nrow = sampling.class_grid(64, generator.latent_dim, generator.num_classes, seed=0)
-        sampling.save_grid(sampling.generate(generator, z, labels), tmp / GRID, nrow=nrow)
+        sample_files.save_grid(sampling.generate(generator, z, labels), tmp / GRID, nrow=nrow)
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -57,13 +58,16 @@ def accelerate_launch(num_processes: int, script: str, *args: str, timeout: floa
                           timeout=timeout, **kw)
 
 
+def command_module(main: str) -> str:
+    """Where a command's main function lives: `dcgan-eval`'s in eval_cli, the others in cli."""
+    return "dcgan_dist.eval_cli" if main == "eval_main" else "dcgan_dist.cli"
+
+
 def run_main(capsys, main: str, *args: str) -> subprocess.CompletedProcess:
     """A command (`dcgan_dist.cli.<main>`, `eval_cli.eval_main`) in this process, as a CompletedProcess: exit
     status, stdout, stderr."""
-    from dcgan_dist import cli, eval_cli
-
     try:
-        getattr(eval_cli if main == "eval_main" else cli, main)(list(args))
+        getattr(importlib.import_module(command_module(main)), main)(list(args))
         code = 0
     except SystemExit as e:
         code = e.code

@@ -20,7 +20,8 @@ from dcgan_dist.quality import metrics as M
 
 
 def cli(main: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", f"from dcgan_dist.cli import {main}; {main}()", *args], cwd=REPO,
+    code = f"from {conftest.command_module(main)} import {main}; {main}()"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO,
                           env=env(**extra_env), capture_output=True, text=True, timeout=300)
 
 

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
 from conftest import REPO, assert_ok, random_inception, run_train
+from dcgan_dist import sample_files
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
 from dcgan_dist.hub import HubGenerator
@@ -51,7 +52,7 @@ def test_export_loads_with_from_pretrained_and_samples_like_the_checkpoint(train
     generator = HubGenerator.from_pretrained(out)  # huggingface_hub's own loader, from the local folder
     assert not generator.training and generator.num_classes == meta["generator"]["num_classes"]
     images, labels = sampling.draw(generator, 40, seed=5)
-    sampling.save_samples(images, tmp_path / "hub.npz", labels)
+    sample_files.save_samples(images, tmp_path / "hub.npz", labels)
     assert_ok(cli("sample_main", str(trained), "--num", "40", "--seed", "5", "--out", str(tmp_path / "ckpt.npz")))
     assert_ok(cli("sample_main", str(out), "--num", "40", "--seed", "5", "--out", str(tmp_path / "folder.npz")))
     ckpt, hub, folder = (npz(tmp_path / f"{n}.npz") for n in ("ckpt", "hub", "folder"))

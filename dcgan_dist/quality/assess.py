@@ -115,6 +115,22 @@ def _fmt(key: str, value) -> str:
 FIXED_NUM = {"standard": evaluation.STANDARD_NUM, "lucic": evaluation.LUCIC_NUM}  # protocols that fix the counts
 
 
+def _check_counts(protocol: str, fixed: int | None, num: int | None, ref_num: int | None,
+                  ref: str | None) -> int | None:
+    """The images to score (`fixed`: the protocol's count), once the protocol and the counts asked are accepted."""
+    if protocol not in FID_PROTOCOLS:
+        raise UserError(f"--protocol {protocol}: use one of {', '.join(FID_PROTOCOLS)}")
+    if fixed and (ref_num is not None or ref or num not in (None, fixed)):
+        raise UserError(f"--protocol {protocol} fixes --num at {fixed} and the reference ("
+                        f"{FID_PROTOCOLS[protocol]}); drop --num/--ref-num/--ref")
+    num = fixed or num
+    if num is not None and num < MIN_NUM:
+        raise UserError(f"--num {num}: use at least 8 images (5000 is the usual)")
+    if ref_num is not None and ref_num < 2:
+        raise UserError(f"--ref-num {ref_num}: use at least 2 real images")
+    return num
+
+
 def plan(checkpoint: str, num: int | None = None, seed: int = 0, ema: bool = True, data: str | None = None,
          data_root: str | None = None, classifier: str | None = None, cache_dir: str | None = None,
          fid: bool = False, fid_weights: str | None = None, fid_standard: bool = False,
@@ -132,17 +148,8 @@ def plan(checkpoint: str, num: int | None = None, seed: int = 0, ema: bool = Tru
     (default: when the weights are on disk). Builds the spaces, computing and caching what is missing (`log`
     says so); a UserError when nothing can be measured."""
     protocol = "standard" if fid_standard else protocol
-    if protocol not in FID_PROTOCOLS:
-        raise UserError(f"--protocol {protocol}: use one of {', '.join(FID_PROTOCOLS)}")
     fixed = FIXED_NUM.get(protocol)
-    if fixed and (ref_num is not None or ref or num not in (None, fixed)):
-        raise UserError(f"--protocol {protocol} fixes --num at {fixed} and the reference ("
-                        f"{FID_PROTOCOLS[protocol]}); drop --num/--ref-num/--ref")
-    num = fixed or num
-    if num is not None and num < MIN_NUM:
-        raise UserError(f"--num {num}: use at least 8 images (5000 is the usual)")
-    if ref_num is not None and ref_num < 2:
-        raise UserError(f"--ref-num {ref_num}: use at least 2 real images")
+    num = _check_counts(protocol, fixed, num, ref_num, ref)
     generator = images = None
     if ref:
         return _pair_plan(checkpoint, ref, num, seed, ema, fid_weights, sample_fit)

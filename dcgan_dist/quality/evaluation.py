@@ -282,28 +282,8 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
     if fid or (fid is None and (fid_weights or _has_weights())):
         fid_net, weights = build_fid_inception(fid_weights, download=bool(fid), device=device)  # fails early
     if use_classifier and (data in LABELLED or classifier):
-        path = Path(classifier) if classifier else classifier_path(cache_dir or user_cache_dir(), data,
-                                                                   classifier_size)
-        if not path.is_file() and not classifier and train_missing:
-            # one process trains it (a file lock, no collective); the others wait for it and read it
-            with fileio.exclusive(path.with_name(f".{path.name}.lock"), f"training {path}", wait_minutes, log):
-                if not path.is_file():
-                    announce(f"no classifier for {data} at {path}: training one (once; dcgan-eval "
-                             "train-classifier does it ahead)")
-                    model, info = fit_classifier(data, root, classifier_size, log=announce)
-                    save_classifier(model, path, info)
-                    announce(f"classifier held-out accuracy {info['accuracy']:.2%}, saved to {path}")
-        model, meta = load_classifier(path)
-        if meta["data"] != data:
-            raise UserError(f"classifier {path} was trained on {meta['data']}, not {data}; "
-                            "pass the matching --classifier")
-        images, labels = labelled_data(data, root, meta["image_size"])
-        space = classifier_space(model, meta, images, labels)
-        space.info |= {"path": str(path), "accuracy": meta["accuracy"], "image_size": meta["image_size"]}
-        if fit == "pad" and DATASETS[data].size:  # the samples' centre, resized as the classifier's images were
-            size, extract = DATASETS[data].size, space.extract
-            space.extract = lambda x: extract(fit_back(x, size, "pad"))
-        spaces.append(space)
+        spaces.append(_classifier_space(data, root, cache_dir, classifier, classifier_size, train_missing,
+                                        wait_minutes, log, announce, fit))
     elif use_classifier:
         notes.append(f"classifier metrics (fd, kid, precision/recall, inception score, coverage, confidence, "
                      f"class KL) need a labelled dataset ({', '.join(LABELLED)}); {data} has no labels")
@@ -325,6 +305,35 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
     else:
         spaces.append(fid_space(fid_net, weights, ref, data, image_size, protocol, sample_fit=fit))
     return spaces, notes
+
+
+def _classifier_space(data: str, root: str, cache_dir: str | Path, classifier: str | Path | None,
+                      classifier_size: int, train_missing: bool, wait_minutes: float, log, announce,
+                      fit: str) -> FeatureSpace:
+    """`feature_spaces`' classifier space: the classifier at `classifier` or in the cache (trained there once when
+    missing and `train_missing`), its real reference the held-out split of `data`."""
+    path = Path(classifier) if classifier else classifier_path(cache_dir or user_cache_dir(), data,
+                                                               classifier_size)
+    if not path.is_file() and not classifier and train_missing:
+        # one process trains it (a file lock, no collective); the others wait for it and read it
+        with fileio.exclusive(path.with_name(f".{path.name}.lock"), f"training {path}", wait_minutes, log):
+            if not path.is_file():
+                announce(f"no classifier for {data} at {path}: training one (once; dcgan-eval "
+                         "train-classifier does it ahead)")
+                model, info = fit_classifier(data, root, classifier_size, log=announce)
+                save_classifier(model, path, info)
+                announce(f"classifier held-out accuracy {info['accuracy']:.2%}, saved to {path}")
+    model, meta = load_classifier(path)
+    if meta["data"] != data:
+        raise UserError(f"classifier {path} was trained on {meta['data']}, not {data}; "
+                        "pass the matching --classifier")
+    images, labels = labelled_data(data, root, meta["image_size"])
+    space = classifier_space(model, meta, images, labels)
+    space.info |= {"path": str(path), "accuracy": meta["accuracy"], "image_size": meta["image_size"]}
+    if fit == "pad" and DATASETS[data].size:  # the samples' centre, resized as the classifier's images were
+        size, extract = DATASETS[data].size, space.extract
+        space.extract = lambda x: extract(fit_back(x, size, "pad"))
+    return space
 
 
 def _has_weights() -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcgan_dist import checkpoint
+from dcgan_dist import checkpoint, sample_files
 from dcgan_dist.data.batches import to_model_range
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
@@ -181,7 +181,7 @@ class Tracker:
         if not self.main:
             return
         images = sampling.generate(generator, z, y)
-        sampling.save_grid(images, self.run_dir / "samples" / f"step-{step:08d}.png", nrow)
+        sample_files.save_grid(images, self.run_dir / "samples" / f"step-{step:08d}.png", nrow)
         self.log_image("samples/fixed_noise", sampling.grid_array(images, nrow), step=step)
 
     def log_eval(self, step: int, metrics: dict[str, float], seconds: float) -> None:

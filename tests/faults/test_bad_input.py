@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import REPO, assert_ok, env, run_main, run_train, snapshot
+from conftest import REPO, assert_ok, command_module, env, run_main, run_train, snapshot
 
 SMOKE = ["--config", "configs/smoke.yaml", "run.dir={tmp}/new"]
 RUN = ["--config", "configs/smoke.yaml", "run.dir={run}"]
@@ -280,7 +280,7 @@ def _run(command, args, capsys=None):
         return run_main(capsys, f"{command}_main", *args)
     fn = {"sample": "sample_main", "export": "export_main", "eval": "eval_main", "prepare": "prepare_main",
           "plot": "plot_main"}[command]
-    return subprocess.run([sys.executable, "-c", f"from dcgan_dist.cli import {fn}; {fn}()", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-c", f"from {command_module(fn)} import {fn}; {fn}()", *args], cwd=REPO,
                           env=env(), capture_output=True, text=True, timeout=120)
 
 
