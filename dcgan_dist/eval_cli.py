@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from dcgan_dist.command import Parser, run_command
+from dcgan_dist.registry import FID_PROTOCOLS
 
 
 def _parser() -> Parser:
@@ -30,10 +31,11 @@ def _parser() -> Parser:
                         "online and not cached (default: FID/KID when the weights are on disk)")
     parser.add_argument("--fid-weights", help=f"TF-Inception weights: pytorch-fid's {_FID_FILE} (read with "
                         "weights_only) or its .safetensors conversion")
-    parser.add_argument("--protocol", default="run", choices=("run", "standard", "lucic"), help="what FID/KID "
+    parser.add_argument("--protocol", default="run", choices=tuple(FID_PROTOCOLS), help="what FID/KID "
                         "compares with: run (default): the training images as the checkpoint trained on them; "
                         "standard: 50,000 samples vs the whole training split; lucic: 10,000 samples vs the 10,000 "
-                        "test images at the dataset's own size (Lucic et al. 2018: 28x28 for MNIST)")
+                        "test images at the dataset's own size (Lucic et al. 2018: 28x28 for MNIST); test: the "
+                        "samples vs the whole test split at the generator's size (emoji's held-out designs)")
     parser.add_argument("--fid-standard", action="store_true", help="the same as --protocol standard")
     parser.add_argument("--ref", help="a set of real images, instead of a dataset: FID/KID of CHECKPOINT (a "
                         "generator's samples, or a set of images) against it; a set is an .npz (arr_0) or .npy of "

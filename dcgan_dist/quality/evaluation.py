@@ -115,14 +115,6 @@ STANDARD_NUM = 50000  # the published protocol: 50,000 samples against the whole
 LUCIC_NUM = 10000  # Lucic et al. 2018: 10,000 samples against the 10,000 test images
 
 
-
-
-
-
-
-
-
-
 def fid_space(net: nn.Module, weights: dict, ref: dict, data: str, image_size: int, protocol: str = "run",
               sample_fit: str = "resize") -> FidSpace:
     """The FID/KID space over reference statistics `ref` (`fid_reference`) of `data`, weights `weights` (info),
@@ -247,10 +239,6 @@ def score(images: torch.Tensor, spaces: list[FeatureSpace | FidSpace], batch_siz
 # --- building the spaces for a dataset --------------------------------------------------------------
 
 
-
-
-
-
 def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", classifier: str | Path | None = None,
                    classifier_size: int = 32, fid: bool | None = None, fid_weights: str | None = None,
                    image_size: int = 32, channels: int = 1, num_images: int | None = None, train_missing: bool = True,
@@ -274,10 +262,11 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
     """
     spaces, notes = [], []
     fid_net, weights = None, None
-    lucic = protocol == "lucic"
-    if lucic and not (data in DATASETS and DATASETS[data].test_split and DATASETS[data].size):
-        with_test = ", ".join(n for n, i in DATASETS.items() if i.test_split)
-        raise UserError(f"FID protocol lucic scores against the test split at its own size: {data} has none; use one "
+    lucic, on_test = protocol == "lucic", protocol in ("lucic", "test")
+    if on_test and not (data in DATASETS and DATASETS[data].test_split and (DATASETS[data].size or not lucic)):
+        with_test = ", ".join(n for n, i in DATASETS.items() if i.test_split and (i.size or not lucic))
+        at = " at its own size" if lucic else ""
+        raise UserError(f"FID protocol {protocol} scores against the test split{at}: {data} has none; use one "
                         f"of {with_test}")
     if fid or (fid is None and (fid_weights or _has_weights())):
         fid_net, weights = build_fid_inception(fid_weights, download=bool(fid), device=device)  # fails early
@@ -292,7 +281,7 @@ def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", cl
             notes.append(f"FID/KID skipped: no TF-Inception weights ({FID_WEIGHTS_NAME}) in the torch hub cache "
                          "(run dcgan-eval fid-weights once, or pass --fid-weights PATH)")
         return spaces, notes
-    size, split = (DATASETS[data].size, "test") if lucic else (image_size, "train")
+    size, split = DATASETS[data].size if lucic else image_size, "test" if on_test else "train"
     ref = fid_reference(fid_net, weights["sha256"], data, root, size, channels, num_images, cache_dir or None,
                         compute=compute_missing, log=log, split=split, fit="resize" if lucic else fit,
                         wait_minutes=wait_minutes)
