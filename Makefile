@@ -62,8 +62,8 @@ reliability: $(VENV)/.installed-dev  # the fault-injection suite -> docs/RELIABI
 bench: $(VENV)/.installed-dev
 	for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
-fid-table: $(VENV)/.installed-dev  # DCGAN against Lucic et al. 2018, 3 seeds a row (hours a run on a CPU; resumes)
-	$(BIN)/python benchmarks/fid_table.py --train --seeds 0 1 2 --jobs 2
+fid-table: $(VENV)/.installed-dev  # DCGAN against Lucic et al. 2018, 3 seeds a row (hours a run on a CPU; resumes); seed 0 to models/
+	$(BIN)/python benchmarks/fid_table.py --train --seeds 0 1 2 --jobs 2 --export models
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

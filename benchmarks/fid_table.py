@@ -7,6 +7,7 @@ that random restarts move a GAN's FID about as much as the choice of model: a ro
 
 usage: python benchmarks/fid_table.py [--train | --score] [--only mnist fashion ...] [--seeds 0 1 2]
                                       [--jobs 2] [--runs-dir runs/lucic] [--fid-weights PATH] [--json OUT]
+                                      [--export models]
 
 Rows are this project's recipes `configs/<name>_lucic.yaml` (`mnist`, `fashion`, `mnist_cond`, `fashion_cond`),
 each trained once per seed (`train.seed`) into `<runs-dir>/<name>-seed<S>` with `--train` when no finished run is
@@ -16,6 +17,9 @@ often, with the requested-class accuracy of the project's classifier beside it);
 scored again. `--score` scores the finished runs and trains none. `--jobs J` runs J trainings (and scorings) side
 by side, each on cpu_count / J threads. The recipes log FID while training (train.eval_every, lucic protocol at
 train.eval_num samples): `dcgan-plot` draws it against steps and training minutes.
+
+`--export DIR` writes each row's seed-0 generator as the Hub folder `DIR/<name>-lucic` (`dcgan-export RUN
+DIR/<name>-lucic --eval <its report>`: the card carries its FID/KID under the protocol), unless it is there.
 
 The table gives per row the seeds' mean ± sample standard deviation, the range and each seed's FID, the
 training minutes (the steps' own time from metrics.jsonl) and the CPU, then the published rows, and says plainly
@@ -32,6 +36,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,6 +80,24 @@ def train_minutes(run: Path) -> float | None:
     return max(minutes.values()) if minutes else None
 
 
+LICENCES = {"mnist": "cc-by-sa-3.0", "fashion_mnist": "mit"}  # the training data's terms, in the card
+_PRINT = threading.Lock()  # one line at a time from the side-by-side jobs
+
+
+def say(line: str) -> None:
+    with _PRINT:
+        print(line, flush=True)
+
+
+def export(run: Path, report: Path, out: Path) -> None:
+    """The seed-0 generator of a row as a Hub folder `out` with its report's figures in the card."""
+    data = json.loads(report.read_text())["data"]
+    command = [str(Path(sys.executable).parent / "dcgan-export"), str(run), str(out), "--eval", str(report),
+               "--license", LICENCES.get(data, "other")]
+    say(f"{run.name}: exporting: {' '.join(command)}")
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
 def one(name: str, seed: int, args, threads: int) -> dict | None:
     """Train (if asked and not finished) and score (if not scored) `name` at `seed`: its row, or None."""
     run, bin_dir = Path(args.runs_dir) / f"{name}-seed{seed}", Path(sys.executable).parent
@@ -82,17 +105,17 @@ def one(name: str, seed: int, args, threads: int) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if not finished(run):
         if not args.train:
-            print(f"{run.name}: no finished run (pass --train to train configs/{name}_lucic.yaml)", flush=True)
+            say(f"{run.name}: no finished run (pass --train to train configs/{name}_lucic.yaml)")
             return None
         command = [str(bin_dir / "dcgan-train"), "--config", f"configs/{name}_lucic.yaml", f"run.dir={run}",
                    f"train.seed={seed}", "log.wandb.mode=disabled", "log.progress=false"]
-        print(f"{run.name}: training ({threads} thread(s)): {' '.join(command)} > {run}.train.log", flush=True)
+        say(f"{run.name}: training ({threads} thread(s)): {' '.join(command)} > {run}.train.log")
         with open(f"{run}.train.log", "a") as log:
             subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
     if not report.is_file() or json.loads(report.read_text()).get("step") != _last_step(run):
         command = [str(bin_dir / "dcgan-eval"), str(run), "--protocol", "lucic", "--quiet", "--json", str(report),
                    *(["--fid-weights", args.fid_weights] if args.fid_weights else [])]
-        print(f"{run.name}: scoring: {' '.join(command)}", flush=True)
+        say(f"{run.name}: scoring: {' '.join(command)}")
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     scored = json.loads(report.read_text())
     metrics = scored["metrics"]
@@ -101,7 +124,10 @@ def one(name: str, seed: int, args, threads: int) -> dict | None:
            "train_minutes": train_minutes(run)}
     if "classifier/class_accuracy" in metrics:
         row["class_accuracy"] = metrics["classifier/class_accuracy"]
-    print(f"{run.name}: FID {row['fid']:.2f} [{row['protocol']}]", flush=True)
+    say(f"{run.name}: FID {row['fid']:.2f} [{row['protocol']}]")
+    out = Path(args.export or "") / f"{name.replace('_', '-')}-lucic"
+    if args.export and seed == 0 and not out.exists():
+        export(run, report, out)
     return row
 
 
@@ -140,6 +166,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each on cpu_count / JOBS threads")
     parser.add_argument("--fid-weights", help="TF-Inception weights (default: dcgan-eval fid-weights' file)")
     parser.add_argument("--json", help="where the table is written (default <runs-dir>/table.json)")
+    parser.add_argument("--export", metavar="DIR", help="write each row's seed-0 generator to DIR/<name>-lucic")
     args = parser.parse_args()
     last = Path(args.json or Path(args.runs_dir) / "table.json")
     if not (args.train or args.score):
