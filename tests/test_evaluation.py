@@ -15,7 +15,6 @@ from dcgan_dist.data.sources import load_dataset
 from dcgan_dist.errors import UserError
 from dcgan_dist.gan import sampling
 from dcgan_dist.quality import evaluation as E
-from dcgan_dist.quality import features as F
 from dcgan_dist.quality import metrics as M
 
 
@@ -113,10 +112,10 @@ def test_interpolation_is_a_great_circle_with_the_ends_included():
 def test_split_is_fixed_and_stratified():
     _, labels = load_dataset("mnist5k", "unused", 28, 1)  # the labels come from the data layer
     assert labels.shape == (5000,) and torch.bincount(labels).tolist() == [500] * 10
-    train, test = F.split_indices(labels)
+    train, test = E.split_indices(labels)
     assert len(test) == 1000 and torch.bincount(labels[test]).tolist() == [100] * 10
     assert not set(train.tolist()) & set(test.tolist()) and len(train) + len(test) == 5000
-    assert torch.equal(test, F.split_indices(labels)[1])
+    assert torch.equal(test, E.split_indices(labels)[1])
 
 
 # --- the classifier and the commands -----------------------------------------------------------------
@@ -147,12 +146,12 @@ def test_classifier_reaches_97_percent_on_held_out_mnist5k(classifier):
     assert meta["accuracy"] >= 0.97, meta
     assert meta["num_heldout"] == 1000 and meta["data"] == "mnist5k" and meta["image_size"] == 32
     # the real images score as a good sample should: all classes, confident, near the data histogram
-    images, labels = F.labelled_data("mnist5k", "data", 32)
+    images, labels = E.labelled_data("mnist5k", "data", 32)
     space = E.classifier_space(model, meta, images, labels)
     real = space.real_metrics()
     assert real["coverage"] == 10 and real["confidence"] > 0.9 and real["class_kl"] < 0.01
     assert real["inception_score"] > 8.5
-    train, _ = F.split_indices(labels)
+    train, _ = E.split_indices(labels)
     other = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:1000]]
     held_out = space.metrics(*E.classifier_outputs(model, images[other]))  # real images as a "generator"
     assert held_out["fd"] < 3 * held_out["fd_floor"] and held_out["coverage"] == 10
@@ -264,7 +263,7 @@ def test_two_rank_evaluate_equals_one_process(tmp_path, classifier, mnist_run):
 
     generator, _, _ = load_generator(str(mnist_run))
     model, meta = E.load_classifier(classifier)
-    space = E.classifier_space(model, meta, *F.labelled_data("mnist5k", "data", 32))
+    space = E.classifier_space(model, meta, *E.labelled_data("mnist5k", "data", 32))
     one = E.evaluate(generator, num, [space], seed=seed, batch_size=16)  # as the worker
     assert two["metrics"].keys() == one.keys()
     for key, value in one.items():
@@ -290,7 +289,7 @@ def test_eval_during_two_rank_training_equals_one_process_and_keeps_the_best(tmp
     from dcgan_dist.checkpoint import load_generator
 
     model, meta = E.load_classifier(classifier)
-    space = E.classifier_space(model, meta, *F.labelled_data("mnist5k", "data", 32))
+    space = E.classifier_space(model, meta, *E.labelled_data("mnist5k", "data", 32))
     for record in evals:
         generator, _, _ = load_generator(str(run / "checkpoints" / f"step-{record['step']:08d}"))
         one = E.evaluate(generator, 101, [space], seed=0)
@@ -324,9 +323,9 @@ class RealDigits(torch.nn.Module):
 
 def test_requested_class_accuracy_is_the_share_classified_as_asked(classifier):
     model, meta = E.load_classifier(classifier)
-    images, labels = F.labelled_data("mnist5k", "data", 32)
+    images, labels = E.labelled_data("mnist5k", "data", 32)
     space = E.classifier_space(model, meta, images, labels)
-    _, held_out = F.split_indices(labels)
+    _, held_out = E.split_indices(labels)
     right = E.evaluate(RealDigits(images[held_out], labels[held_out]), 500, [space])
     wrong = E.evaluate(RealDigits(images[held_out], labels[held_out], shift=1), 500, [space])
     assert right["classifier/class_accuracy"] >= 0.95 and wrong["classifier/class_accuracy"] <= 0.05

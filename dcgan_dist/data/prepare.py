@@ -50,14 +50,7 @@ def prepare_store(source: str, out: str | Path, size: int, channels: int | None 
         fixed = DATASETS[source].channels
         if channels is not None and fixed is not None and channels != fixed:
             raise UserError(f"{source} has {fixed} channel(s), not {channels}; drop --channels or pass {fixed}")
-        channels = channels or fixed or 3
-        check_out(out, options.overwrite, None)  # before loading: refuse early
-        info = DATASETS[source]
-        images, labels = read_builtin(source, root, size, channels, download, fit=fit, background=options.background)
-        plan = {"root": root} | ({"fit": fit} if fit != "resize" else {}) | (
-            {"background": options.background} if info.transparent else {})
-        return prepare_arrays(images.numpy(), None if labels is None else labels.numpy(), info.num_classes, out,
-                              source, plan, options)
+        return prepare_builtin(source, out, size, channels or fixed or 3, options, root, download, fit)
     path = Path(source)
     if source == "celeba" and not path.exists():
         path = Path(root) / "celeba" / "img_align_celeba"
@@ -93,6 +86,19 @@ class _Sources(NamedTuple):
     name_of: Callable[[int], str]  # source i in the manifest's skipped list
     info: dict  # the manifest's class_names, num_classes and resize
     skipped: Callable[[list[str]], str]  # the warning's words for the skipped sources (their names)
+
+
+def prepare_builtin(name: str, out: Path, size: int, channels: int, options: PrepareOptions, root: str = "data",
+                    download: bool = False, fit: str = "resize") -> Store | None:
+    """A built-in set (`builtin.read_builtin`: read under `root`, brought to `size` as `fit` says, transparent
+    pixels onto `options.background`) written as the store `out`."""
+    check_out(out, options.overwrite, None)  # before loading: refuse early
+    info = DATASETS[name]
+    images, labels = read_builtin(name, root, size, channels, download, fit=fit, background=options.background)
+    plan = {"root": root} | ({"fit": fit} if fit != "resize" else {}) | (
+        {"background": options.background} if info.transparent else {})
+    return prepare_arrays(images.numpy(), None if labels is None else labels.numpy(), info.num_classes, out, name,
+                          plan, options)
 
 
 def prepare_folder(folder: Path, out: Path, size: int, channels: int, source: str,

@@ -23,7 +23,7 @@ from dcgan_dist.data import store
 from dcgan_dist.data.batches import InMemoryBatches, StoreBatches
 from dcgan_dist.data.builtin import check_root, check_split, fit_size, read_builtin, subset
 from dcgan_dist.data.decode import BACKGROUND, IMAGE_EXTENSIONS, list_images
-from dcgan_dist.data.prepare import PrepareOptions, prepare_store
+from dcgan_dist.data.prepare import PrepareOptions, prepare_builtin, prepare_folder
 from dcgan_dist.errors import UserError
 from dcgan_dist.registry import DATASETS
 
@@ -167,5 +167,8 @@ def cached_store(name: str, root: str, size: int, channels: int, cache_dir: str 
         announce(f"preparing {name} ({root}) at {size}x{size}{how} into {path} (once: later runs reuse it)")
         options = PrepareOptions(skip_bad_files=skip_bad_files, overwrite=True, progress=progress, log=announce,
                                  skip_option="data.skip_bad_files", background=background)
-        prepare_store(root if info.is_folder else name, path, size, channels, options, root, download, fit=fit)
+        if info.is_folder:
+            prepare_folder(Path(root), path, size, channels, root, options)
+        else:
+            prepare_builtin(name, path, size, channels, options, root, download, fit)
     return store.open_store(path, size, channels)

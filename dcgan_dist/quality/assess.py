@@ -23,7 +23,7 @@ from torch import nn
 from dcgan_dist.errors import UserError
 from dcgan_dist.fileio import user_cache_dir
 from dcgan_dist.hub import load_generator
-from dcgan_dist.quality import evaluation, features, reference
+from dcgan_dist.quality import evaluation, reference
 from dcgan_dist.quality.features import classifier_path, save_classifier
 from dcgan_dist.quality.fid import build_fid_inception
 from dcgan_dist.quality.image_sets import LAYOUTS, is_image_set, read_image_set
@@ -243,6 +243,6 @@ def save_classifier_for(data: str, root: str = "data", image_size: int = 32, epo
     if image_size < 8 or epochs < 1:
         raise UserError("--image-size must be at least 8 and --epochs at least 1")
     path = Path(out) if out else classifier_path(cache_dir or user_cache_dir(), data, image_size)
-    model, info = features.fit_classifier(data, root, image_size, epochs, log=log)
+    model, info = evaluation.fit_classifier(data, root, image_size, epochs, log=log)
     save_classifier(model, path, info)
     return path, info

@@ -2,7 +2,7 @@
 
 Two feature spaces:
 - the project's own small CNN classifier, trained on a fixed stratified split of a labelled dataset
-  (`features.fit_classifier`); its penultimate layer gives features, its softmax gives the class metrics. Its real
+  (`fit_classifier`); its penultimate layer gives features, its softmax gives the class metrics. Its real
   reference (the held-out split) is cut into two disjoint halves A and B of n images. `fd_floor` = FD(A, B) is
   what two real samples of that size score; `fd` is the mean of FD(chunk, B) over the disjoint chunks of n
   generated images, so both carry the same small-sample bias and `fd / fd_floor` is a fair ratio. KID (unbiased)
@@ -28,27 +28,41 @@ from torch import nn
 
 from dcgan_dist import fileio
 from dcgan_dist.data.builtin import fit_back
+from dcgan_dist.data.sources import load_dataset
 from dcgan_dist.errors import UserError
 from dcgan_dist.fileio import user_cache_dir
 from dcgan_dist.gan.sampling import class_labels, fixed_noise, generate
 from dcgan_dist.quality import metrics as M
 from dcgan_dist.quality.features import (
-    SPLIT_SEED,
     Classifier,
     classifier_outputs,
     classifier_path,
-    fit_classifier,
-    labelled_data,
     load_classifier,
     save_classifier,
-    split_indices,
     to_uint8,
+    train_classifier,
 )
 from dcgan_dist.quality.fid import FID_WEIGHTS_NAME, build_fid_inception, fid_features, find_weights
 from dcgan_dist.quality.reference import fid_reference, reference_stats
 from dcgan_dist.registry import DATASETS, LABELLED
 
+HOLDOUT_FRACTION = 0.2  # per class, of the labelled training split
+SPLIT_SEED = 0
+
 # --- one feature space: its real reference and the metrics -----------------------------------------
+
+
+def split_indices(labels: torch.Tensor, holdout: float = HOLDOUT_FRACTION,
+                  seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed stratified split: (train, held-out) indices, `holdout` of every class held out."""
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().view(-1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = max(1, round(len(idx) * holdout))
+        test.append(idx[:k]), train.append(idx[k:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
 @dataclass
@@ -237,6 +251,30 @@ def score(images: torch.Tensor, spaces: list[FeatureSpace | FidSpace], batch_siz
 
 
 # --- building the spaces for a dataset --------------------------------------------------------------
+
+
+def labelled_data(data: str, root: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(uint8 images [N, C, S, S], labels [N]) of a labelled dataset; None for an unlabelled one."""
+    if data not in LABELLED:
+        return None
+    return load_dataset(data, root, image_size, DATASETS[data].channels)
+
+
+def fit_classifier(data: str, root: str, image_size: int = 32, epochs: int = 6, seed: int = 0,
+                   log=print) -> tuple[Classifier, dict]:
+    """Train on the fixed split's training part; returns the model and its info (held-out accuracy ...)."""
+    found = labelled_data(data, root, image_size)
+    if found is None:
+        raise UserError(f"data {data} has no labels: a classifier needs one of {', '.join(LABELLED)}")
+    images, labels = found
+    train, test = split_indices(labels)
+    num_classes = int(labels.max()) + 1
+    model = train_classifier(images[train], labels[train], num_classes, epochs=epochs, seed=seed, log=log)
+    _, probs = classifier_outputs(model, images[test])
+    accuracy = float((probs.argmax(1) == labels[test]).double().mean())
+    info = {"data": data, "image_size": image_size, "holdout_fraction": HOLDOUT_FRACTION, "split_seed": SPLIT_SEED,
+            "num_train": len(train), "num_heldout": len(test), "epochs": epochs, "seed": seed, "accuracy": accuracy}
+    return model, info
 
 
 def feature_spaces(data: str, root: str = "data", cache_dir: str | Path = "", classifier: str | Path | None = None,

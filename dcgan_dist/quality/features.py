@@ -17,10 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dcgan_dist.data.sources import load_dataset
 from dcgan_dist.errors import UserError
 from dcgan_dist.fileio import write_atomic
-from dcgan_dist.registry import DATASETS, LABELLED
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -157,48 +155,3 @@ def load_classifier(path: Path) -> tuple[Classifier, dict]:
 
 def classifier_path(cache_dir: str | Path, data: str, image_size: int) -> Path:
     return Path(cache_dir) / f"classifier-{data}-{image_size}.safetensors"
-
-
-# --- fitting the classifier on a dataset's fixed split ---------------------------------------------------
-
-HOLDOUT_FRACTION = 0.2  # per class, of the labelled training split
-
-
-SPLIT_SEED = 0
-
-
-def split_indices(labels: torch.Tensor, holdout: float = HOLDOUT_FRACTION,
-                  seed: int = SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed stratified split: (train, held-out) indices, `holdout` of every class held out."""
-    g = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().view(-1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        k = max(1, round(len(idx) * holdout))
-        test.append(idx[:k]), train.append(idx[k:])
-    return torch.cat(train).sort().values, torch.cat(test).sort().values
-
-
-def labelled_data(data: str, root: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(uint8 images [N, C, S, S], labels [N]) of a labelled dataset; None for an unlabelled one."""
-    if data not in LABELLED:
-        return None
-    return load_dataset(data, root, image_size, DATASETS[data].channels)
-
-
-def fit_classifier(data: str, root: str, image_size: int = 32, epochs: int = 6, seed: int = 0,
-                   log=print) -> tuple[Classifier, dict]:
-    """Train on the fixed split's training part; returns the model and its info (held-out accuracy ...)."""
-    found = labelled_data(data, root, image_size)
-    if found is None:
-        raise UserError(f"data {data} has no labels: a classifier needs one of {', '.join(LABELLED)}")
-    images, labels = found
-    train, test = split_indices(labels)
-    num_classes = int(labels.max()) + 1
-    model = train_classifier(images[train], labels[train], num_classes, epochs=epochs, seed=seed, log=log)
-    _, probs = classifier_outputs(model, images[test])
-    accuracy = float((probs.argmax(1) == labels[test]).double().mean())
-    info = {"data": data, "image_size": image_size, "holdout_fraction": HOLDOUT_FRACTION, "split_seed": SPLIT_SEED,
-            "num_train": len(train), "num_heldout": len(test), "epochs": epochs, "seed": seed, "accuracy": accuracy}
-    return model, info

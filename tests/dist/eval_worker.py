@@ -9,8 +9,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from dcgan_dist.quality.evaluation import classifier_space, evaluate, load_classifier
-from dcgan_dist.quality.features import labelled_data
+from dcgan_dist.quality.evaluation import classifier_space, evaluate, labelled_data, load_classifier
 from dcgan_dist.checkpoint import load_generator
 
 ckpt, classifier, num, seed, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
