@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import FAULTY_TRAIN, assert_ok, run_main, run_train
+from conftest import FAULTY_TRAIN, assert_ok, random_inception, run_main, run_train
 from dcgan_dist.gan.models import Generator
 
 
@@ -110,6 +110,37 @@ def test_sample_command(tmp_path, smoke_args, sample):
     ema = np.load(tmp_path / "s.npz")["arr_0"]
     assert_ok(sample(str(run), "--num", "10", "--no-ema", "--out", str(tmp_path / "raw.npz")))
     assert not np.array_equal(ema, np.load(tmp_path / "raw.npz")["arr_0"])
+
+
+def test_colour_through_every_reader(tmp_path, smoke_args, cli):
+    """A 3-channel run: its grids, dcgan-sample's .npz and .png, dcgan-export's folder and card grid, dcgan-sample
+    from that folder, and dcgan-eval of the samples against a folder of colour PNGs all keep the colour."""
+    from PIL import Image
+
+    from dcgan_dist.data.builtin import synthetic_shapes
+
+    assert_ok(run_train(*smoke_args, "model.channels=3", "train.steps=2", "log.sample_every=2"))
+    run = tmp_path / "run"
+    grid = np.asarray(Image.open(sorted((run / "samples").glob("step-*.png"))[-1]))
+    assert grid.ndim == 3 and grid.shape[2] == 3
+    assert_ok(cli("sample_main", run, "--num", "8", "--out", tmp_path / "s.npz"))
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (8, 32, 32, 3)
+    assert_ok(cli("sample_main", run, "--num", "8", "--out", tmp_path / "s.png"))
+    assert Image.open(tmp_path / "s.png").mode == "RGB"
+    assert_ok(cli("export_main", run, tmp_path / "hub"))
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["channels"] == 3
+    assert Image.open(tmp_path / "hub" / "samples.png").mode == "RGB"
+    assert_ok(cli("sample_main", tmp_path / "hub", "--num", "8", "--out", tmp_path / "hub.npz"))
+    assert np.array_equal(np.load(tmp_path / "hub.npz")["arr_0"], np.load(tmp_path / "s.npz")["arr_0"])
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, image in enumerate(synthetic_shapes(8, 32, 3).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(image).save(real / f"{i}.png")
+    weights = tmp_path / "inception.pth"  # seeded random TF-Inception weights: the path, not the figure, is tested
+    torch.save(random_inception().state_dict(), weights)
+    proc = cli("eval_main", tmp_path / "s.npz", "--ref", real, "--quiet", "--fid-weights", weights)
+    assert_ok(proc)
+    assert "pair: 8 images vs 8 images of" in proc.stdout
 
 
 def test_sample_command_bad_input(tmp_path, smoke_args, sample):
