@@ -67,7 +67,7 @@ class EmaConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"  # one of registry.ARCHS: dcgan, or mlp (the original fully connected GAN)
+    arch: str = "dcgan"  # one of registry.ARCHS (mlp: the original fully connected GAN)
     image_size: int = 64  # one of registry.IMAGE_SIZES
     channels: int = 0  # image channels; 0 = the dataset's own (1 for MNIST, a store's own, else 3)
     latent_dim: int = 100  # size of z
@@ -83,7 +83,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "bce"  # one of registry.LOSSES: bce (the seed's objective), hinge
+    name: str = "bce"  # one of registry.LOSSES (bce: the seed's objective)
     g_loss: str = "non_saturating"  # G's objective, as registry.LOSSES allows (bce: non_saturating, minimax)
     real_target: float = 1.0  # bce only: D's target for real images; 0.9 = one-sided label smoothing
     g_target: float = 1.0  # bce non_saturating only: G's target for D(G(z)); the seed uses 0.9

@@ -195,6 +195,12 @@ def test_modules_import_only_those_above_them_in_the_architecture_table():
         "gan/models", "checkpoint"}  # the reader itself
 
 
+def test_data_takes_config_sections_as_plain_objects_and_imports_neither_config_nor_train():
+    for path in sorted((PACKAGE / "data").glob("*.py")):
+        imported = _imported_modules(path.read_text())
+        assert not {m for m in imported if m in ("config", "recipe") or m.startswith("train/")}, (path, imported)
+
+
 def test_every_folder_says_what_it_owns_and_may_import():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = init.read_text().strip()
