@@ -182,7 +182,7 @@ def cleanup():
 
 
 def bench_trainer(batch, cl, comp):
-    from dcgan_dist.config import load_config
+    from dcgan_dist.recipe import load_config
     from dcgan_dist.errors import UserError
     from dcgan_dist.train.trainer import Trainer
     ov = [f"model.image_size={a.size}", f"train.batch_size={batch}", "data.name=synthetic",
