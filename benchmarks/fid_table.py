@@ -111,7 +111,12 @@ def one(name: str, seed: int, args, threads: int) -> dict | None:
                    f"train.seed={seed}", "log.wandb.mode=disabled", "log.progress=false"]
         say(f"{run.name}: training ({threads} thread(s)): {' '.join(command)} > {run}.train.log")
         with open(f"{run}.train.log", "a") as log:
-            subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+            status = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if status == 75:  # stopped by a signal after writing its checkpoint
+            say(f"{run.name}: stopped by a signal, checkpoint written; run the same command again to resume")
+            return None
+        if status:
+            raise SystemExit(f"{run.name}: training failed (exit {status}); see {run}.train.log")
     if not report.is_file() or json.loads(report.read_text()).get("step") != _last_step(run):
         command = [str(bin_dir / "dcgan-eval"), str(run), "--protocol", "lucic", "--quiet", "--json", str(report),
                    *(["--fid-weights", args.fid_weights] if args.fid_weights else [])]
