@@ -112,7 +112,7 @@ STAGE_ARGS=()
 if [ -n "${DCGAN_STAGE_DIR:-}" ]; then
     STAGE_SRC=$($DCGAN_LAUNCH_PREFIX python -c '
 import sys
-from dcgan_dist.config import load_config
+from dcgan_dist.recipe import load_config
 from dcgan_dist.errors import UserError
 try:
     cfg = load_config(sys.argv[1], sys.argv[2:])
