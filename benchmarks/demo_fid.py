@@ -124,15 +124,10 @@ def score(name: str, spec: str, run: Path, real: dict, num: int) -> dict:
 
 
 def train_minutes(run: Path) -> float | None:
-    """The training steps' wall time from its metrics.jsonl (`plot.training_minutes`: each interval's
-    perf/step_time x its steps; set-up, evaluations, sample grids and checkpoints left out; a resumed run's
-    repeated steps counted once)."""
-    from dcgan_dist.plot import read_metrics, training_minutes
+    """The training steps' wall time (`plot.run_training_minutes`: set-up, evaluations, grids, checkpoints left out)."""
+    from dcgan_dist.plot import run_training_minutes
 
-    if not (run / "metrics.jsonl").is_file():
-        return None
-    minutes = training_minutes({r["step"]: r["perf/step_time"] for r in read_metrics(run) if "perf/step_time" in r})
-    return max(minutes.values()) if minutes else None
+    return run_training_minutes(run)
 
 
 def print_table(runs: Path) -> None:

@@ -144,6 +144,15 @@ def training_minutes(step_time: dict[int, float]) -> dict[int, float]:
     return out
 
 
+def run_training_minutes(run: Path) -> float | None:
+    """A run's training minutes from its metrics.jsonl (`training_minutes` at its last logged step; a resumed
+    run's repeated steps counted once), or None without one."""
+    if not (run / "metrics.jsonl").is_file():
+        return None
+    minutes = training_minutes({r["step"]: r["perf/step_time"] for r in read_metrics(run) if "perf/step_time" in r})
+    return max(minutes.values()) if minutes else None
+
+
 def _names(runs: list[Path]) -> list[str]:
     """Each run's directory name, or its whole path where two runs share a name."""
     short = [r.resolve().name for r in runs]
